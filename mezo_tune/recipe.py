@@ -1,0 +1,568 @@
+"""Recipes: TOML files describing a run, validated before anything heavy is imported.
+
+This module owns the recipe schema (one pydantic model per TOML section), `--set section.key=value`
+overrides, and turning every problem in a recipe into one message for a person: all problems at once,
+in schema order, each naming the key and what to change. It imports no torch or transformers, so
+`mezo-tune --help` stays fast. Paths in a recipe are relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import string
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "DataConfig",
+    "MezoConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "Recipe",
+    "RecipeError",
+    "TaskConfig",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_to_dict",
+    "recipe_to_toml",
+]
+
+
+class RecipeError(Exception):
+    """Everything wrong with one recipe; `str(e)` is the message to show the user."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        count = len(self.problems)
+        header = f"recipe {source} has {count} problem{'' if count == 1 else 's'}:"
+        super().__init__("\n".join([header, *(f"  {p}" for p in self.problems)]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema. Scalars are strict (a TOML string is never silently read as a number); ints are accepted
+# where floats are expected because `lr = 1` is what a person means.
+
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Set while a recipe file is being validated: the loader reports cross-field problems itself, one
+# line per key, even when other fields of the same section are broken.
+_LOADER_CONTEXT = {"mezo_tune.recipe.loader": True}
+
+
+def _from_loader(info: ValidationInfo) -> bool:
+    return bool(info.context) and bool(info.context.get("mezo_tune.recipe.loader"))
+
+
+def _raise_problems(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        message = "; ".join(f"{key}: {text}" for key, text in problems)
+        raise PydanticCustomError("recipe_check", "{message}", {"message": message})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Section):
+    path: NonEmptyStr
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    revision: StrictStr | None = None
+    device: StrictStr = "auto"
+    freeze: tuple[StrictStr, ...] = ()
+
+    @field_validator("revision")
+    @classmethod
+    def _empty_revision_is_default(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise PydanticCustomError(
+                "recipe_device", "must be auto, cpu, cuda or cuda:N (got {got})", {"got": _show(value)}
+            )
+        return value
+
+
+class DataConfig(_Section):
+    train: NonEmptyStr
+    eval: StrictStr | None = None
+    max_length: PositiveInt = 256
+    eval_limit: NonNegativeInt = 0
+
+    @field_validator("eval")
+    @classmethod
+    def _empty_eval_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+
+def _template_problem(template: str) -> str | None:
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        return f"not a valid template: {exc}"
+    if not fields:
+        return 'has no {field}, so every example would be the same text (e.g. "{text}")'
+    for name in fields:
+        if name == "" or name.isdigit():
+            return "fields must be named after columns of the data rows, like {text} (got {" + name + "})"
+    return None
+
+
+def _task_problems(task_type: str, verbalizer: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    if task_type == "classification":
+        if verbalizer is None:
+            return [("verbalizer", 'required when type = "classification": a table of label = "word", '
+                     'with at least 2 labels')]
+        if len(verbalizer) < 2:
+            return [("verbalizer", f"classification needs at least 2 labels (got {len(verbalizer)})")]
+    elif verbalizer is not None:
+        return [("verbalizer", f'is only used by classification; remove it or set type = "classification" '
+                 f'(type is "{task_type}")')]
+    return []
+
+
+class TaskConfig(_Section):
+    type: Literal["lm", "classification"] = "lm"
+    template: StrictStr = "{text}"
+    verbalizer: dict[NonEmptyStr, NonEmptyStr] | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        problem = _template_problem(value)
+        if problem:
+            raise PydanticCustomError("recipe_template", "{problem}", {"problem": problem})
+        return value
+
+    @model_validator(mode="after")
+    def _type_matches_verbalizer(self, info: ValidationInfo) -> TaskConfig:
+        if not _from_loader(info):
+            _raise_problems(_task_problems(self.type, self.verbalizer))
+        return self
+
+
+def _mezo_problems(lr: float, min_lr: float) -> list[tuple[str, str]]:
+    if min_lr > lr:
+        return [("min_lr", f"must be <= lr (got min_lr = {_show(min_lr)}, lr = {_show(lr)})")]
+    return []
+
+
+class MezoConfig(_Section):
+    lr: PositiveFloat
+    eps: PositiveFloat
+    steps: PositiveInt
+    batch_size: PositiveInt
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)]
+    distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+    schedule: Literal["constant", "linear"] = "constant"
+    min_lr: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = 0.0
+    keyframe_every: PositiveInt = 100
+    compile: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:
+        if not _from_loader(info):
+            _raise_problems(_mezo_problems(self.lr, self.min_lr))
+        return self
+
+
+class OutputConfig(_Section):
+    dir: NonEmptyStr
+    save_final: StrictBool = True
+    log_every: PositiveInt = 10
+    eval_every: NonNegativeInt = 0
+    checkpoint_every: NonNegativeInt = 500
+
+
+def _eval_problems(eval_path: str | None, eval_every: int) -> list[tuple[str, str]]:
+    if eval_every > 0 and eval_path is None:
+        return [("eval_every", "periodic eval needs eval data; set data.eval or set eval_every = 0")]
+    return []
+
+
+class Recipe(_Section):
+    model: ModelConfig
+    data: DataConfig
+    task: TaskConfig = TaskConfig()
+    mezo: MezoConfig
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _eval_data_for_eval_every(self, info: ValidationInfo) -> Recipe:
+        if not _from_loader(info):
+            _raise_problems([(f"output.{k}", t) for k, t in _eval_problems(self.data.eval, self.output.eval_every)])
+        return self
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "task": TaskConfig,
+    "mezo": MezoConfig,
+    "output": OutputConfig,
+}
+_REQUIRED_SECTIONS = [name for name, field in Recipe.model_fields.items() if field.is_required()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a TOML recipe, apply `section.key=value` overrides, validate; raise RecipeError with every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(source, [f"file not found: {source}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(source, [f"cannot read {source}: {exc}"]) from None
+    return parse_recipe(text, source=source, overrides=overrides)
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
+    """Validate recipe TOML text (with overrides applied); raise RecipeError with every problem."""
+    problems = _Problems()
+    try:
+        raw: dict[str, Any] | None = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problems.add(_OVERRIDE_RANK, _toml_syntax_problem(source, exc))
+        raw = None
+    for override in overrides:
+        _apply_override(raw, override, problems)
+    if raw is None:
+        raise RecipeError(source, problems.sorted())
+
+    try:
+        recipe = Recipe.model_validate(raw, context=_LOADER_CONTEXT)
+    except ValidationError as exc:
+        recipe = None
+        for error in exc.errors():
+            problems.add(_rank(error["loc"]), _describe(error, raw))
+        bad = {tuple(error["loc"][:2]) for error in exc.errors()}
+    else:
+        bad = set()
+
+    for section, key, text_ in _cross_field_problems(raw, bad):
+        problems.add(_rank((section, key)), f"{section}.{key}: {text_}")
+
+    if problems:
+        raise RecipeError(source, problems.sorted())
+    assert recipe is not None
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain data (lists, dicts, None for absent optionals); JSON-ready."""
+    return recipe.model_dump(mode="json")
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML text; `parse_recipe` of it gives back an equal Recipe.
+
+    TOML has no null, so optional keys that are unset (revision, eval, verbalizer) are left out.
+    """
+    return tomli_w.dumps(_drop_none(recipe_to_dict(recipe)))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Problems, kept in schema order: (section rank, key rank) then the order they were found in.
+
+_OVERRIDE_RANK = (-1, -1)
+_SECTION_RANK = -2  # "mezo: required section is missing" comes before the section's keys
+_UNKNOWN_KEY_RANK = -1  # unknown keys are listed at the top of their section
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self._items: list[tuple[tuple[int, int], int, str]] = []
+
+    def add(self, rank: tuple[int, int], text: str) -> None:
+        self._items.append((rank, len(self._items), text))
+
+    def sorted(self) -> list[str]:
+        return [text for _, _, text in sorted(self._items)]
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
+def _rank(loc: Sequence[Any]) -> tuple[int, int]:
+    names = list(_SECTIONS)
+    if not loc or loc[0] not in _SECTIONS:
+        return (len(names), 0)  # unknown sections and stray top-level keys come last
+    section = loc[0]
+    if len(loc) == 1:
+        return (names.index(section), _SECTION_RANK)
+    keys = list(_SECTIONS[section].model_fields)
+    if loc[1] not in keys:
+        return (names.index(section), _UNKNOWN_KEY_RANK)
+    return (names.index(section), keys.index(loc[1]))
+
+
+def _toml_syntax_problem(source: str, exc: tomllib.TOMLDecodeError) -> str:
+    message = str(exc)
+    match = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if match:
+        reason = message[: match.start()]
+        return f"{source}:{match.group(1)}:{match.group(2)}: invalid TOML: {reason}"
+    return f"{source}: invalid TOML: {message}"
+
+
+def _show(value: Any) -> str:
+    """A value as the user would write it in TOML: strings in double quotes, true/false, numbers as is."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, Mapping):
+        text = "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _label(loc: Sequence[Any]) -> str:
+    label = ""
+    for part in loc:
+        if isinstance(part, int):
+            label += f"[{part}]"
+        else:
+            label += f".{part}" if label else str(part)
+    return label
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+}
+
+
+def _describe(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    got = error.get("input")
+    ctx = error.get("ctx") or {}
+    is_label = bool(loc) and loc[-1] == "[key]"  # a verbalizer label (a dict key) rather than its word
+    if is_label:
+        loc = loc[:-2]  # the offending key itself is the input; name the table it sits in
+    where = _label(loc)
+
+    if kind == "missing":
+        if len(loc) == 1:
+            return f"{where}: required section is missing"
+        return f"{where}: required key is missing"
+    if kind == "extra_forbidden":
+        return f"{where}: {_unknown(loc, raw)}"
+    if kind in _TYPE_WORDS:
+        return f"{where}: expected {_TYPE_WORDS[kind]} (got {_show(got)})"
+    if kind == "literal_error":
+        choices = ", ".join(_literal_choices(loc)) or ctx.get("expected", "")
+        return f"{where}: must be one of {choices} (got {_show(got)})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op, bound = {
+            "greater_than": (">", ctx.get("gt")),
+            "greater_than_equal": (">=", ctx.get("ge")),
+            "less_than": ("<", ctx.get("lt")),
+            "less_than_equal": ("<=", ctx.get("le")),
+        }[kind]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)  # "must be > 0", not "> 0.0"
+        bound_text = "2**63" if bound == 2**63 else _show(bound)
+        return f"{where}: must be {op} {bound_text} (got {_show(got)})"
+    if kind == "finite_number":
+        return f"{where}: must be a finite number (got {_show(got)})"
+    if kind == "string_too_short":
+        return f"{where}: {'labels ' if is_label else ''}must not be empty"
+    if kind == "recipe_check":  # only reachable when a Recipe is validated outside the loader
+        return f"{where}: {ctx.get('message', error['msg'])}"
+    if kind.startswith("recipe_"):
+        return f"{where}: {error['msg']}"
+    return f"{where}: {error['msg']} (got {_show(got)})"
+
+
+def _unknown(loc: Sequence[Any], raw: Mapping[str, Any]) -> str:
+    if len(loc) == 1:
+        name = str(loc[0])
+        homes = [s for s, model in _SECTIONS.items() if name in model.model_fields]
+        if homes and not isinstance(raw.get(name), dict):
+            return f"key outside any section (did you mean to put it under [{homes[0]}]?)"
+        return "unknown section" + _did_you_mean(name, list(_SECTIONS))
+    return "unknown key" + _did_you_mean(str(loc[-1]), list(_SECTIONS[loc[0]].model_fields))
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _field_annotation(section: str, key: str) -> Any:
+    model = _SECTIONS.get(section)
+    field = model.model_fields.get(key) if model else None
+    return field.annotation if field else None
+
+
+def _literal_choices(loc: Sequence[Any]) -> list[str]:
+    if len(loc) != 2:
+        return []
+    annotation = _field_annotation(str(loc[0]), str(loc[1]))
+    if typing.get_origin(annotation) is Literal:
+        return [str(choice) for choice in typing.get_args(annotation)]
+    return []
+
+
+def _is_string_key(section: str, key: str) -> bool:
+    """True for keys whose value is text (paths, names, choices), where `--set k=2024` means "2024"."""
+    annotation = _field_annotation(section, key)
+    if annotation is None:
+        return False
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if is_union else (annotation,)
+    for option in options:
+        if typing.get_origin(option) is Annotated:
+            option = typing.get_args(option)[0]
+        if typing.get_origin(option) is Literal:
+            option = type(typing.get_args(option)[0])
+        if option is str:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field checks on the raw recipe, run even when other keys of the section are broken; a check
+# is skipped when a key it reads is itself invalid (that key already has its own problem).
+
+_MISSING_VALUE = object()
+
+
+def _good_value(raw: Mapping[str, Any], bad: set[tuple], section: str, key: str) -> Any:
+    """The key's value if it validated (or its default if absent), else _MISSING_VALUE."""
+    if (section,) in bad or (section, key) in bad:
+        return _MISSING_VALUE
+    table = raw.get(section, {})
+    if not isinstance(table, dict):
+        return _MISSING_VALUE
+    if key in table:
+        value = table[key]
+        if key in ("revision", "eval") and value == "":
+            return None
+        return value
+    field = _SECTIONS[section].model_fields[key]
+    return _MISSING_VALUE if field.is_required() else field.get_default(call_default_factory=True)
+
+
+def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple]) -> list[tuple[str, str, str]]:
+    found: list[tuple[str, str, str]] = []
+
+    def good(section: str, key: str) -> Any:
+        return _good_value(raw, bad, section, key)
+
+    for key in ("train", "eval"):
+        path = good("data", key)
+        if isinstance(path, str):
+            if not Path(path).exists():
+                found.append(("data", key, f"file not found: {path}"))
+            elif not Path(path).is_file():
+                found.append(("data", key, f"not a file: {path}"))
+
+    task_type, verbalizer = good("task", "type"), good("task", "verbalizer")
+    if _MISSING_VALUE not in (task_type, verbalizer):
+        found += [("task", k, t) for k, t in _task_problems(task_type, verbalizer)]
+
+    lr, min_lr = good("mezo", "lr"), good("mezo", "min_lr")
+    if _MISSING_VALUE not in (lr, min_lr):
+        found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
+
+    eval_path, eval_every = good("data", "eval"), good("output", "eval_every")
+    if _MISSING_VALUE not in (eval_path, eval_every):
+        found += [("output", k, t) for k, t in _eval_problems(eval_path, eval_every)]
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Overrides: `section.key=value`, the value read as TOML (`1e-5`, `["a*"]`, `{a = " a"}`), or as plain
+# text when it is not TOML (`/some/dir`) or when the key holds text (`output.dir=2024` is "2024").
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        parsed = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    if set(parsed) != {"value"} or not isinstance(parsed["value"], (str, int, float, bool, list, dict)):
+        return text  # dates, or text that smuggled in a second key: take it literally
+    return parsed["value"]
+
+
+def _apply_override(raw: dict[str, Any] | None, override: str, problems: _Problems) -> None:
+    name, sep, value_text = override.partition("=")
+    parts = [part.strip() for part in name.split(".")]
+    if not sep or len(parts) < 2 or not all(parts):
+        hint = ""
+        key = name.strip()
+        homes = [s for s, model in _SECTIONS.items() if key in model.model_fields]
+        if sep and len(parts) == 1 and homes:
+            hint = f" (did you mean {homes[0]}.{key}?)"
+        problems.add(_OVERRIDE_RANK, f"override {json.dumps(override)}: expected section.key=value{hint}")
+        return
+    if raw is None:
+        return  # the file did not parse; the override's format was still worth checking
+    value: Any = _parse_override_value(value_text.strip())
+    if len(parts) == 2 and not isinstance(value, str) and _is_string_key(parts[0], parts[1]):
+        value = value_text.strip()
+    table = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = table.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            problems.add(_OVERRIDE_RANK, f"override {json.dumps(override)}: {where} is not a table")
+            return
+        table = child
+    table[parts[-1]] = value

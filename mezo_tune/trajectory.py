@@ -1,0 +1,652 @@
+"""The trajectory file (DESIGN.md contract 5): the only module that knows its byte format.
+
+A trajectory records a MeZO run compactly enough to rebuild it bit for bit: for every step the scalar
+projected gradient g_t exactly as applied, the learning rate eta_t, both perturbed losses and a skipped flag,
+plus periodic digests of the trainable tensors (keyframes) so `replay --verify` can name the first step where a
+rebuild diverges. It is parsed as data (never unpickled), append-only, and crash-safe: every block carries a
+CRC32, and a torn or corrupt tail is reported (``TrajectoryData.problem``), never raised, so `train --resume`
+can cut it off and go on.
+
+Format, version 1 (all integers little-endian):
+
+    file    := magic header_len header header_crc block*
+    magic   := b"MEZOTRJ1"                                    8 bytes
+    header_len := u32                                          length of `header`
+    header  := UTF-8 JSON object, json.dumps(sort_keys=True, separators=(",", ":"), allow_nan=False);
+               it always holds "format_version": 1
+    header_crc := u32                                          zlib.crc32(header)
+    block   := b"\\xb7\\x0c" type:u8 length:u32 payload crc:u32
+               crc = zlib.crc32(type byte + length bytes + payload)
+
+Block types:
+
+    b"S" steps     payload := first_step:u64 count:u32 zlib.compress(columns, level=9)
+                   columns := g[count] eta[count] loss_plus[count] loss_minus[count] flags[count]
+                   The four float columns are float32, each stored byte-plane-shuffled: all byte-0s of the
+                   column, then all byte-1s, byte-2s, byte-3s (of the little-endian float32). flags is u8,
+                   bit0 = skipped (other bits are 0). A constant eta column and the flags then compress to
+                   almost nothing. Steps are contiguous: a block's first_step is the previous block's last
+                   step + 1 (the first S block starts at 0); a gap is treated as corruption.
+    b"K" keyframe  payload := step:i64 digest (32 raw bytes)
+                   digest of the trainable tensors AFTER the update of `step` was applied (steps are 0-based);
+                   step = -1 means "before any step" (the starting weights). `step` never exceeds the last
+                   recorded step at the point the keyframe is written.
+    b"E" end       payload := UTF-8 JSON {"digest": hex, "steps": N}, written once when training completes;
+                   nothing may follow it.
+
+Block boundaries are a function of the step numbers only: the writer closes an S block after a step s with
+(s + 1) % flush_every == 0, before a keyframe, and on close/finish. So a run resumed from its last intact block
+writes the same bytes an uninterrupted run writes.
+
+Size (measured, see tests/test_trajectory.py::test_bytes_per_step_at_most_16): g ~ N(0, 1e-2), losses in
+[2, 3), constant eta, a keyframe every 100 steps: 15.1 bytes/step over 200 steps and 14.3 over 20k steps with
+flush_every=16; 12.9 and 12.1 with flush_every=64. The three random float columns dominate; eta and the flags
+cost almost nothing. A 20k-step run is ~0.29 MB. Fully random float32 bit patterns (not realistic) reach ~16.8.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MAGIC = b"MEZOTRJ1"
+BLOCK_MARKER = b"\xb7\x0c"
+DIGEST_BYTES = 32
+
+_BLOCK_HEAD = struct.Struct("<2sBI")  # marker, type, payload length
+_U32 = struct.Struct("<I")
+_STEPS_HEAD = struct.Struct("<QI")  # first step, count
+_KEYFRAME_STEP = struct.Struct("<q")
+_TYPE_STEPS, _TYPE_KEYFRAME, _TYPE_END = ord("S"), ord("K"), ord("E")
+_FLAG_SKIPPED = 0x01
+_BYTES_PER_STEP_RAW = 4 * 4 + 1  # four float32 columns and the flags byte
+_RESUME_HINT = "run `mezo-tune train --resume` to continue from there"
+
+
+class TrajectoryError(Exception):
+    """A trajectory cannot be read or written. The message names the file, what is wrong and what to do."""
+
+
+@dataclass
+class StepRecord:
+    step: int
+    g: float
+    eta: float
+    loss_plus: float
+    loss_minus: float
+    skipped: bool
+
+
+@dataclass
+class TrajectoryData:
+    path: str
+    header: dict
+    steps: list[StepRecord]
+    keyframes: dict[int, bytes]
+    end: dict | None
+    intact_bytes: int
+    problem: str | None
+    header_bytes: int = 0  # offset where the blocks start (magic + header length + header + header CRC)
+
+    def as_arrays(self) -> dict:
+        """Columns as numpy arrays: step (int64), g/eta/loss_plus/loss_minus (float32), skipped (bool)."""
+        return {
+            "step": np.array([r.step for r in self.steps], dtype=np.int64),
+            "g": np.array([r.g for r in self.steps], dtype=np.float32),
+            "eta": np.array([r.eta for r in self.steps], dtype=np.float32),
+            "loss_plus": np.array([r.loss_plus for r in self.steps], dtype=np.float32),
+            "loss_minus": np.array([r.loss_minus for r in self.steps], dtype=np.float32),
+            "skipped": np.array([r.skipped for r in self.steps], dtype=bool),
+        }
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def _encode_header(header: dict, path: str) -> bytes:
+    if not isinstance(header, dict):
+        raise TrajectoryError(f"{path}: the trajectory header must be a dict, got {type(header).__name__}.")
+    header = dict(header)
+    if header.setdefault("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise TrajectoryError(
+            f"{path}: header says format_version={header['format_version']!r}, but this writer writes "
+            f"version {FORMAT_VERSION}; leave format_version out of the header, the writer sets it."
+        )
+    try:
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise TrajectoryError(
+            f"{path}: the trajectory header is not plain JSON data ({exc}); use str/int/float/bool/None, "
+            f"lists and dicts with string keys, and finite floats only."
+        ) from None
+    body = text.encode("utf-8")
+    return MAGIC + _U32.pack(len(body)) + body + _U32.pack(zlib.crc32(body))
+
+
+def _encode_block(block_type: int, payload: bytes) -> bytes:
+    head = _BLOCK_HEAD.pack(BLOCK_MARKER, block_type, len(payload))
+    return head + payload + _U32.pack(zlib.crc32(head[2:] + payload))
+
+
+def _shuffle_f32(values: np.ndarray) -> bytes:
+    planes = np.ascontiguousarray(values, dtype="<f4").view(np.uint8).reshape(-1, 4)
+    return planes.T.tobytes()
+
+
+def _unshuffle_f32(raw: bytes, count: int) -> np.ndarray:
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(4, count)
+    return np.ascontiguousarray(planes.T).view("<f4").reshape(count)
+
+
+def _encode_steps(records: list[StepRecord]) -> bytes:
+    columns = [
+        _shuffle_f32(np.array([getattr(r, name) for r in records], dtype=np.float32))
+        for name in ("g", "eta", "loss_plus", "loss_minus")
+    ]
+    flags = bytes(_FLAG_SKIPPED if r.skipped else 0 for r in records)
+    payload = _STEPS_HEAD.pack(records[0].step, len(records)) + zlib.compress(b"".join(columns) + flags, 9)
+    return _encode_block(_TYPE_STEPS, payload)
+
+
+def _decode_steps(payload: bytes) -> dict:
+    """S payload -> column arrays; raises ValueError describing what is malformed."""
+    if len(payload) < _STEPS_HEAD.size:
+        raise ValueError("steps block shorter than its 12-byte head")
+    first, count = _STEPS_HEAD.unpack_from(payload)
+    if count == 0:
+        raise ValueError("steps block with zero steps")
+    try:
+        raw = zlib.decompress(payload[_STEPS_HEAD.size :])
+    except zlib.error as exc:
+        raise ValueError(f"steps block does not decompress ({exc})") from None
+    if len(raw) != count * _BYTES_PER_STEP_RAW:
+        raise ValueError(f"steps block holds {len(raw)} column bytes, expected {count * _BYTES_PER_STEP_RAW}")
+    cols = {}
+    for i, name in enumerate(("g", "eta", "loss_plus", "loss_minus")):
+        cols[name] = _unshuffle_f32(raw[i * 4 * count : (i + 1) * 4 * count], count)
+    flags = np.frombuffer(raw[16 * count :], dtype=np.uint8)
+    if np.any(flags & ~np.uint8(_FLAG_SKIPPED)):
+        raise ValueError("steps block has unknown flag bits set")
+    cols["skipped"] = (flags & _FLAG_SKIPPED).astype(bool)
+    cols["step"] = np.arange(first, first + count, dtype=np.int64)
+    return cols
+
+
+def _as_f32(value: float, what: str, step: int, exact: bool) -> float:
+    f32 = float(np.float32(value))
+    if exact and f32 != value and not (math.isnan(f32) and math.isnan(value)):
+        raise TrajectoryError(
+            f"step {step}: {what}={value!r} is not exactly a float32; record the fp32 value exactly as applied "
+            f"(contract 4 computes the update with an fp32 scalar), e.g. float(torch.float32 tensor)."
+        )
+    return f32
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_trajectory(path) -> TrajectoryData:
+    """Parse a trajectory file. A bad tail is reported in `.problem`; only an unusable start raises."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except FileNotFoundError:
+        raise TrajectoryError(
+            f"{path}: no such trajectory file; check the path (train writes it into its run directory)."
+        ) from None
+    except OSError as exc:
+        raise TrajectoryError(f"{path}: cannot read the trajectory ({exc.strerror or exc}).") from None
+    return _parse(path, buf)
+
+
+def _parse(path: str, buf: bytes) -> TrajectoryData:
+    if buf[: len(MAGIC)] != MAGIC:
+        if not buf:
+            why = "it is empty"
+        elif len(buf) < len(MAGIC) and MAGIC.startswith(buf):
+            why = f"it is only {len(buf)} bytes long, a torn start of a trajectory"
+        elif buf[:7] == MAGIC[:7]:
+            raise TrajectoryError(
+                f"{path}: trajectory format {buf[7:8].decode('latin-1')!r} is not supported by this version of "
+                f"mezo-tune (it reads format {FORMAT_VERSION}); upgrade mezo-tune."
+            )
+        else:
+            why = "it does not start with the trajectory magic b'MEZOTRJ1'"
+        raise TrajectoryError(
+            f"{path}: not a mezo-tune trajectory file ({why}); "
+            f"pass the trajectory file that `mezo-tune train` wrote."
+        )
+    pos = len(MAGIC)
+    if len(buf) < pos + 4:
+        raise TrajectoryError(f"{path}: the trajectory header is truncated (file is {len(buf)} bytes); the run "
+                              f"stopped before writing it, start the run again.")
+    (hlen,) = _U32.unpack_from(buf, pos)
+    pos += 4
+    if len(buf) < pos + hlen + 4:
+        raise TrajectoryError(f"{path}: the trajectory header is truncated (needs {pos + hlen + 4} bytes, file has "
+                              f"{len(buf)}); the run stopped before writing it, start the run again.")
+    body = buf[pos : pos + hlen]
+    (crc,) = _U32.unpack_from(buf, pos + hlen)
+    if zlib.crc32(body) != crc:
+        raise TrajectoryError(f"{path}: the trajectory header is corrupt (checksum mismatch); the file was damaged "
+                              f"after it was written, restore it from a copy.")
+    try:
+        header = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrajectoryError(f"{path}: the trajectory header is not valid JSON ({exc}).") from None
+    if not isinstance(header, dict):
+        raise TrajectoryError(f"{path}: the trajectory header is not a JSON object.")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise TrajectoryError(
+            f"{path}: trajectory format_version {version!r} is not supported (this mezo-tune reads version "
+            f"{FORMAT_VERSION}); use the mezo-tune version that wrote it."
+        )
+    header_end = pos + hlen + 4
+
+    columns: list[dict] = []
+    keyframes: dict[int, bytes] = {}
+    end = None
+    next_step = 0
+    problem = None
+    pos = header_end
+    while pos < len(buf):
+        if end is not None:
+            problem = f"unexpected data after the end block at byte {pos}"
+            break
+        if len(buf) - pos < _BLOCK_HEAD.size:
+            problem = f"truncated block at byte {pos} (the run was interrupted while writing)"
+            break
+        marker, btype, length = _BLOCK_HEAD.unpack_from(buf, pos)
+        if marker != BLOCK_MARKER:
+            problem = f"no block marker at byte {pos} (the file is corrupt from there on)"
+            break
+        stop = pos + _BLOCK_HEAD.size + length + 4
+        if stop > len(buf):
+            problem = f"truncated block at byte {pos} (the run was interrupted while writing)"
+            break
+        payload = buf[pos + _BLOCK_HEAD.size : stop - 4]
+        (crc,) = _U32.unpack_from(buf, stop - 4)
+        if zlib.crc32(buf[pos + 2 : stop - 4]) != crc:
+            problem = f"checksum mismatch in block at byte {pos}"
+            break
+        try:
+            if btype == _TYPE_STEPS:
+                cols = _decode_steps(payload)
+                first = int(cols["step"][0])
+                if first != next_step:
+                    raise ValueError(f"steps block starts at step {first}, expected step {next_step} (a gap)")
+                columns.append(cols)
+                next_step = int(cols["step"][-1]) + 1
+            elif btype == _TYPE_KEYFRAME:
+                if len(payload) != _KEYFRAME_STEP.size + DIGEST_BYTES:
+                    raise ValueError(f"keyframe block of {len(payload)} bytes, expected {8 + DIGEST_BYTES}")
+                (kstep,) = _KEYFRAME_STEP.unpack_from(payload)
+                if not -1 <= kstep < next_step:
+                    raise ValueError(f"keyframe for step {kstep}, but steps so far are 0..{next_step - 1}")
+                keyframes[kstep] = bytes(payload[_KEYFRAME_STEP.size :])
+            elif btype == _TYPE_END:
+                end_payload = json.loads(payload.decode("utf-8"))
+                if not isinstance(end_payload, dict) or end_payload.get("steps") != next_step:
+                    raise ValueError(f"end block {end_payload!r} does not match the {next_step} recorded steps")
+                end = end_payload
+            else:
+                raise ValueError(f"unknown block type {btype:#04x}")
+        except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+            problem = f"malformed block at byte {pos}: {exc}"
+            break
+        pos = stop
+
+    arrays = _concat(columns)
+    steps = [
+        StepRecord(int(s), float(g), float(e), float(lp), float(lm), bool(sk))
+        for s, g, e, lp, lm, sk in zip(
+            arrays["step"], arrays["g"], arrays["eta"], arrays["loss_plus"], arrays["loss_minus"], arrays["skipped"]
+        )
+    ]
+    return TrajectoryData(
+        path=path, header=header, steps=steps, keyframes=keyframes, end=end, intact_bytes=pos,
+        problem=problem, header_bytes=header_end,
+    )
+
+
+def _concat(columns: list[dict]) -> dict:
+    names = {"step": np.int64, "g": np.float32, "eta": np.float32, "loss_plus": np.float32,
+             "loss_minus": np.float32, "skipped": bool}
+    if not columns:
+        return {k: np.zeros(0, dtype=t) for k, t in names.items()}
+    return {k: np.concatenate([c[k] for c in columns]) for k in names}
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+class TrajectoryWriter:
+    """Appends steps, keyframes and the end block to a trajectory. Use create() or open_for_resume()."""
+
+    def __init__(self, path: str, fd: int, intact_bytes: int, next_step: int, flush_every: int):
+        if flush_every < 1:
+            raise TrajectoryError(f"{path}: flush_every must be >= 1, got {flush_every}.")
+        self.path = path
+        self.flush_every = flush_every
+        self._fd: int | None = fd
+        self._intact = intact_bytes  # file length up to the last block known to be on disk
+        self._next_step = next_step
+        self._durable_steps = next_step  # steps 0.._durable_steps-1 are in intact blocks
+        self._pending: list[StepRecord] = []
+        self._broken: str | None = None
+
+    # -- construction
+
+    @classmethod
+    def create(cls, path, header: dict, flush_every: int = 16) -> "TrajectoryWriter":
+        """Start a new trajectory; never overwrites. The header gains "format_version" and is fsynced."""
+        path = os.fspath(path)
+        data = _encode_header(header, path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        except FileExistsError:
+            raise TrajectoryError(
+                f"{path}: a trajectory already exists here; continue it with `mezo-tune train --resume`, or "
+                f"choose a new output directory (it is never overwritten)."
+            ) from None
+        except OSError as exc:
+            raise TrajectoryError(f"{path}: cannot create the trajectory ({exc.strerror or exc}).") from None
+        writer = cls(path, fd, 0, 0, flush_every)
+        try:
+            writer._write_durably(data)
+        except TrajectoryError:
+            os.close(fd)
+            os.unlink(path)  # a file without a whole header is useless; let the retry create it again
+            raise
+        _fsync_dir(path)
+        return writer
+
+    @classmethod
+    def open_for_resume(cls, path, flush_every: int = 16) -> tuple["TrajectoryWriter", TrajectoryData]:
+        """Cut a torn/corrupt tail (reported in data.problem) and return a writer at data.intact_bytes.
+
+        The caller continues at writer.next_step == len(data.steps). A crash can land between a keyframe's
+        flushed steps block and its K block, so if the keyframe schedule calls for one at next_step - 1 and
+        data.keyframes lacks it, append it first (the weights rebuilt to next_step are exactly what it digests);
+        then the resumed file is byte-identical to an uninterrupted one. A finished run is refused.
+        """
+        path = os.fspath(path)
+        data = read_trajectory(path)
+        if data.end is not None:
+            raise TrajectoryError(
+                f"{path}: this run already finished ({data.end.get('steps')} steps); there is nothing to resume. "
+                f"Use `mezo-tune replay` to rebuild its weights, or start a new run."
+            )
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+            if os.fstat(fd).st_size != data.intact_bytes:
+                os.ftruncate(fd, data.intact_bytes)  # cut the torn/corrupt tail
+                os.fsync(fd)
+            os.lseek(fd, data.intact_bytes, os.SEEK_SET)
+        except OSError as exc:
+            raise TrajectoryError(f"{path}: cannot open the trajectory to resume ({exc.strerror or exc}).") from None
+        return cls(path, fd, data.intact_bytes, len(data.steps), flush_every), data
+
+    # -- appending
+
+    @property
+    def next_step(self) -> int:
+        return self._next_step
+
+    def append_step(self, rec: StepRecord) -> None:
+        self._check_open()
+        if rec.step != self._next_step:
+            kind = "repeats an earlier step" if rec.step < self._next_step else "leaves a gap"
+            raise TrajectoryError(
+                f"{self.path}: append_step got step {rec.step} but the next step must be {self._next_step} "
+                f"(it {kind}); steps are recorded once each, in order, starting at 0."
+            )
+        rec = StepRecord(
+            step=rec.step,
+            g=_as_f32(rec.g, "g", rec.step, exact=True),
+            eta=_as_f32(rec.eta, "eta", rec.step, exact=True),
+            loss_plus=_as_f32(rec.loss_plus, "loss_plus", rec.step, exact=False),
+            loss_minus=_as_f32(rec.loss_minus, "loss_minus", rec.step, exact=False),
+            skipped=bool(rec.skipped),
+        )
+        self._pending.append(rec)
+        self._next_step += 1
+        if self._next_step % self.flush_every == 0:
+            self.flush()
+
+    def append_keyframe(self, step: int, digest: bytes) -> None:
+        self._check_open()
+        digest = bytes(digest)
+        if len(digest) != DIGEST_BYTES:
+            raise TrajectoryError(f"{self.path}: keyframe digest must be {DIGEST_BYTES} raw bytes "
+                                  f"(blake2b-256), got {len(digest)}.")
+        if not -1 <= step < self._next_step:
+            raise TrajectoryError(
+                f"{self.path}: keyframe for step {step}, but only steps 0..{self._next_step - 1} are recorded; "
+                f"a keyframe digests the weights after its step's update (-1 = before any step)."
+            )
+        self.flush()
+        self._write_durably(_encode_block(_TYPE_KEYFRAME, _KEYFRAME_STEP.pack(step) + digest))
+
+    def flush(self) -> None:
+        self._check_open()
+        if not self._pending:
+            return
+        block = _encode_steps(self._pending)
+        self._write_durably(block, steps_after=self._pending[-1].step + 1)
+        self._pending = []
+
+    def finish(self, steps: int, digest: bytes) -> None:
+        self._check_open()
+        if steps != self._next_step:
+            raise TrajectoryError(f"{self.path}: finish(steps={steps}) but {self._next_step} steps were recorded.")
+        self.flush()
+        payload = json.dumps({"digest": bytes(digest).hex(), "steps": steps}, sort_keys=True).encode("utf-8")
+        self._write_durably(_encode_block(_TYPE_END, payload))
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if self._broken is None:
+                self.flush()
+        finally:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> "TrajectoryWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- internals
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise TrajectoryError(self._broken)
+        if self._fd is None:
+            raise TrajectoryError(f"{self.path}: the trajectory writer is closed.")
+
+    def _write_chunk(self, data: bytes) -> int:
+        """One write system call; returns how many bytes were written (tests replace this to fake a full disk)."""
+        return os.write(self._fd, data)
+
+    def _write_durably(self, data: bytes, steps_after: int | None = None) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._write_chunk(view) :]
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._fail(exc)
+        self._intact += len(data)
+        if steps_after is not None:
+            self._durable_steps = steps_after
+
+    def _fail(self, exc: OSError) -> None:
+        try:  # best effort: drop the torn block so the file ends on an intact one
+            os.ftruncate(self._fd, self._intact)
+            os.lseek(self._fd, self._intact, os.SEEK_SET)
+            os.fsync(self._fd)
+        except OSError:
+            pass
+        what = "the disk is full" if exc.errno == errno.ENOSPC else f"the write failed ({exc.strerror or exc})"
+        if self._intact == 0:
+            self._broken = f"{self.path}: could not write the trajectory header: {what}; free space and start again."
+        else:
+            kept = (f"intact up to step {self._durable_steps - 1}" if self._durable_steps
+                    else "intact but holds no steps yet")
+            self._broken = (f"{self.path}: could not append to the trajectory: {what}. The trajectory is {kept}; "
+                            f"free space, then {_RESUME_HINT}.")
+        raise TrajectoryError(self._broken) from exc
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- inspecting
+
+_SKIPPED_LIST_CAP = 100
+_N_WINDOWS = 10
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(values.astype(np.float64).mean()) if len(values) else None
+
+
+def summarize(data: TrajectoryData) -> dict:
+    """Everything `mezo-tune inspect --json` prints. Loss means skip non-finite values; None if none is finite."""
+    arr = data.as_arrays()
+    n = len(arr["step"])
+    loss = (arr["loss_plus"].astype(np.float64) + arr["loss_minus"].astype(np.float64)) / 2
+    skipped = arr["step"][arr["skipped"]].tolist()
+    k = max(1, n // 10)
+    windows = []
+    for idx in np.array_split(np.arange(n), min(_N_WINDOWS, n)) if n else []:
+        windows.append({"first_step": int(arr["step"][idx[0]]), "last_step": int(arr["step"][idx[-1]]),
+                        "mean_loss": _finite_mean(loss[idx])})
+    record_bytes = data.intact_bytes - data.header_bytes
+    return {
+        "path": data.path,
+        "format_version": data.header.get("format_version"),
+        "header": data.header,
+        "n_steps": n,
+        "n_skipped": len(skipped),
+        "skipped_steps": skipped[:_SKIPPED_LIST_CAP],
+        "skipped_steps_truncated": len(skipped) > _SKIPPED_LIST_CAP,
+        "keyframe_steps": sorted(data.keyframes),
+        "finished": data.end is not None,
+        "end": data.end,
+        "problem": data.problem,
+        "intact_bytes": data.intact_bytes,
+        "bytes_per_step": record_bytes / n if n else None,
+        "loss_first_10pct": _finite_mean(loss[:k]) if n else None,
+        "loss_last_10pct": _finite_mean(loss[-k:]) if n else None,
+        "loss_windows": windows,
+    }
+
+
+def _get(header: dict, *keys: str):
+    """First present value among dotted keys ("base_model.digest"), else None."""
+    for key in keys:
+        node = header
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    return None
+
+
+def _fmt(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def _fmt_loss(value: float | None) -> str:
+    return "n/a (no finite losses)" if value is None else f"{value:.4f}"
+
+
+def format_summary(data: TrajectoryData) -> str:
+    """The text `mezo-tune inspect` prints. Header keys that a run did not record show as '?'."""
+    s = summarize(data)
+    h = data.header
+    model = _get(h, "base_model.hub_id", "base_model.path", "base_model.id", "model.hub_id", "model.path",
+                 "model_path", "model")
+    if isinstance(model, dict):
+        model = None
+    revision = _get(h, "base_model.revision", "model.revision", "revision")
+    digest = _get(h, "base_model.digest", "model.digest", "base_digest", "base_model_digest")
+    trainable = _get(h, "trainable", "trainable_set", "trainable_tensors")
+    if isinstance(trainable, list):
+        n_tensors = len(trainable)
+        shapes = [t.get("shape") for t in trainable if isinstance(t, dict)]
+        n_elements = (sum(math.prod(sh) for sh in shapes) if len(shapes) == n_tensors
+                      and all(isinstance(sh, list) for sh in shapes) else None)
+    else:
+        n_tensors = n_elements = None
+    zgen = _get(h, "z_generator", "zrng", "z")
+    if isinstance(zgen, dict):
+        zgen = " ".join(str(zgen[k]) for k in ("name", "version", "distribution") if k in zgen) or None
+    distribution = _get(h, "z_distribution", "distribution")
+    if distribution is not None and zgen is not None and str(distribution) not in str(zgen):
+        zgen = f"{zgen} {distribution}"
+
+    model_line = _fmt(model) + (f"@{revision}" if revision else "")
+    if digest:
+        model_line += f" (digest {str(digest)[:12]}…)"
+    quant = _get(h, "quantization", "base_model.quantization")
+    lines = [
+        f"trajectory  {data.path}  (format {_fmt(s['format_version'])})",
+        f"model       {model_line}",
+        f"dtype       {_fmt(_get(h, 'dtype', 'storage_dtype', 'base_model.dtype'))}"
+        + (f", quantization {quant}" if quant else ""),
+        f"trainable   {_fmt(n_tensors)} tensors, "
+        f"{'?' if n_elements is None else f'{n_elements:,}'} elements",
+        f"seed        {_fmt(_get(h, 'seed'))}   eps {_fmt(_get(h, 'eps', 'epsilon'))}   "
+        f"z {_fmt(zgen)}   rounding {_fmt(_get(h, 'rounding', 'rounding_mode'))}",
+        f"steps       {s['n_steps']} recorded, {s['n_skipped']} skipped"
+        + (f" (steps {', '.join(map(str, s['skipped_steps'][:10]))}"
+           f"{', …' if s['n_skipped'] > 10 else ''})" if s["n_skipped"] else "")
+        + (f", finished ({s['end']['steps']} steps)" if s["finished"] else ", not finished"),
+        f"keyframes   {len(s['keyframe_steps'])}"
+        + (f" (steps {', '.join(map(str, s['keyframe_steps'][:10]))}"
+           f"{', …' if len(s['keyframe_steps']) > 10 else ''})" if s["keyframe_steps"] else ""),
+        f"size        {s['intact_bytes']:,} bytes"
+        + (f", {s['bytes_per_step']:.1f} bytes/step" if s["bytes_per_step"] is not None else ""),
+    ]
+    if data.problem:
+        upto = f" (step {s['n_steps'] - 1})" if s["n_steps"] else ""
+        lines.append(f"PROBLEM     {data.problem}; intact up to byte {data.intact_bytes}{upto}; "
+                     f"`mezo-tune train --resume` cuts the tail off and continues.")
+    else:
+        lines.append("file        clean (every block checksum verified)")
+    if s["n_steps"]:
+        lines.append(f"loss        first 10%: {_fmt_loss(s['loss_first_10pct'])}   "
+                     f"last 10%: {_fmt_loss(s['loss_last_10pct'])}   (mean of (L+ + L-)/2)")
+        for w in s["loss_windows"]:
+            lines.append(f"  steps {w['first_step']:>7}-{w['last_step']:<7} {_fmt_loss(w['mean_loss'])}")
+    return "\n".join(lines)

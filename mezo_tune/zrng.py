@@ -1,0 +1,183 @@
+"""The counter-based generator of perturbation directions z (DESIGN.md, contract 2).
+
+z = Z(seed, step, tensor_name)[i] is a pure function of its arguments and of the element index i: no torch.Generator,
+no torch.randn, no floating-point function whose last bit differs between libraries. So the same run replays to the
+same bits on CPU and on any CUDA GPU, eager or compiled, under any torch version.
+
+Generator "mezo-tune/lowbias32x2", version 1:
+  key      (k0, k1) = the 8 bytes of blake2b(b"mezo-tune/z/v1" | seed, step, stream as little-endian u64 | name, 8 bytes),
+           computed once per (step, tensor) in Python.
+  bits     h(i) = mix(mix(lo(i) ^ k0) ^ hi(i) ^ k1), where lo/hi are the low/high 32 bits of the 64-bit element index
+           and mix is Chris Wellons' "lowbias32" integer hash (two xorshift-multiply rounds, a bijection on 32 bits).
+           Arithmetic is in int64 holding 32-bit values; every product is of a value < 2**32 by a constant < 2**31, so
+           nothing overflows, and each product is masked back to 32 bits.
+  gaussian z = (2 * (b0 + b1 + b2) - 765) / 256 with b0..b2 the three low bytes of h: an Irwin-Hall (sum of three
+           uniforms) bell shape, mean 0, variance 65535/65536, support [-2.99, 2.99]. Every value is an integer times
+           2**-8 with at most 10 significant bits, so it is exact in fp32/fp16 and products with an fp32 scalar are
+           exact in fp64 (that is what makes the update of contract 4 immune to FMA contraction).
+  rademacher z = +1 or -1 from the top bit of h.
+Streams: stream 0 draws z; stream 1 draws the uniforms of stochastic rounding, independent of z.
+
+The kernels below (perturbed copy, in-place update) are plain torch functions; `compiled(fn)` wraps them with
+torch.compile so that z is generated and consumed in one fused loop (never materialised as a full tensor). Compiled
+and eager results are bit-identical (tests/test_zrng.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import struct
+
+import torch
+
+GENERATOR = "mezo-tune/lowbias32x2"
+GENERATOR_VERSION = 1
+DISTRIBUTIONS = ("gaussian", "rademacher")
+Z_STREAM, ROUNDING_STREAM = 0, 1
+
+_M32 = 0xFFFFFFFF
+_MUL1, _MUL2 = 0x7FEB352D, 0x446CA68B  # < 2**31: x * c < 2**63 for any 32-bit x, so int64 never overflows
+CHUNK = 1 << 22  # elements per kernel call: bounds temporaries in eager mode, no cost compiled
+
+
+def stream_key(seed: int, step: int, name: str, stream: int = Z_STREAM) -> tuple[int, int]:
+    """The 64-bit key (k0, k1) of one tensor at one step: depends on nothing but these arguments."""
+    if not (0 <= seed < 2**64 and 0 <= step < 2**64):
+        raise ValueError(f"seed and step must be in [0, 2**64): got seed={seed}, step={step}")
+    material = b"mezo-tune/z/v1" + struct.pack("<QQQ", seed, step, stream) + name.encode("utf-8")
+    key = int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "little")
+    return key & _M32, key >> 32
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 16)
+
+
+def _bits(index: torch.Tensor, k0, k1) -> torch.Tensor:
+    """32 random bits (in int64) per int64 element index."""
+    return _mix(_mix((index & _M32) ^ k0) ^ (index >> 32) ^ k1)
+
+
+def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torch.Tensor:
+    if distribution == "gaussian":
+        s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255)
+        return (2 * s - 765).to(dtype) * (1.0 / 256)
+    if distribution == "rademacher":
+        return (1 - 2 * (h >> 31)).to(dtype)
+    raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
+
+
+def _uniform_from_bits(h: torch.Tensor) -> torch.Tensor:
+    """A uniform in [0, 1) with 24 bits, exact in fp32."""
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def key_tensor(k0: int, k1: int, offset: int = 0, device=None) -> torch.Tensor:
+    """Kernel arguments as a small int64 tensor, so compiled kernels never recompile for new keys or offsets."""
+    return torch.tensor([k0, k1, offset], dtype=torch.int64, device=device)
+
+
+def _indices(n: int, key: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int64, device=key.device) + key[2]
+
+
+# ---- kernels (each one: plain torch, compiled on demand) ------------------------------------------------------------
+
+def z_kernel(out: torch.Tensor, key: torch.Tensor, distribution: str) -> None:
+    """out[i] = z(offset + i) in out's dtype (fp32 or fp64: both exact)."""
+    h = _bits(_indices(out.numel(), key), key[0], key[1])
+    out.copy_(_z_from_bits(h, distribution, out.dtype))
+
+
+def perturb_kernel(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: torch.Tensor,
+                   distribution: str) -> None:
+    """out = round_to(out.dtype)(fp32(w) + eps * z): a perturbed copy of w; w itself is never written."""
+    h = _bits(_indices(w.numel(), key), key[0], key[1])
+    z = _z_from_bits(h, distribution, torch.float32)
+    out.copy_((w.to(torch.float32) + eps.to(torch.float32) * z).to(out.dtype))
+
+
+def update_kernel(w: torch.Tensor, key: torch.Tensor, c: torch.Tensor, distribution: str) -> None:
+    """w <- round_nearest(w - c * z), in place.
+
+    In fp64, c (an fp32 value) times z (<= 10 significant bits) is exact, so w - c*z is rounded exactly once whether or
+    not a compiler fuses the multiply and subtract; then it is rounded to fp32 and to w's dtype, both nearest-even.
+    """
+    h = _bits(_indices(w.numel(), key), key[0], key[1])
+    z = _z_from_bits(h, distribution, torch.float64)
+    v = (w.to(torch.float64) - c * z).to(torch.float32)
+    w.copy_(v.to(w.dtype))
+
+
+def _int_view_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+
+
+def update_kernel_stochastic(w: torch.Tensor, key: torch.Tensor, rkey: torch.Tensor, c: torch.Tensor,
+                             distribution: str) -> None:
+    """w <- round_stochastic(w - c * z), in place: unbiased rounding to w's dtype.
+
+    v = w - c*z is formed exactly as in update_kernel (in fp32 for 16-bit storage, in fp64 for fp32 storage). r is v
+    rounded to nearest and n its other neighbour in w's dtype (found by stepping r's bit pattern by one). n is taken
+    with probability |v - r| / |n - r|, against a uniform from the rounding stream (rkey): E[result] = v.
+    """
+    n_el = w.numel()
+    idx = _indices(n_el, key)
+    z = _z_from_bits(_bits(idx, key[0], key[1]), distribution, torch.float64)
+    wide = torch.float64 if w.dtype == torch.float32 else torch.float32
+    v = (w.to(torch.float64) - c * z).to(wide)
+    r = v.to(w.dtype)
+    rv = r.to(wide)
+    ibits = r.view(_int_view_dtype(w.dtype)).to(torch.int64)
+    # |v| > |r|: the other neighbour lies away from zero (bit pattern + 1), else toward zero (- 1). From a zero,
+    # the neighbour is the smallest subnormal with v's sign.
+    away = v.abs() > rv.abs()
+    sign_bit = 1 << (8 * w.element_size() - 1)
+    step_bits = torch.where(away, ibits + 1, ibits - 1)
+    from_zero = torch.where(v < 0, sign_bit | 1, 1)
+    nbits = torch.where(rv == 0, from_zero, step_bits)
+    nbits = torch.where(nbits >= sign_bit, nbits - 2 * sign_bit, nbits)  # back into the signed range of the view
+    n = nbits.to(_int_view_dtype(w.dtype)).view(w.dtype)
+    p = (v - rv).abs() / (n.to(wide) - rv).abs()
+    u = _uniform_from_bits(_bits(idx, rkey[0], rkey[1])).to(wide)
+    w.copy_(torch.where((u < p) & (v != rv), n, r))
+
+
+@functools.cache
+def compiled(fn):
+    """fn compiled with torch.compile (dynamic shapes: one compilation serves every tensor size).
+
+    emulate_precision_casts keeps every fp16/bf16 rounding that eager performs; without it inductor elides
+    a downcast-upcast pair inside a fused kernel and stochastic rounding would differ from eager.
+    """
+    return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+
+
+def kernel(fn, use_compile: bool):
+    return compiled(fn) if use_compile else fn
+
+
+def chunks(numel: int, chunk: int = CHUNK):
+    """(start, stop) pairs covering [0, numel)."""
+    for start in range(0, numel, chunk):
+        yield start, min(start + chunk, numel)
+
+
+def z_for(seed: int, step: int, name: str, numel: int, distribution: str = "gaussian", offset: int = 0,
+          stream: int = Z_STREAM, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """The reference: z of one tensor as a flat tensor (eager, for tests, golden vectors and small tensors)."""
+    k0, k1 = stream_key(seed, step, name, stream)
+    out = torch.empty(numel, dtype=dtype, device=device)
+    z_kernel(out, key_tensor(k0, k1, offset, device), distribution)
+    return out
+
+
+def bits_for(seed: int, step: int, name: str, index: torch.Tensor, stream: int = Z_STREAM) -> torch.Tensor:
+    """The raw 32 bits (as int64) at arbitrary element indices: for golden vectors and the > 2**32 index test."""
+    k0, k1 = stream_key(seed, step, name, stream)
+    return _bits(index.to(torch.int64), k0, k1)
