@@ -182,8 +182,17 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu")
     return model.to(device).eval()
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars and messages say what happens; transformers' per-shard bars are noise here."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load(model_cfg, progress: bool = True):
     """(model, tokenizer, source) for a recipe's [model] section (or any object with path/dtype/revision/device)."""
+    quiet_transformers()
     source = resolve_source(model_cfg.path, getattr(model_cfg, "revision", None), progress)
     device = resolve_device(getattr(model_cfg, "device", "auto"))
     tokenizer = load_tokenizer(source)
@@ -193,6 +202,7 @@ def load(model_cfg, progress: bool = True):
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
     """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads."""
+    quiet_transformers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

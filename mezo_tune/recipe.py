@@ -250,8 +250,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return parse_recipe(text, source=source, overrides=overrides)
 
 
-def parse_recipe(text: str, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
-    """Validate recipe TOML text (with overrides applied); raise RecipeError with every problem."""
+def parse_recipe(text: str, source: str = "<recipe>", overrides: Sequence[str] = (), check_files: bool = True) -> Recipe:
+    """Validate recipe TOML text (with overrides applied); raise RecipeError with every problem.
+
+    check_files=False skips the data files' existence (a recipe recorded in a trajectory, replayed elsewhere)."""
     problems = _Problems()
     try:
         raw: dict[str, Any] | None = tomllib.loads(text)
@@ -273,7 +275,7 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: Sequence[str] =
     else:
         bad = set()
 
-    for section, key, text_ in _cross_field_problems(raw, bad):
+    for section, key, text_ in _cross_field_problems(raw, bad, check_files):
         problems.add(_rank((section, key)), f"{section}.{key}: {text_}")
 
     if problems:
@@ -498,7 +500,7 @@ def _good_value(raw: Mapping[str, Any], bad: set[tuple], section: str, key: str)
     return _MISSING_VALUE if field.is_required() else field.get_default(call_default_factory=True)
 
 
-def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple]) -> list[tuple[str, str, str]]:
+def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: bool = True) -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
 
     def good(section: str, key: str) -> Any:
@@ -506,7 +508,7 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple]) -> list[tuple
 
     for key in ("train", "eval"):
         path = good("data", key)
-        if isinstance(path, str):
+        if isinstance(path, str) and check_files:
             if not Path(path).exists():
                 found.append(("data", key, f"file not found: {path}"))
             elif not Path(path).is_file():

