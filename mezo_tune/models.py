@@ -75,7 +75,7 @@ def resolve_source(spec: str, revision: str | None = None, progress: bool = True
         if not (path / "config.json").exists():
             raise ModelError(f"{spec}: directory has no config.json, so it is not a Hugging Face model directory")
         return ModelSource(spec, str(path.resolve()), revision)
-    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not a hub id ("org/name")
         raise ModelError(f"model path not found: {spec} (a local directory, a hub id like 'org/name', "
                          f"or one of {', '.join(EMBEDDED)})")
     return ModelSource(spec, spec, revision)  # a hub id: transformers resolves (and may download) it
