@@ -155,9 +155,7 @@ def inspect(trajectory, as_json):
 
     data = read_trajectory(trajectory)
     if as_json:
-        s = summarize(data)
-        s["header"] = {k: v for k, v in s["header"].items() if k != "recipe"} | {"recipe": data.header["recipe"]}
-        click.echo(json.dumps(s, indent=2, default=str))
+        click.echo(json.dumps(summarize(data), indent=2, default=str))
     else:
         click.echo(format_summary(data))
 

@@ -32,14 +32,13 @@ def load_for_eval(recipe: Recipe, model_spec: str | None, progress: bool = True)
 
 def evaluate(recipe: Recipe, model_spec: str | None = None, data_path: str | None = None, limit: int | None = None,
              progress: bool = True) -> dict:
-    from .tasks import build_task
-    from .train import RunError, load_rows
+    from .train import RunError, load_rows, make_task
 
     path = data_path or recipe.data.eval
     if not path:
         raise RunError("nothing to evaluate on: the recipe has no data.eval; pass --data FILE")
     model, tokenizer, described = load_for_eval(recipe, model_spec, progress)
-    task = build_task(recipe.task, tokenizer, recipe.data.max_length)
+    task = make_task(recipe, tokenizer)
     rows = load_rows(path, task, recipe.data.eval_limit if limit is None else limit)
     result = task.evaluate(model, rows, batch_size=recipe.mezo.batch_size, progress=progress)
     return {"model": described, "data": str(path), "task": recipe.task.type, **result}

@@ -115,7 +115,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: NonEmptyStr
     eval: StrictStr | None = None
-    max_length: PositiveInt = 256
+    max_length: Annotated[StrictInt, Field(ge=2)] = 256
     eval_limit: NonNegativeInt = 0
 
     @field_validator("eval")

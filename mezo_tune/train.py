@@ -62,13 +62,22 @@ def load_rows(path, task, limit: int = 0) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+def make_task(recipe: Recipe, tokenizer):
+    """The recipe's task over this tokenizer; a verbalizer the tokenizer cannot tell apart is a RunError."""
+    from .tasks import build_task
+
+    try:
+        return build_task(recipe.task, tokenizer, recipe.data.max_length)
+    except ValueError as e:
+        raise RunError(f"[task] {e}") from None
+
+
 def build_run(recipe: Recipe, progress: bool = True) -> Run:
     from . import models
     from .mezo import Mezo, trainable_set
-    from .tasks import build_task
 
     model, tokenizer, source = models.load(recipe.model, progress)
-    task = build_task(recipe.task, tokenizer, recipe.data.max_length)
+    task = make_task(recipe, tokenizer)
     train_rows = load_rows(recipe.data.train, task)
     eval_rows = load_rows(recipe.data.eval, task, recipe.data.eval_limit) if recipe.data.eval else None
     trainable = trainable_set(model, recipe.model.freeze)
@@ -146,7 +155,7 @@ def prepare_dir(out: Path, resume: bool, overwrite: bool) -> None:
                            f"--overwrite to replace it, or set output.dir to a new directory")
         for name in (TRAJECTORY, "metrics.jsonl", "recipe.toml"):
             (out / name).unlink(missing_ok=True)
-        for name in ("final", "checkpoint", "checkpoint.tmp"):
+        for name in ("final", "checkpoint", "checkpoint.tmp", "checkpoint.old"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -155,14 +164,17 @@ def save_checkpoint(out: Path, run: Run, step: int) -> None:
     """The trainable tensors after `step`, replaced atomically (a crash leaves the previous checkpoint)."""
     from safetensors.torch import save_file
 
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in zip(run.trainable.names, run.trainable.params)}
     save_file(tensors, tmp / "trainable.safetensors", metadata={"step": str(step)})
     (tmp / "meta.json").write_text(json.dumps({"step": step, "digest": run.engine.digest().hex()}))
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(out: Path, run: Run, last_step: int) -> int:
@@ -171,6 +183,8 @@ def load_checkpoint(out: Path, run: Run, last_step: int) -> int:
     from safetensors.torch import load_file
 
     ckpt = out / "checkpoint"
+    if not ckpt.exists() and (out / "checkpoint.old").exists():  # a crash between the two renames
+        (out / "checkpoint.old").rename(ckpt)
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
         if meta["step"] > last_step:
@@ -244,11 +258,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if done and done % r.mezo.keyframe_every == 0 and (done - 1) not in data.keyframes:
             writer.append_keyframe(done - 1, run.engine.digest())  # the crash fell between a block and its keyframe
         start = done
+        keyframes_done = set(data.keyframes)
     else:
         (out / "recipe.toml").write_text(recipe_to_toml(r))
         writer = TrajectoryWriter.create(traj_path, header, flush_every=FLUSH_EVERY)
         writer.append_keyframe(-1, bytes.fromhex(header["initial_digest"]))
         start = 0
+        keyframes_done = {-1}
 
     metrics = Metrics(out / "metrics.jsonl")
     evals = summary["evals"] = []
@@ -295,7 +311,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                 evaluate(t, f"at step {t + 1}")
         bar.close()
         final_digest = run.engine.digest()
-        if writer.next_step == r.mezo.steps and r.mezo.steps % r.mezo.keyframe_every != 0:
+        if r.mezo.steps - 1 not in keyframes_done and r.mezo.steps % r.mezo.keyframe_every != 0:
             writer.append_keyframe(r.mezo.steps - 1, final_digest)
         writer.finish(r.mezo.steps, final_digest)
         evaluate(r.mezo.steps - 1, "after training")

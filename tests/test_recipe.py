@@ -237,7 +237,7 @@ def test_device():
         ('train = "data/train.jsonl"', 'train = "data/train.jsonl"\neval_limit = -1',
          "data.eval_limit: must be >= 0 (got -1)"),
         ('train = "data/train.jsonl"', 'train = "data/train.jsonl"\nmax_length = 0',
-         "data.max_length: must be > 0 (got 0)"),
+         "data.max_length: must be >= 2 (got 0)"),
         ('dir = "runs/demo"', 'dir = "runs/demo"\ncheckpoint_every = -5',
          "output.checkpoint_every: must be >= 0 (got -5)"),
         ('dir = "runs/demo"', 'dir = ""', "output.dir: must not be empty"),

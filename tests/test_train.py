@@ -175,7 +175,8 @@ def crashed_run(tmp_path_factory, tiny_model_dirs):
     run uninterrupted in another directory.
 
     Steps reach the file in blocks ending at steps 15, 19 (checkpoint), 31, 39 (checkpoint), 47, 59 (checkpoint)...;
-    waiting for 48 steps kills the run while it trains steps 48..59, after the checkpoint of step 39 is in place."""
+    waiting for 48 steps (and not at a checkpoint's block) kills the run while it trains steps 48..59 (or later), after
+    the checkpoint of step 39 (or later) is in place."""
     from conftest import CORPUS
 
     tmp = tmp_path_factory.mktemp("crash")
@@ -195,7 +196,8 @@ def crashed_run(tmp_path_factory, tiny_model_dirs):
         while time.monotonic() < deadline and proc.poll() is None:
             if traj.exists():
                 try:
-                    if len(read_trajectory(traj).steps) >= 48:
+                    n = len(read_trajectory(traj).steps)
+                    if n >= 48 and n % 20:  # n % 20 == 0: that block came with a checkpoint being written now
                         break
                 except trajectory.TrajectoryError:  # header not written yet
                     pass
@@ -299,9 +301,6 @@ def test_resume_when_the_crash_came_before_the_end_block(lm_recipe, tmp_path):
     assert block_bytes(traj) == block_bytes(ref)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: train.py:298 appends the final keyframe (steps-1) again on a resume "
-                   "whose trajectory already holds it (crash between final keyframe and end block), so the "
-                   "resumed file has a duplicate K block and is not byte-identical to an uninterrupted run")
 def test_resume_before_the_end_block_writes_no_duplicate_final_keyframe(lm_recipe, tmp_path):
     """Same, with steps = 10 not a multiple of keyframe_every = 4: the final keyframe (step 9) is written after the
     loop, and it is already in the file when the run is resumed."""
@@ -311,11 +310,8 @@ def test_resume_before_the_end_block_writes_no_duplicate_final_keyframe(lm_recip
     assert block_bytes(traj) == block_bytes(ref)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: train.save_checkpoint (train.py:171-172) deletes checkpoint/ before "
-                   "renaming checkpoint.tmp into place; a crash between the two leaves no checkpoint at all, "
-                   "although its docstring promises 'a crash leaves the previous checkpoint'")
 def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one(lm_recipe, tmp_path, monkeypatch):
-    from mezo_tune.train import build_run, save_checkpoint
+    from mezo_tune.train import build_run, load_checkpoint, save_checkpoint
 
     out = tmp_path / "ckpt"
     out.mkdir()
@@ -331,7 +327,7 @@ def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one(lm_recipe, tm
     monkeypatch.setattr(Path, "rename", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(out, run, 39)
-    assert (out / "checkpoint" / "meta.json").is_file()
+    assert load_checkpoint(out, run, last_step=100) == 19  # resume finds the previous checkpoint
 
 
 # ---- damaged and altered trajectories -----------------------------------------------------------------------------
@@ -443,17 +439,18 @@ def test_replay_refuses_a_different_base(small_run, tmp_path):
 def test_mezo_lowers_the_eval_loss_reproducibly(lm_recipe, tmp_path):
     evals = []
     for name in ("a", "b"):
-        recipe = load_recipe(lm_recipe(f"{name}.toml", out=name, steps=60, lr=2e-2, eps=1e-3, batch_size=4,
+        recipe = load_recipe(lm_recipe(f"{name}.toml", out=name, steps=60, lr=6e-3, eps=1e-3, batch_size=4,
                                        keyframe_every=100))
         summary = train_mod.train(recipe, progress=False, log=lambda m: None)
         evals.append([e["loss"] for e in summary["evals"]])
     assert evals[0] == evals[1]  # bit-identical floats, run to run
     before, after = evals[0]
     assert after < before
-    # Regression pins, observed with CPU torch 2.13 (transformers 5.23): any change to Z, the update, the data
+    # Regression pins, observed with CPU torch 2.13.0 (transformers 5.23.0); another torch/transformers may change
+    # the forward's last bits and so these values: any change to Z, the update, the data
     # order or the loss shows up here.
-    assert before == pytest.approx(5.759365, abs=1e-5)
-    assert after == 5.0  # TODO pin
+    assert before == 5.759448065274004
+    assert after == 5.648925394251727
 
 
 # ---- output directory rules ---------------------------------------------------------------------------------------
@@ -503,9 +500,9 @@ def test_resume_refuses_a_different_recipe(crashed_run, tmp_path):
 
 # ---- skipped steps ------------------------------------------------------------------------------------------------
 
-def test_non_finite_steps_are_skipped_and_replay_is_bit_equal(lm_recipe, tmp_path):
-    # a huge learning rate blows the weights up after the first step; the losses then are not finite
-    recipe = lm_recipe(steps=6, lr=1e30, keyframe_every=2)
+def test_non_finite_steps_are_skipped_and_replay_is_bit_equal(lm_recipe, tmp_path, tiny_model_dirs):
+    # a huge learning rate overflows float16 weights to inf in the first update; the losses then are not finite
+    recipe = lm_recipe(steps=6, lr=1e30, keyframe_every=2, dtype="float16", model=tiny_model_dirs("llama", "float16"))
     train_cli(recipe)
     data = read_trajectory(tmp_path / "runs/x/trajectory.mezo")
     skipped = [r.step for r in data.steps if r.skipped]
