@@ -2,7 +2,8 @@
 4-pass MeZO step, on the same model and batch, reported as ratios measured in one run.
 
 Each variant runs in its own subprocess so that peak memory is honest on CPU too: the child loads the model, warms
-up (compiles), resets its peak (Linux: /proc/self/clear_refs resets VmHWM; CUDA: reset_peak_memory_stats), then
+up (compiles), resets its peak (Linux: malloc_trim, then /proc/self/clear_refs resets VmHWM; CUDA:
+reset_peak_memory_stats), then
 times `repeats` calls and reports the median time and the peak (resident set on CPU, allocated bytes on CUDA).
 """
 
@@ -52,12 +53,23 @@ def _reference_step(model, ids, step: int, lr: float, eps: float):
 
 
 def _reset_peak(device: str) -> None:
+    """Start peak accounting after warm-up. On CPU, freed heap memory is first handed back to the OS (malloc_trim),
+    the same for every variant, so the peak is what the timed calls need, not what warm-up left in the allocator."""
+    import gc
+
     import torch
 
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -144,13 +156,16 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
     from . import models
 
     models.resolve_source(model_spec, progress=progress)  # fetch/convert once, before the children start
+    # A fixed mmap threshold makes glibc hand every freed tensor of >= 4 MiB straight back to the OS, so a resident
+    # peak measures live tensors rather than what the allocator kept cached (the same for every variant).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4 << 20))
     results = {}
     for variant in VARIANTS:
         if progress:
             print(f"[bench] {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "mezo_tune.bench", variant, model_spec, dtype, str(batch_size), str(seq_len),
                str(repeats), device, compile_setting]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"bench variant {variant} failed:\n{proc.stderr[-3000:]}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
