@@ -569,17 +569,14 @@ def summarize(data: TrajectoryData) -> dict:
     }
 
 
-def _get(header: dict, *keys: str):
-    """First present value among dotted keys ("base_model.digest"), else None."""
-    for key in keys:
-        node = header
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
-            return node
-    return None
+def _get(header: dict, key: str):
+    """The value at a dotted key ("base_model.digest"), else None."""
+    node = header
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _fmt(value) -> str:
@@ -594,40 +591,32 @@ def format_summary(data: TrajectoryData) -> str:
     """The text `mezo-tune inspect` prints. Header keys that a run did not record show as '?'."""
     s = summarize(data)
     h = data.header
-    model = _get(h, "base_model.hub_id", "base_model.path", "base_model.id", "model.hub_id", "model.path",
-                 "model_path", "model")
-    if isinstance(model, dict):
-        model = None
-    revision = _get(h, "base_model.revision", "model.revision", "revision")
-    digest = _get(h, "base_model.digest", "model.digest", "base_digest", "base_model_digest")
-    trainable = _get(h, "trainable", "trainable_set", "trainable_tensors")
+    model = _get(h, "base_model.path")
+    revision = _get(h, "base_model.revision")
+    digest = _get(h, "base_model.digest")
+    trainable = h.get("trainable")
     if isinstance(trainable, list):
         n_tensors = len(trainable)
-        shapes = [t.get("shape") for t in trainable if isinstance(t, dict)]
-        n_elements = (sum(math.prod(sh) for sh in shapes) if len(shapes) == n_tensors
-                      and all(isinstance(sh, list) for sh in shapes) else None)
+        n_elements = sum(math.prod(t["shape"]) for t in trainable)
     else:
         n_tensors = n_elements = None
-    zgen = _get(h, "z_generator", "zrng", "z")
+    zgen = h.get("z_generator")
     if isinstance(zgen, dict):
         zgen = " ".join(str(zgen[k]) for k in ("name", "version", "distribution") if k in zgen) or None
-    distribution = _get(h, "z_distribution", "distribution")
-    if distribution is not None and zgen is not None and str(distribution) not in str(zgen):
-        zgen = f"{zgen} {distribution}"
 
     model_line = _fmt(model) + (f"@{revision}" if revision else "")
     if digest:
         model_line += f" (digest {str(digest)[:12]}…)"
-    quant = _get(h, "quantization", "base_model.quantization")
+    quant = h.get("quantization")
     lines = [
         f"trajectory  {data.path}  (format {_fmt(s['format_version'])})",
         f"model       {model_line}",
-        f"dtype       {_fmt(_get(h, 'dtype', 'storage_dtype', 'base_model.dtype'))}"
+        f"dtype       {_fmt(h.get('dtype'))}"
         + (f", quantization {quant}" if quant else ""),
         f"trainable   {_fmt(n_tensors)} tensors, "
         f"{'?' if n_elements is None else f'{n_elements:,}'} elements",
-        f"seed        {_fmt(_get(h, 'seed'))}   eps {_fmt(_get(h, 'eps', 'epsilon'))}   "
-        f"z {_fmt(zgen)}   rounding {_fmt(_get(h, 'rounding', 'rounding_mode'))}",
+        f"seed        {_fmt(h.get('seed'))}   eps {_fmt(h.get('eps'))}   "
+        f"z {_fmt(zgen)}   rounding {_fmt(h.get('rounding'))}",
         f"steps       {s['n_steps']} recorded, {s['n_skipped']} skipped"
         + (f" (steps {', '.join(map(str, s['skipped_steps'][:10]))}"
            f"{', …' if s['n_skipped'] > 10 else ''})" if s["n_skipped"] else "")
