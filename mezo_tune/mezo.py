@@ -47,11 +47,17 @@ class TrainableSet:
         return sum(p.numel() for p in self.params)
 
 
-def trainable_set(model: torch.nn.Module, freeze: tuple[str, ...] | list[str] = ()) -> TrainableSet:
-    """All floating-point parameters (each tied tensor once), minus those matching a `freeze` pattern."""
+def trainable_set(model: torch.nn.Module, freeze: tuple[str, ...] | list[str] = (),
+                  adapter: bool = False) -> TrainableSet:
+    """All floating-point parameters (each tied tensor once), minus those matching a `freeze` pattern.
+
+    With adapter=True (a peft model), only the adapter tensors: the parameters peft marks trainable
+    (requires_grad), in the model's named_parameters order; the base weights are never in the set."""
     names, params = [], []
     for name, p in model.named_parameters():  # named_parameters yields a shared tensor once
         if not p.is_floating_point() or any(fnmatch.fnmatchcase(name, pat) for pat in freeze):
+            continue
+        if adapter and not p.requires_grad:
             continue
         names.append(name)
         params.append(p)
@@ -112,6 +118,11 @@ def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", 
     return float(np.float32(eta))
 
 
+def _is_plain_embedding(module: torch.nn.Module, p: torch.nn.Parameter) -> bool:
+    """An nn.Embedding itself (not a subclass with its own forward), whose forward reads only the looked-up rows."""
+    return type(module) is torch.nn.Embedding and p is module.weight and module.max_norm is None
+
+
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
 class Mezo:
@@ -145,6 +156,7 @@ class Mezo:
     def perturbed(self, step: int, sign: int):
         """Inside this context the model computes with θ + sign·ε·z_step; the stored θ is never written."""
         kernel = zrng.kernel(zrng.perturb_kernel, self.use_compile)
+        rows_kernel = zrng.kernel(zrng.perturb_rows_kernel, self.use_compile)
         eps_t = {}
         keys = {}
         swapped: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
@@ -161,9 +173,20 @@ class Mezo:
                     keys[name] = self._chunk_keys(step, name, orig.numel(), orig.device)
                 if orig.device not in eps_t:
                     eps_t[orig.device] = torch.tensor(sign * self.eps, dtype=torch.float64, device=orig.device)
-                flat_w, flat_out = orig.reshape(-1), buf.view(-1)
-                for a, b, key in keys[name]:
-                    kernel(flat_out[a:b], flat_w[a:b], key, eps_t[orig.device], self.distribution)
+                if _is_plain_embedding(module, p) and args and torch.is_tensor(args[0]):
+                    # A lookup reads only the rows of its ids: perturb those rows alone (the rest of the scratch
+                    # table is never read). For a large vocabulary this is most of the embedding's cost saved.
+                    rows = torch.unique(args[0])
+                    width = orig.shape[1]
+                    index = (rows[:, None] * width + torch.arange(width, device=orig.device)).reshape(-1)
+                    values = torch.empty(index.numel(), dtype=orig.dtype, device=orig.device)
+                    rows_kernel(values, orig[rows].reshape(-1), index, keys[name][0][2], eps_t[orig.device],
+                                self.distribution)
+                    buf[rows] = values.view(-1, width)
+                else:
+                    flat_w, flat_out = orig.reshape(-1), buf.view(-1)
+                    for a, b, key in keys[name]:
+                        kernel(flat_out[a:b], flat_w[a:b], key, eps_t[orig.device], self.distribution)
                 swapped[id(p)] = (p, orig)
                 p.data = buf
 

@@ -102,6 +102,17 @@ def perturb_kernel(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: t
     out.copy_((w.to(torch.float32) + eps.to(torch.float32) * z).to(out.dtype))
 
 
+def perturb_rows_kernel(out: torch.Tensor, w: torch.Tensor, index: torch.Tensor, key: torch.Tensor,
+                        eps: torch.Tensor, distribution: str) -> None:
+    """perturb_kernel at explicit element indices: out = round(fp32(w) + eps * z(index)), w = the values there.
+
+    For an embedding lookup only the rows it reads need perturbing; each value is formed exactly as perturb_kernel
+    forms it, so the looked-up rows are bit-identical to rows of the fully perturbed table."""
+    h = _bits(index + key[2], key[0], key[1])
+    z = _z_from_bits(h, distribution, torch.float32)
+    out.copy_((w.to(torch.float32) + eps.to(torch.float32) * z).to(out.dtype))
+
+
 def update_kernel(w: torch.Tensor, key: torch.Tensor, c: torch.Tensor, distribution: str) -> None:
     """w <- round_nearest(w - c * z), in place.
 
