@@ -5,6 +5,10 @@ Each variant runs in its own subprocess so that peak memory is honest on CPU too
 up (compiles), resets its peak (Linux: malloc_trim, then /proc/self/clear_refs resets VmHWM; CUDA:
 reset_peak_memory_stats), then
 times `repeats` calls and reports the median time and the peak (resident set on CPU, allocated bytes on CUDA).
+
+With --adapter lora|prefix (peft, default settings of [adapter]) every variant runs on the adapter model: MeZO
+perturbs and updates the adapter tensors only, backprop + AdamW trains them only (the base frozen), and the paper
+code's step perturbs them only. --quantization 8bit|4bit loads the base through bitsandbytes (needs an adapter).
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ def _lm_loss(model, ids):
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def _reference_step(model, ids, step: int, lr: float, eps: float):
+def _reference_step(model, ids, step: int, lr: float, eps: float, params=None):
     """The paper code's step (princeton-nlp/MeZO, trainer.py): perturb in place +εz, -2εz, +εz, then update; z drawn
     from torch.normal with the global RNG, regenerated four times."""
     import torch
 
-    params = [p for p in model.parameters() if p.is_floating_point()]
+    params = params or [p for p in model.parameters() if p.is_floating_point()]
 
     def perturb(scale):
         torch.manual_seed(step)
@@ -95,7 +99,7 @@ def _peak_bytes(device: str) -> int:
 
 
 def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: int,
-                device: str, compile_setting: str = "auto") -> dict:
+                device: str, compile_setting: str = "auto", adapter: str = "none", quantization: str = "none") -> dict:
     """Measure one variant in this process."""
     import torch
 
@@ -105,7 +109,13 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
 
     source = models.resolve_source(model_spec)
     device = models.resolve_device(device)
-    model = models.load_model(source, dtype, device)
+    model = models.load_model(source, dtype, device, quantization)
+    if adapter != "none":
+        from .adapters import attach
+        from .recipe import AdapterConfig
+
+        model = attach(model, AdapterConfig(type=adapter), seed=0)
+    trainable = trainable_set(model, adapter=adapter != "none")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
 
@@ -114,15 +124,16 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
             with torch.no_grad():
                 _lm_loss(model, ids).item()
     elif variant == "mezo":
-        engine = Mezo(model, trainable_set(model), seed=0, eps=1e-3,
+        engine = Mezo(model, trainable, seed=0, eps=1e-3,
                       use_compile=use_compile(compile_setting, device))
 
         def call(step):
             engine.step(step, 1e-7, lambda: _lm_loss(model, ids))
     elif variant == "backprop":
-        model.requires_grad_(True)
+        for p in trainable.params:
+            p.requires_grad_(True)
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.is_floating_point()], lr=1e-7)
+        opt = torch.optim.AdamW(trainable.params, lr=1e-7)
 
         def call(step):
             loss = _lm_loss(model, ids)
@@ -131,7 +142,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
             opt.zero_grad(set_to_none=True)
     elif variant == "reference":
         def call(step):
-            _reference_step(model, ids, step, 1e-7, 1e-3)
+            _reference_step(model, ids, step, 1e-7, 1e-3, trainable.params)
     else:
         raise ValueError(variant)
 
@@ -151,7 +162,8 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
 
 
 def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len: int = 64, repeats: int = 5,
-          device: str = "auto", compile_setting: str = "auto", progress: bool = True) -> dict:
+          device: str = "auto", compile_setting: str = "auto", progress: bool = True, adapter: str = "none",
+          quantization: str = "none") -> dict:
     """Run every variant in its own subprocess; return times, peaks and ratios (one JSON-able dict)."""
     from . import models
 
@@ -164,14 +176,15 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
         if progress:
             print(f"[bench] {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "mezo_tune.bench", variant, model_spec, dtype, str(batch_size), str(seq_len),
-               str(repeats), device, compile_setting]
+               str(repeats), device, compile_setting, adapter, quantization]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"bench variant {variant} failed:\n{proc.stderr[-3000:]}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     f, m, b, r = (results[v] for v in VARIANTS)
     return {
-        "model": model_spec, "dtype": dtype, "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
+        "model": model_spec, "dtype": dtype, "adapter": adapter, "quantization": quantization,
+        "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
         "device": f["device"],
         "forward_s": f["seconds"], "mezo_step_s": m["seconds"], "backprop_step_s": b["seconds"],
         "reference_step_s": r["seconds"],
@@ -194,7 +207,8 @@ def format_bench(res: dict) -> str:
             ("MeZO step (ours)", res["mezo_step_s"], res["mezo_peak_bytes"]),
             ("backprop + AdamW step", res["backprop_step_s"], res["backprop_peak_bytes"]),
             ("reference MeZO step (paper code)", res["reference_step_s"], res["reference_peak_bytes"])]
-    lines = [f"{res['model']} {res['dtype']}, batch {res['batch_size']} x {res['seq_len']} tokens, "
+    setup = "".join(f", {k} {res[k]}" for k in ("adapter", "quantization") if res.get(k, "none") != "none")
+    lines = [f"{res['model']} {res['dtype']}{setup}, batch {res['batch_size']} x {res['seq_len']} tokens, "
              f"median of {res['repeats']}, on {res['device']}",
              f"{'variant':34} {'s/call':>9} {'peak MiB':>10}"]
     lines += [f"{name:34} {s:9.3f} {peak / mib:10.0f}" for name, s, peak in rows]
@@ -210,4 +224,5 @@ def format_bench(res: dict) -> str:
 
 if __name__ == "__main__":  # a bench child: python -m mezo_tune.bench VARIANT MODEL DTYPE B L REPEATS DEVICE COMPILE
     v, spec, dt, b, l, rep, dev, comp = sys.argv[1:9]
-    print(json.dumps(run_variant(v, spec, dt, int(b), int(l), int(rep), dev, comp)))
+    adapter_type, quant = (sys.argv[9:11] + ["none", "none"])[:2]
+    print(json.dumps(run_variant(v, spec, dt, int(b), int(l), int(rep), dev, comp, adapter_type, quant)))

@@ -17,13 +17,14 @@ from . import __version__
 
 
 def _known_errors():
+    from .adapters import AdapterError
     from .data import DataError
     from .models import ModelError
     from .replay import ReplayError
     from .train import RunError
     from .trajectory import TrajectoryError
 
-    return (DataError, ModelError, ReplayError, RunError, TrajectoryError)
+    return (AdapterError, DataError, ModelError, ReplayError, RunError, TrajectoryError)
 
 
 def friendly(fn):
@@ -88,7 +89,8 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
     from .train import train as run_training
 
     summary = run_training(r, resume=resume, overwrite=overwrite, progress=not quiet)
-    click.echo(f"trajectory: {summary['trajectory']}")
+    if "trajectory" in summary:  # an optim.type = "adamw" run writes none
+        click.echo(f"trajectory: {summary['trajectory']}")
     if "final" in summary:
         click.echo(f"final model: {summary['final']}")
     evals = summary["evals"]
@@ -102,18 +104,21 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
 @main.command()
 @click.argument("trajectory", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory to write the rebuilt Hugging Face model into.")
+              help="Directory to write the rebuilt Hugging Face model into (a PEFT adapter directory for an "
+                   "adapter run).")
 @click.option("--base", default=None, help="Base model path or id (default: the one recorded in the trajectory).")
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Rebuild the weights after the first N steps.")
 @click.option("--verify", is_flag=True, help="Check every keyframe digest; report where a rebuild diverges.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--merge", is_flag=True, help="Adapter runs: merge the adapter into the base and write full weights "
+                                            "(unquantized bases only).")
 @click.option("--quiet", "-q", is_flag=True)
 @friendly
-def replay(trajectory, out_dir, base, steps, verify, device, quiet):
+def replay(trajectory, out_dir, base, steps, verify, device, merge, quiet):
     """Rebuild the trained weights from the base model and TRAJECTORY, bit for bit."""
     from .replay import replay as do_replay
 
-    rebuilt = do_replay(trajectory, out_dir, base=base, steps=steps, verify=verify, device=device,
+    rebuilt = do_replay(trajectory, out_dir, merge=merge, base=base, steps=steps, verify=verify, device=device,
                         progress=not quiet)
     click.echo(f"replayed {rebuilt.steps} steps"
                + (" (every keyframe verified)" if verify else "") + f"; wrote {out_dir}")
@@ -123,37 +128,47 @@ def replay(trajectory, out_dir, base, steps, verify, device, quiet):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @set_option
 @click.option("--model", "model_spec", default=None,
-              help="A model directory, a trajectory (base + replay), a hub id or embedded:NAME "
-                   "(default: the recipe's model).")
+              help="A model directory, a PEFT adapter directory (over the recipe's base), a trajectory (base + "
+                   "replay), a hub id or embedded:NAME (default: the recipe's model).")
 @click.option("--data", "data_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="JSONL to score (default: the recipe's data.eval).")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Score only the first N rows (0 = all).")
+@click.option("--icl-shots", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Put K training rows (sampled by data.seed) with their answers before every prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True)
 @friendly
-def eval_(recipe, overrides, model_spec, data_path, limit, as_json, quiet):
+def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, as_json, quiet):
     """Score a model on RECIPE's task: accuracy (classification) or loss (lm)."""
     from .evaluate import evaluate
     from .train import fmt_eval
 
-    result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet)
+    result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet,
+                      icl_shots=icl_shots)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"{result['model']} on {result['data']} ({result['n']} rows): {fmt_eval(result)}")
     for label, c in result.get("per_class", {}).items():
-        click.echo(f"  {label:>12}: {c['correct']}/{c['n']} correct, predicted {c['predicted']} times")
+        pr = "".join(f", {k} {c[k]:.2%}" for k in ("precision", "recall") if c.get(k) is not None)
+        click.echo(f"  {label:>12}: {c['correct']}/{c['n']} correct, predicted {c['predicted']} times{pr}")
 
 
 @main.command()
 @click.argument("trajectory", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw the loss curve (and evals from metrics.jsonl) into this image (needs matplotlib).")
 @friendly
-def inspect(trajectory, as_json):
+def inspect(trajectory, as_json, plot_path):
     """Print a trajectory's header, steps, skipped steps, keyframes and loss trend."""
     from .trajectory import format_summary, read_trajectory, summarize
 
     data = read_trajectory(trajectory)
+    if plot_path:
+        from .plot import plot_trajectory
+
+        plot_trajectory(data, plot_path)
     if as_json:
         click.echo(json.dumps(summarize(data), indent=2, default=str))
     else:
@@ -169,13 +184,21 @@ def inspect(trajectory, as_json):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--compile", "compile_setting", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True)
+@click.option("--adapter", type=click.Choice(["none", "lora", "prefix"]), default="none", show_default=True,
+              help="Train a peft adapter (default [adapter] settings) instead of every weight, in every variant.")
+@click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True,
+              help="Load the base through bitsandbytes (needs --adapter).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, as_json):
+def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization, as_json):
     """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step; with ratios."""
     from .bench import bench as run_bench, format_bench
 
-    res = run_bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting)
+    if quantization != "none" and adapter == "none":
+        raise click.UsageError("--quantization needs --adapter lora or prefix: full-weight training cannot update a "
+                               "quantized base")
+    res = run_bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter=adapter,
+                    quantization=quantization)
     click.echo(json.dumps(res, indent=2) if as_json else format_bench(res))
 
 

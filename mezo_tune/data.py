@@ -302,3 +302,183 @@ def make_rotten_tomatoes(out_dir: str | os.PathLike, seed: int = 0, n_train: int
         write_jsonl(out / f"{name}.jsonl", rows)
         counts[name] = {label: sum(r["label"] == label for r in rows) for label in ("positive", "negative")}
     return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data sources: JSONL, CSV and Hugging Face `datasets`, with a column mapping; k-shot sampling and splits
+
+
+def is_hf_spec(spec: str) -> bool:
+    return str(spec).startswith("hf:")
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """"hf:NAME:SPLIT" or "hf:NAME:CONFIG:SPLIT" -> (name, config or None, split), the arguments of
+    `datasets.load_dataset(name, config, split=split)`. SPLIT may slice, e.g. "train[:1000]"."""
+    body, bracket, rest = str(spec)[3:].partition("[")  # a slice "train[:1000]" holds a colon of its own
+    parts = body.split(":") if is_hf_spec(spec) else []
+    if parts and bracket:
+        parts[-1] += bracket + rest
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise ValueError(f"{spec!r} is not a Hugging Face dataset spec; write hf:NAME:SPLIT or "
+                         f"hf:NAME:CONFIG:SPLIT, e.g. hf:imdb:train or hf:glue:sst2:validation")
+    if len(parts) == 2:
+        return parts[0], None, parts[1]
+    return parts[0], parts[1], parts[2]
+
+
+def read_csv(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
+    """Rows of a CSV file with a header line, as {column: text}, and the line each row starts on.
+
+    A row with more or fewer fields than the header is an error naming its line; all problems (up to MAX_ERRORS
+    listed) are raised together as one DataError.
+    """
+    where = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{where}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{where}: is a directory, expected a .csv file") from None
+    except OSError as e:
+        raise DataError(f"{where}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{where}:{line}: not UTF-8 text") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    errors = ErrorCollector()
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise DataError(f"{where}:1: malformed CSV header ({e})") from None
+    if not header:
+        raise DataError(f"{where}: no header line (the first line must name the columns)")
+    dupes = sorted({c for c in header if header.count(c) > 1})
+    if dupes:
+        raise DataError(f"{where}:1: the header names column{'s' if len(dupes) > 1 else ''} "
+                        f"{_field_list(dupes)} more than once")
+    rows: list[dict] = []
+    lines: list[int] = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            errors.add(f"{where}:{start}: malformed CSV ({e})")
+            break  # the csv module cannot resynchronise after a broken quote
+        if not fields:  # a blank line: csv gives []
+            start = reader.line_num + 1
+            continue
+        if len(fields) != len(header):
+            errors.add(f"{where}:{start}: {len(fields)} field{'s' if len(fields) != 1 else ''}, "
+                       f"the header has {len(header)}")
+        else:
+            rows.append(dict(zip(header, fields)))
+            lines.append(start)
+        start = reader.line_num + 1
+    errors.raise_if_any()
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    return rows, lines
+
+
+def _read_hf(spec: str) -> list[dict]:
+    name, config, split = parse_hf_spec(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: reading Hugging Face datasets needs the `datasets` package "
+                        f"(pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - network, unknown name, unknown split: all said to the user
+        raise DataError(f"{spec}: datasets.load_dataset({name!r}, {config!r}, split={split!r}) failed: "
+                        f"{type(e).__name__}: {e}") from None
+    return [dict(r) for r in ds]
+
+
+def read_rows(spec: str | os.PathLike, columns: dict | None = None,
+              required: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
+    """Rows of a data source and where each comes from ("file:line", "hf:...:SPLIT row N").
+
+    `spec` is a .csv file, a JSONL file (any other name) or "hf:NAME[:CONFIG]:SPLIT". `columns` maps the names
+    the task reads to the source's columns ({"text": "review"}): the row gets the field `text` holding the
+    column `review`. A missing source column or `required` field is an error naming the row.
+    """
+    spec = str(spec)
+    if is_hf_spec(spec):
+        rows = _read_hf(spec)
+        where = [f"{spec} row {i}" for i in range(len(rows))]
+    elif spec.lower().endswith(".csv"):
+        rows, lines = read_csv(spec)
+        where = [f"{spec}:{n}" for n in lines]
+    else:
+        rows = read_jsonl(spec)
+        where = [f"{spec}:{i + 1}" for i in range(len(rows))]
+    if not rows:
+        raise DataError(f"{spec}: no rows")
+    columns = dict(columns or {})
+    errors = ErrorCollector()
+    out: list[dict] = []
+    for row, at in zip(rows, where):
+        missing = [src for src in columns.values() if src not in row]
+        if missing:
+            mapped = ", ".join(f"{src!r} (for {ours!r})" for ours, src in columns.items() if src in missing)
+            errors.add(f"{at}: missing column{'s' if len(missing) > 1 else ''} {mapped} named in data.columns")
+            continue
+        mapped_row = dict(row)
+        for ours, src in columns.items():
+            mapped_row[ours] = row[src]
+        absent = [f for f in required if f not in mapped_row]
+        if absent:
+            errors.add(f"{at}: missing field{'s' if len(absent) > 1 else ''} {_field_list(absent)}")
+            continue
+        out.append(mapped_row)
+    errors.raise_if_any()
+    return out, where
+
+
+def _sample_key(seed: int, domain: bytes, i: int) -> bytes:
+    return hashlib.blake2b(struct.pack("<QQ", seed, i) + domain, digest_size=8).digest()
+
+
+def _seeded_order(indices: Sequence[int], seed: int, domain: bytes) -> list[int]:
+    """`indices` sorted by blake2b(seed, index, domain): a shuffle that depends only on the seed and the indices."""
+    _check_u64("seed", seed)
+    return sorted(indices, key=lambda i: _sample_key(seed, domain, i))
+
+
+def split_dev(n: int, n_dev: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, dev indices): `n_dev` of range(n) taken out by seed, both in their original order."""
+    if not 0 <= n_dev < n:
+        raise DataError(f"data.dev_from_train = {n_dev} leaves no training rows (data.train has {n})")
+    dev = sorted(_seeded_order(range(n), seed, b"mezo-tune/dev")[:n_dev])
+    taken = set(dev)
+    return [i for i in range(n) if i not in taken], dev
+
+
+def sample_per_class(labels: Sequence, k: int, seed: int, what: str = "data.train") -> list[int]:
+    """Indices of k rows per distinct label (each label's rows shuffled by seed, the first k taken), in their
+    original order. With every label None (a task without classes), k rows in all. Too few rows is an error."""
+    by_label: dict = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label if label is None else str(label), []).append(i)
+    chosen: list[int] = []
+    for label, idx in by_label.items():
+        if len(idx) < k:
+            named = "" if label is None else f" with label {label!r}"
+            raise DataError(f"data.train_k = {k}, but {what} has only {len(idx)} row{'s' if len(idx) != 1 else ''}"
+                            f"{named}")
+        chosen += _seeded_order(idx, seed, b"mezo-tune/train_k")[:k]
+    return sorted(chosen)
+
+
+def sample_demonstrations(n: int, k: int, seed: int) -> list[int]:
+    """The k training rows (by seed) shown as in-context demonstrations, in sampled order."""
+    if k > n:
+        raise DataError(f"--icl-shots {k} asks for more demonstrations than the {n} training rows")
+    return _seeded_order(range(n), seed, b"mezo-tune/icl")[:k]

@@ -167,19 +167,41 @@ def load_tokenizer(source: ModelSource):
     return tok
 
 
-def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu"):
-    """The model in eval mode, in `dtype`, on `device`, without a KV cache (MeZO never generates while training)."""
+def quantization_config(quantization: str, dtype: str):
+    """transformers' BitsAndBytesConfig for "8bit" / "4bit" (NF4, computing in `dtype`), None for "none"."""
+    if quantization in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=torch_dtype(dtype))
+    raise ModelError(f"unknown quantization {quantization!r}: choose none, 8bit or 4bit")
+
+
+def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu", quantization: str = "none"):
+    """The model in eval mode, in `dtype`, on `device`, without a KV cache (MeZO never generates while training).
+
+    With quantization "8bit"/"4bit", bitsandbytes quantizes the linear layers while loading (on `device`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    qconfig = quantization_config(quantization, dtype)
+    kw = {"quantization_config": qconfig, "device_map": {"": device}} if qconfig is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.load_path, revision=source.revision,
-                                                     dtype=torch_dtype(dtype))
+                                                     dtype=torch_dtype(dtype), **kw)
+    except ImportError as e:
+        raise ModelError(f"{quantization} quantization needs bitsandbytes: {e}") from None
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load the model {source.spec}: {e}") from None
     model.config.use_cache = False
     model.requires_grad_(False)
-    return model.to(device).eval()
+    if qconfig is None:
+        model = model.to(device)
+    return model.eval()
 
 
 def quiet_transformers() -> None:
@@ -196,7 +218,7 @@ def load(model_cfg, progress: bool = True):
     source = resolve_source(model_cfg.path, getattr(model_cfg, "revision", None), progress)
     device = resolve_device(getattr(model_cfg, "device", "auto"))
     tokenizer = load_tokenizer(source)
-    model = load_model(source, model_cfg.dtype, device)
+    model = load_model(source, model_cfg.dtype, device, getattr(model_cfg, "quantization", "none"))
     return model, tokenizer, source
 
 

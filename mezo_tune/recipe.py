@@ -35,14 +35,18 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .data import parse_hf_spec
+
 __all__ = [
     "DataConfig",
     "MezoConfig",
     "ModelConfig",
+    "OptimConfig",
     "OutputConfig",
     "Recipe",
     "RecipeError",
     "TaskConfig",
+    "AdapterConfig",
     "load_recipe",
     "parse_recipe",
     "recipe_to_dict",
@@ -93,6 +97,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: NonEmptyStr
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
     revision: StrictStr | None = None
     device: StrictStr = "auto"
     freeze: tuple[StrictStr, ...] = ()
@@ -112,11 +117,46 @@ class ModelConfig(_Section):
         return value
 
 
+def _quantization_problems(quantization: str, adapter_type: str) -> list[tuple[str, str]]:
+    if quantization != "none" and adapter_type == "none":
+        return [("quantization", f'full-weight MeZO cannot train a quantized base (quantization = "{quantization}"): '
+                 'train an adapter on it ([adapter] type = "lora" or "prefix"), or load the base unquantized '
+                 '(quantization = "none" with dtype = "bfloat16", "float16" or "float32")')]
+    return []
+
+
+class AdapterConfig(_Section):
+    """[adapter]: a peft adapter trained instead of the base weights (LoRA or prefix tuning), or none."""
+
+    type: Literal["none", "lora", "prefix"] = "none"
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    target_modules: StrictStr | tuple[NonEmptyStr, ...] = "auto"
+    num_virtual_tokens: PositiveInt = 5
+    init: Literal["auto", "zrng"] = "auto"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _auto_or_names(cls, value: Any) -> Any:
+        ok = value == "auto" or (isinstance(value, (list, tuple)) and value
+                                 and all(isinstance(v, str) and v for v in value))
+        if not ok:
+            raise PydanticCustomError(
+                "recipe_target_modules", 'must be "auto" or a non-empty list of module names, e.g. '
+                '["q_proj", "v_proj"] (got {got})', {"got": _show(value)})
+        return tuple(value) if isinstance(value, list) else value
+
+
 class DataConfig(_Section):
     train: NonEmptyStr
     eval: StrictStr | None = None
     max_length: Annotated[StrictInt, Field(ge=2)] = 256
     eval_limit: NonNegativeInt = 0
+    columns: dict[NonEmptyStr, NonEmptyStr] = {}
+    train_k: NonNegativeInt = 0
+    dev_from_train: NonNegativeInt = 0
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] = 0
 
     @field_validator("eval")
     @classmethod
@@ -150,10 +190,35 @@ def _task_problems(task_type: str, verbalizer: Mapping[str, str] | None) -> list
     return []
 
 
+_OBJECTIVES = {"lm": ("cross_entropy",), "classification": ("cross_entropy", "accuracy"),
+               "multiple_choice": ("cross_entropy", "accuracy"), "generation": ("cross_entropy", "accuracy", "f1")}
+
+
+def _objective_problems(task_type: str, objective: str) -> list[tuple[str, str]]:
+    allowed = _OBJECTIVES.get(task_type, ("cross_entropy",))
+    if objective not in allowed:
+        return [("objective", f'"{objective}" is not available for type = "{task_type}" '
+                 f'(use {" or ".join(allowed)})')]
+    return []
+
+
 class TaskConfig(_Section):
-    type: Literal["lm", "classification"] = "lm"
+    type: Literal["lm", "classification", "multiple_choice", "generation"] = "lm"
     template: StrictStr = "{text}"
     verbalizer: dict[NonEmptyStr, NonEmptyStr] | None = None
+    objective: Literal["cross_entropy", "accuracy", "f1"] = "cross_entropy"
+    score: Literal["sum", "mean"] = "sum"
+    answer_prefix: StrictStr = " "
+    max_new_tokens: PositiveInt = 32
+    stop: tuple[StrictStr, ...] = ("\n",)
+    icl_separator: StrictStr = "\n\n"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _template_default_for_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "template" not in data and data.get("type") in ("multiple_choice", "generation"):
+            data = {**data, "template": "{context}"}
+        return data
 
     @field_validator("template")
     @classmethod
@@ -166,7 +231,7 @@ class TaskConfig(_Section):
     @model_validator(mode="after")
     def _type_matches_verbalizer(self, info: ValidationInfo) -> TaskConfig:
         if not _from_loader(info):
-            _raise_problems(_task_problems(self.type, self.verbalizer))
+            _raise_problems(_task_problems(self.type, self.verbalizer) + _objective_problems(self.type, self.objective))
         return self
 
 
@@ -196,6 +261,21 @@ class MezoConfig(_Section):
         return self
 
 
+class OptimConfig(_Section):
+    """[optim]: MeZO (the default) or the backprop baseline, AdamW, over the same steps, batches and seed."""
+
+    type: Literal["mezo", "adamw"] = "mezo"
+    lr: PositiveFloat = 1e-5
+    weight_decay: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+
+def _optim_problems(optim_type: str, objective: str) -> list[tuple[str, str]]:
+    if optim_type == "adamw" and objective != "cross_entropy":
+        return [("type", f'backprop needs a differentiable loss; task.objective = "{objective}" trains only with '
+                 'MeZO (set optim.type = "mezo" or task.objective = "cross_entropy")')]
+    return []
+
+
 class OutputConfig(_Section):
     dir: NonEmptyStr
     save_final: StrictBool = True
@@ -204,31 +284,52 @@ class OutputConfig(_Section):
     checkpoint_every: NonNegativeInt = 500
 
 
-def _eval_problems(eval_path: str | None, eval_every: int) -> list[tuple[str, str]]:
-    if eval_every > 0 and eval_path is None:
+def _eval_problems(eval_path: str | None, eval_every: int, dev_from_train: int = 0) -> list[tuple[str, str]]:
+    if eval_every > 0 and eval_path is None and not dev_from_train:
         return [("eval_every", "periodic eval needs eval data; set data.eval or set eval_every = 0")]
+    return []
+
+
+def _dev_problems(eval_path: str | None, dev_from_train: int) -> list[tuple[str, str]]:
+    if dev_from_train and eval_path is not None:
+        return [("dev_from_train", "takes the eval set out of data.train, but data.eval is set too; "
+                 "remove data.eval or set dev_from_train = 0")]
     return []
 
 
 class Recipe(_Section):
     model: ModelConfig
+    adapter: AdapterConfig = AdapterConfig()
     data: DataConfig
     task: TaskConfig = TaskConfig()
     mezo: MezoConfig
+    optim: OptimConfig = OptimConfig()
     output: OutputConfig
 
     @model_validator(mode="after")
     def _eval_data_for_eval_every(self, info: ValidationInfo) -> Recipe:
         if not _from_loader(info):
-            _raise_problems([(f"output.{k}", t) for k, t in _eval_problems(self.data.eval, self.output.eval_every)])
+            _raise_problems([(f"output.{k}", t) for k, t in _eval_problems(self.data.eval, self.output.eval_every,
+                                                                             self.data.dev_from_train)]
+                            + [(f"data.{k}", t) for k, t in _dev_problems(self.data.eval, self.data.dev_from_train)]
+                            + [(f"optim.{k}", t) for k, t in _optim_problems(self.optim.type, self.task.objective)])
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_for_quantized_base(self, info: ValidationInfo) -> Recipe:
+        if not _from_loader(info):
+            _raise_problems([(f"model.{k}", t)
+                             for k, t in _quantization_problems(self.model.quantization, self.adapter.type)])
         return self
 
 
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
+    "adapter": AdapterConfig,
     "data": DataConfig,
     "task": TaskConfig,
     "mezo": MezoConfig,
+    "optim": OptimConfig,
     "output": OutputConfig,
 }
 _REQUIRED_SECTIONS = [name for name, field in Recipe.model_fields.items() if field.is_required()]
@@ -467,6 +568,8 @@ def _is_string_key(section: str, key: str) -> bool:
         return False
     is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     options = typing.get_args(annotation) if is_union else (annotation,)
+    if any(typing.get_origin(option) in (tuple, list) for option in options):
+        return False  # text or a list (adapter.target_modules): a TOML list is meant as a list
     for option in options:
         if typing.get_origin(option) is Annotated:
             option = typing.get_args(option)[0]
@@ -508,7 +611,12 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
 
     for key in ("train", "eval"):
         path = good("data", key)
-        if isinstance(path, str) and check_files:
+        if isinstance(path, str) and path.startswith("hf:"):  # a Hugging Face dataset: check the spec only
+            try:
+                parse_hf_spec(path)
+            except ValueError as exc:
+                found.append(("data", key, str(exc)))
+        elif isinstance(path, str) and check_files:
             if not Path(path).exists():
                 found.append(("data", key, f"file not found: {path}"))
             elif not Path(path).is_file():
@@ -517,14 +625,26 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     task_type, verbalizer = good("task", "type"), good("task", "verbalizer")
     if _MISSING_VALUE not in (task_type, verbalizer):
         found += [("task", k, t) for k, t in _task_problems(task_type, verbalizer)]
+    objective = good("task", "objective")
+    if _MISSING_VALUE not in (task_type, objective):
+        found += [("task", k, t) for k, t in _objective_problems(task_type, objective)]
+    optim_type = good("optim", "type")
+    if _MISSING_VALUE not in (optim_type, objective):
+        found += [("optim", k, t) for k, t in _optim_problems(optim_type, objective)]
 
     lr, min_lr = good("mezo", "lr"), good("mezo", "min_lr")
     if _MISSING_VALUE not in (lr, min_lr):
         found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
 
-    eval_path, eval_every = good("data", "eval"), good("output", "eval_every")
-    if _MISSING_VALUE not in (eval_path, eval_every):
-        found += [("output", k, t) for k, t in _eval_problems(eval_path, eval_every)]
+    quantization, adapter_type = good("model", "quantization"), good("adapter", "type")
+    if _MISSING_VALUE not in (quantization, adapter_type):
+        found += [("model", k, t) for k, t in _quantization_problems(quantization, adapter_type)]
+
+    eval_path, eval_every, dev = good("data", "eval"), good("output", "eval_every"), good("data", "dev_from_train")
+    if _MISSING_VALUE not in (eval_path, dev):
+        found += [("data", k, t) for k, t in _dev_problems(eval_path, dev)]
+    if _MISSING_VALUE not in (eval_path, eval_every, dev):
+        found += [("output", k, t) for k, t in _eval_problems(eval_path, eval_every, dev)]
     return found
 
 

@@ -2,6 +2,10 @@
 
 base model (verified against the trajectory header) + recorded (η_t, g_t) ──► the same `Mezo.apply_update` that
 training ran ──► the trained weights, bit for bit, on any device.
+
+Adapter runs: the base model is verified before the adapter is attached; the adapter's initial values are rebuilt
+from the generator as the header says ("init": "zrng-v1", adapters.py), then the recorded updates are applied to
+the adapter tensors. The result is written as a PEFT adapter directory, or with --merge as a full model directory.
 """
 
 from __future__ import annotations
@@ -35,6 +39,27 @@ def apply_records(engine, records, keyframes: dict | None = None, verify: bool =
             last_match = rec.step
 
 
+def _attach_recorded_adapter(model, recipe, adapter: dict):
+    """The adapter the header describes, with its initial values rebuilt as it says."""
+    from .adapters import INIT_SCHEME, INIT_STREAM, AdapterError, attach, config_dict
+
+    if adapter.get("init") != INIT_SCHEME or adapter.get("init_stream", INIT_STREAM) != INIT_STREAM:
+        raise ReplayError(f"the trajectory's adapter was initialised as {adapter.get('init')!r}; this mezo-tune "
+                          f"rebuilds {INIT_SCHEME!r} only: install the version that recorded it")
+    try:
+        peft_model = attach(model, recipe.adapter, adapter["init_seed"])
+    except AdapterError as e:
+        raise ReplayError(str(e)) from None
+    now = config_dict(peft_model)
+    differs = sorted(k for k in set(now) | set(adapter["config"])
+                     if k not in ("base_model_name_or_path", "revision", "peft_version")
+                     and now.get(k) != adapter["config"].get(k))
+    if differs:
+        raise ReplayError(f"the adapter this peft builds differs from the recorded one in {', '.join(differs)}; "
+                          f"the run was recorded with peft {adapter['config'].get('peft_version')}")
+    return peft_model
+
+
 @dataclass
 class Rebuilt:
     model: object
@@ -61,7 +86,10 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     model_cfg = recipe.model.model_copy(update={"device": device, **({"path": base} if base else {})})
     model, tokenizer, source = models.load(model_cfg, progress)
     check_base(header, models.state_digests(model), model_cfg.path)
-    trainable = trainable_set(model, header["freeze"])
+    adapter = header.get("adapter")
+    if adapter:
+        model = _attach_recorded_adapter(model, recipe, adapter)
+    trainable = trainable_set(model, header["freeze"], adapter=bool(adapter))
     if trainable.header() != header["trainable"]:
         raise ReplayError(f"the trainable set of {model_cfg.path} does not match the trajectory's")
     if weights_digest(trainable.params).hex() != header["initial_digest"]:
@@ -85,13 +113,30 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     return Rebuilt(model, tokenizer, engine, header, len(records))
 
 
-def replay(trajectory_path, out_dir, **kw) -> Rebuilt:
-    """rebuild() and write a Hugging Face model directory."""
+def replay(trajectory_path, out_dir, merge: bool = False, **kw) -> Rebuilt:
+    """rebuild() and write a Hugging Face model directory, or for an adapter run a PEFT adapter directory (with
+    merge: the base with the adapter merged in, as a Hugging Face model directory)."""
     from . import models
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ReplayError(f"{out} exists and is not empty; choose another --out or delete it")
+    if merge:  # refuse before the replay's work, not after
+        from .trajectory import read_trajectory
+
+        header = read_trajectory(trajectory_path).header
+        if header.get("adapter") and header.get("quantization"):
+            raise ReplayError(f"--merge needs an unquantized base; this run's base is {header['quantization']}. "
+                              "Write the adapter directory instead (replay --out without --merge) and load it over "
+                              "the base with peft")
     rebuilt = rebuild(trajectory_path, **kw)
-    models.save_model(rebuilt.model, rebuilt.tokenizer, out)
+    model = rebuilt.model
+    if merge and rebuilt.header.get("adapter"):
+        from .adapters import AdapterError, merged
+
+        try:
+            model = merged(model, rebuilt.header.get("quantization"))
+        except AdapterError as e:
+            raise ReplayError(str(e)) from None
+    models.save_model(model, rebuilt.tokenizer, out)
     return rebuilt

@@ -1,9 +1,14 @@
 """Losses and metrics: what a batch of rows costs a model (the fp32 scalar MeZO differences) and how a model
 scores on a data set.
 
-Two tasks: `lm` (next-token cross-entropy over the text) and `classification` (a verbalizer maps each label to
+Four tasks: `lm` (next-token cross-entropy over the text), `classification` (a verbalizer maps each label to
 a word; a label's score is the log-probability of its word after the prompt; the loss is the cross-entropy of
-the softmax over label scores, as in the MeZO paper).
+the softmax over label scores, as in the MeZO paper), `multiple_choice` (each candidate completion scored by its
+summed or length-normalised log-likelihood; cross-entropy over the candidates) and `generation` (cross-entropy on
+the answer tokens; evaluated by greedy decoding with SQuAD exact match and token F1).
+
+An objective other than cross-entropy ("accuracy", "f1") makes the loss the negative metric on the batch: MeZO
+needs no gradient, so a piecewise-constant loss still trains (with an eps large enough to flip predictions).
 
 Sequences are right-padded with an attention mask. In a causal model, padding after a sequence cannot change
 its earlier positions, so a row's loss does not depend on which other rows share its batch. Logits are cast to
@@ -13,8 +18,11 @@ float32 before any log-softmax: a loss is never reduced in fp16/bf16.
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import re
 import string
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -22,7 +30,8 @@ import torch.nn.functional as F
 
 from .data import DataError, ErrorCollector
 
-__all__ = ["Task", "LMTask", "ClassificationTask", "build_task", "template_fields"]
+__all__ = ["Task", "LMTask", "ClassificationTask", "MultipleChoiceTask", "GenerationTask", "build_task",
+           "template_fields", "normalize_answer", "exact_match", "token_f1"]
 
 
 def template_fields(template: str) -> tuple[str, ...]:
@@ -81,6 +90,7 @@ class Task:
     """A loss for training and metrics for evaluation over rows of a data set (dicts read from JSONL)."""
 
     required_fields: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ("cross_entropy",)
 
     def __init__(self, tokenizer, max_length: int, template: str = "{text}"):
         if not isinstance(max_length, int) or max_length < 2:
@@ -90,10 +100,27 @@ class Task:
         self.template = template
         self.template_fields = template_fields(template)
         self.pad_id = _pad_id(tokenizer)
+        self.objective = "cross_entropy"
+        self.prefix = ""  # in-context demonstrations put before every prompt (set_demonstrations)
+        self.grad = False  # True while backprop.py trains: forwards keep the autograd graph
+
+    def set_objective(self, objective: str) -> None:
+        if objective not in self.objectives:
+            raise ValueError(f"objective {objective!r} is not available for this task; "
+                             f"expected one of {', '.join(self.objectives)}")
+        self.objective = objective
 
     # -- rows ------------------------------------------------------------------------------------------------
     def format(self, row: dict) -> str:
+        return self.prefix + self.template.format(**row)
+
+    def demonstration(self, row: dict) -> str:
+        """A training row as an in-context example: the formatted prompt followed by its gold answer."""
         return self.template.format(**row)
+
+    def set_demonstrations(self, rows: Sequence[dict], separator: str = "\n\n") -> None:
+        """Put `rows`, each formatted with its gold answer, joined by `separator`, before every prompt."""
+        self.prefix = "".join(self.demonstration(r) + separator for r in rows)
 
     def _check_template(self, row: Any, where: str, errors: ErrorCollector) -> bool:
         if not isinstance(row, dict):
@@ -112,13 +139,14 @@ class Task:
             return False
         return True
 
-    def check_rows(self, rows: Sequence[dict], source: str) -> None:
+    def check_rows(self, rows: Sequence[dict], source: str, where: Sequence[str] | None = None) -> None:
         """Raise one DataError listing (up to 10) rows this task cannot use, as `source:line: problem`.
 
-        Row i is line i+1 of `source`, as `data.read_jsonl` guarantees."""
+        Row i is line i+1 of `source`, as `data.read_jsonl` guarantees, unless `where` names each row's place
+        (`data.read_rows` gives it for CSV files and Hugging Face datasets)."""
         errors = ErrorCollector()
         for i, row in enumerate(rows):
-            self._check_row(row, f"{source}:{i + 1}", errors)
+            self._check_row(row, where[i] if where is not None else f"{source}:{i + 1}", errors)
         errors.raise_if_any()
 
     def _check_row(self, row: dict, where: str, errors: ErrorCollector) -> None:
@@ -135,7 +163,7 @@ class Task:
             keep = None
         if keep is not None:
             kwargs["logits_to_keep"] = keep
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.grad):
             logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
         if keep is not None and logits.shape[1] != keep.numel():
             if logits.shape[1] != ids.shape[1]:
@@ -148,10 +176,17 @@ class Task:
         """Per-row (loss sum, weight), both fp32 of shape (len(rows),); the batch loss is sum/sum."""
         raise NotImplementedError
 
+    def metric_terms(self, model, rows: Sequence[dict]) -> torch.Tensor:
+        """Per-row value of the objective's metric (1 = right), fp32 of shape (len(rows),)."""
+        raise NotImplementedError
+
     def loss(self, model, rows: Sequence[dict]) -> torch.Tensor:
-        """The fp32 scalar loss of the batch: sum of per-row loss sums over the sum of their weights."""
+        """The fp32 scalar loss of the batch: sum of per-row loss sums over the sum of their weights; for a
+        metric objective, minus the batch mean of the metric."""
         if not rows:
             raise ValueError("loss of an empty batch")
+        if self.objective != "cross_entropy":
+            return -self.metric_terms(model, rows).mean()
         sums, weights = self.loss_terms(model, rows)
         return sums.sum() / weights.sum()
 
@@ -251,6 +286,11 @@ class ClassificationTask(Task):
         self.single_token = all(len(w) == 1 for w in self.word_ids) and not force_general
         self.use_logits_to_keep = use_logits_to_keep
 
+    objectives = ("cross_entropy", "accuracy")
+
+    def demonstration(self, row):
+        return self.template.format(**row) + self.words[self.label_of(row)]
+
     # -- rows ------------------------------------------------------------------------------------------------
     def label_of(self, row: dict) -> int:
         label = row["label"]
@@ -335,8 +375,15 @@ class ClassificationTask(Task):
         """Mean over the batch of the cross-entropy of softmax(label scores) against each row's label."""
         if not rows:
             raise ValueError("loss of an empty batch")
+        if self.objective != "cross_entropy":
+            return super().loss(model, rows)
         ce, _ = self.loss_terms(model, rows)
         return ce.mean()
+
+    def metric_terms(self, model, rows):
+        targets = [self.label_of(r) for r in rows]
+        predicted = self.predict(self.scores(model, rows))
+        return torch.tensor([float(p == t) for p, t in zip(predicted, targets)], dtype=torch.float32)
 
     @staticmethod
     def predict(scores: torch.Tensor) -> list[int]:
@@ -349,6 +396,7 @@ class ClassificationTask(Task):
 
     def evaluate(self, model, rows, batch_size=16, progress=False):
         per_class = {label: {"n": 0, "correct": 0, "predicted": 0} for label in self.labels}
+        confusion = [[0] * len(self.labels) for _ in self.labels]  # [true label][predicted label]
         correct, ce_total = 0, 0.0
         for batch in self._batches(rows, batch_size, progress, "eval"):
             targets = [self.label_of(r) for r in batch]
@@ -357,21 +405,300 @@ class ClassificationTask(Task):
                                  reduction="none")
             ce_total += float(ce.double().sum())
             for t, p in zip(targets, self.predict(scores)):
+                confusion[t][p] += 1
                 per_class[self.labels[t]]["n"] += 1
                 per_class[self.labels[p]]["predicted"] += 1
                 if t == p:
                     per_class[self.labels[t]]["correct"] += 1
                     correct += 1
         n = len(rows)
-        return {"accuracy": correct / n, "n": n, "correct": correct, "per_class": per_class, "loss": ce_total / n}
+        for c in per_class.values():  # precision of a never-predicted label (recall of an absent one) is 0/0: None
+            c["precision"] = c["correct"] / c["predicted"] if c["predicted"] else None
+            c["recall"] = c["correct"] / c["n"] if c["n"] else None
+        return {"accuracy": correct / n, "n": n, "correct": correct, "per_class": per_class, "loss": ce_total / n,
+                "confusion": {"labels": list(self.labels), "matrix": confusion}}
+
+
+# ---- multiple choice ------------------------------------------------------------------------------------------------
+
+def _pair_logprobs(task: Task, model, prompts: list[list[int]], conts: list[list[int]]) -> list[torch.Tensor]:
+    """For each (prompt, continuation) pair, the fp32 log-probs of the continuation's tokens after the prompt.
+
+    One right-padded forward over prompt+continuation; the logit predicting continuation token k sits at
+    len(prompt) - 1 + k. Gathering a fixed-width axis (short continuations repeat a position with weight 0) keeps
+    the sums free of atomics, as in ClassificationTask._scores_general."""
+    device = _device(model)
+    seqs = [p + c for p, c in zip(prompts, conts)]
+    ids, mask = _right_pad(seqs, task.pad_id, device)
+    width = max(len(c) for c in conts)
+    pos = [[len(p) - 1 + min(k, len(c) - 1) for k in range(width)] for p, c in zip(prompts, conts)]
+    tok = [[c[min(k, len(c) - 1)] for k in range(width)] for c in conts]
+    logits, _ = task._logits(model, ids, mask)
+    pos = torch.tensor(pos, dtype=torch.long, device=logits.device)
+    pair = torch.arange(len(seqs), device=logits.device)[:, None]
+    logp = torch.log_softmax(logits[pair, pos].float(), dim=-1)  # (pairs, width, V) in fp32
+    token_logp = logp.gather(2, torch.tensor(tok, dtype=torch.long, device=logp.device)[..., None])[..., 0]
+    return [token_logp[i, : len(c)] for i, c in enumerate(conts)]
+
+
+class MultipleChoiceTask(Task):
+    """Multiple choice: each row has a context (formatted by the template), candidate completions (`choices`, a
+    list) and the right one (`answer`: its index or its text). score(choice) = sum (`score = "sum"`) or mean
+    (`"mean"`, length-normalised) of log p(choice tokens | prompt); loss = cross-entropy of softmax(scores) against
+    the answer; prediction = argmax (ties go to the first choice)."""
+
+    objectives = ("cross_entropy", "accuracy")
+
+    def __init__(self, tokenizer, max_length: int, template: str = "{context}", score: str = "sum",
+                 answer_prefix: str = " "):
+        super().__init__(tokenizer, max_length, template)
+        if score not in ("sum", "mean"):
+            raise ValueError(f"score must be 'sum' or 'mean', got {score!r}")
+        self.score = score
+        self.answer_prefix = answer_prefix
+        self.required_fields = tuple(self.template_fields) + tuple(
+            f for f in ("choices", "answer") if f not in self.template_fields)
+
+    @staticmethod
+    def choices_of(row: dict) -> list[str]:
+        choices = row["choices"]
+        if isinstance(choices, str):  # a CSV cell holding a JSON array
+            try:
+                choices = json.loads(choices)
+            except json.JSONDecodeError:
+                raise DataError(f"choices {choices!r} is not a list (in a CSV file, write a JSON array: "
+                                f"[\"a\", \"b\"])") from None
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"choices must be a list of at least 2 non-empty strings, got {row['choices']!r}")
+        return choices
+
+    def answer_of(self, row: dict) -> int:
+        choices = self.choices_of(row)
+        answer = row["answer"]
+        if isinstance(answer, str) and answer.strip().isdigit() and answer not in choices:
+            answer = int(answer)  # a CSV cell "1"
+        if isinstance(answer, int) and not isinstance(answer, bool):
+            if 0 <= answer < len(choices):
+                return answer
+            raise DataError(f"answer {answer} is not an index into the {len(choices)} choices")
+        if isinstance(answer, str) and answer in choices:
+            return choices.index(answer)
+        raise DataError(f"answer {answer!r} is neither a choice index nor one of the choices")
+
+    def _check_row(self, row, where, errors):
+        if not self._check_template(row, where, errors):
+            return
+        missing = [f for f in ("choices", "answer") if f not in row]
+        if missing:
+            errors.add(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
+                       + ", ".join(repr(f) for f in missing))
+            return
+        try:
+            self.answer_of(row)
+        except DataError as e:
+            errors.add(f"{where}: {e}")
+
+    def demonstration(self, row):
+        return self.template.format(**row) + self.answer_prefix + self.choices_of(row)[self.answer_of(row)]
+
+    def _pairs(self, row: dict) -> tuple[list[int], list[list[int]]]:
+        """(prompt ids cut from the left, token ids of each choice) so that prompt + longest choice fits."""
+        conts = [list(self.tokenizer(self.answer_prefix + c, add_special_tokens=False).input_ids)[: self.max_length - 1]
+                 for c in self.choices_of(row)]
+        if not all(conts):
+            raise DataError(f"a choice of {row['choices']!r} tokenizes to no tokens")
+        prompt = list(self.tokenizer(self.format(row), add_special_tokens=True).input_ids)
+        room = self.max_length - max(len(c) for c in conts)
+        return prompt[-room:] if len(prompt) > room else prompt, conts
+
+    def scores(self, model, rows: Sequence[dict]) -> list[torch.Tensor]:
+        """Per row, an fp32 tensor of its choices' scores (rows may have different numbers of choices)."""
+        prompts, conts, owner = [], [], []
+        for i, row in enumerate(rows):
+            prompt, cs = self._pairs(row)
+            for c in cs:
+                prompts.append(prompt)
+                conts.append(c)
+                owner.append(i)
+        logps = _pair_logprobs(self, model, prompts, conts)
+        per_pair = [lp.sum() if self.score == "sum" else lp.mean() for lp in logps]
+        out: list[list[torch.Tensor]] = [[] for _ in rows]
+        for i, v in zip(owner, per_pair):
+            out[i].append(v)
+        return [torch.stack(v) for v in out]
+
+    def loss_terms(self, model, rows):
+        ce = torch.stack([F.cross_entropy(s[None], torch.tensor([self.answer_of(r)], device=s.device))
+                          for s, r in zip(self.scores(model, rows), rows)])
+        return ce, torch.ones_like(ce)
+
+    def metric_terms(self, model, rows):
+        return torch.tensor([float(ClassificationTask.predict(s[None])[0] == self.answer_of(r))
+                             for s, r in zip(self.scores(model, rows), rows)], dtype=torch.float32)
+
+    def evaluate(self, model, rows, batch_size=16, progress=False):
+        correct, ce_total = 0, 0.0
+        for batch in self._batches(rows, batch_size, progress, "eval"):
+            for s, r in zip(self.scores(model, batch), batch):
+                t = self.answer_of(r)
+                ce_total += float(F.cross_entropy(s[None].double(), torch.tensor([t], device=s.device)))
+                correct += ClassificationTask.predict(s[None])[0] == t
+        n = len(rows)
+        return {"accuracy": correct / n, "n": n, "correct": int(correct), "loss": ce_total / n}
+
+
+# ---- generation ----------------------------------------------------------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
+    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD token F1: the best over gold answers of the F1 of the normalised tokens' multiset overlap."""
+    best = 0.0
+    pred = normalize_answer(prediction).split()
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        if not pred or not gold:
+            f1 = float(pred == gold)
+        else:
+            common = sum((Counter(pred) & Counter(gold)).values())
+            if common == 0:
+                f1 = 0.0
+            else:
+                precision, recall = common / len(pred), common / len(gold)
+                f1 = 2 * precision * recall / (precision + recall)
+        best = max(best, f1)
+    return best
+
+
+class GenerationTask(Task):
+    """Generation: the template formats the context; the row's `answers` (a list, or SQuAD's {"text": [...]}) or
+    `answer` (a string) are the gold answers. Training: cross-entropy on the first answer's tokens (then eos) after
+    the prompt, the prompt itself unscored. Evaluation: greedy decoding of up to `max_new_tokens`, cut at the first
+    `stop` string; SQuAD exact match and token F1 against the best-matching gold answer."""
+
+    objectives = ("cross_entropy", "accuracy", "f1")
+
+    def __init__(self, tokenizer, max_length: int, template: str = "{context}", max_new_tokens: int = 32,
+                 stop: Sequence[str] = ("\n",), answer_prefix: str = " "):
+        super().__init__(tokenizer, max_length, template)
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens < max_length:
+            raise ValueError(f"max_new_tokens must be an integer in [1, max_length), got {max_new_tokens!r}")
+        self.max_new_tokens = max_new_tokens
+        self.stop = tuple(stop)
+        self.answer_prefix = answer_prefix
+        self.eos_id = tokenizer.eos_token_id
+        self.required_fields = tuple(self.template_fields)
+
+    @staticmethod
+    def answers_of(row: dict) -> list[str]:
+        if "answers" in row:
+            answers = row["answers"]
+            if isinstance(answers, dict) and "text" in answers:  # the Hugging Face squad layout
+                answers = answers["text"]
+            if isinstance(answers, str):
+                answers = [answers]
+        elif "answer" in row:
+            answers = [row["answer"]]
+        else:
+            raise DataError("missing field 'answers' (a list) or 'answer' (a string)")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"answers must be a non-empty list of strings, got {answers!r}")
+        return answers
+
+    def _check_row(self, row, where, errors):
+        if not self._check_template(row, where, errors):
+            return
+        try:
+            self.answers_of(row)
+        except DataError as e:
+            errors.add(f"{where}: {e}")
+
+    def demonstration(self, row):
+        return self.template.format(**row) + self.answer_prefix + self.answers_of(row)[0]
+
+    def prompt_ids(self, row: dict, room: int) -> list[int]:
+        ids = list(self.tokenizer(self.format(row), add_special_tokens=True).input_ids)
+        return ids[-room:] if len(ids) > room else ids
+
+    def target_ids(self, row: dict) -> list[int]:
+        ids = list(self.tokenizer(self.answer_prefix + self.answers_of(row)[0], add_special_tokens=False).input_ids)
+        if self.eos_id is not None:
+            ids.append(int(self.eos_id))
+        return ids[: self.max_length - 1]
+
+    def loss_terms(self, model, rows):
+        targets = [self.target_ids(r) for r in rows]
+        prompts = [self.prompt_ids(r, self.max_length - len(t)) for r, t in zip(rows, targets)]
+        logps = _pair_logprobs(self, model, prompts, targets)
+        sums = torch.stack([-lp.sum() for lp in logps])
+        return sums, torch.tensor([float(len(t)) for t in targets], device=sums.device)
+
+    def generate(self, model, rows: Sequence[dict]) -> list[str]:
+        """Greedy completions, one row at a time (no padding to get wrong), cut at the first stop string."""
+        device = _device(model)
+        out = []
+        for row in rows:
+            ids = torch.tensor([self.prompt_ids(row, self.max_length - self.max_new_tokens)], device=device)
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                                     eos_token_id=self.eos_id)
+            text = self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            cuts = [text.index(s) for s in self.stop if s and s in text]
+            out.append((text[: min(cuts)] if cuts else text).strip())
+        return out
+
+    def metric_terms(self, model, rows):
+        metric = token_f1 if self.objective == "f1" else exact_match
+        return torch.tensor([metric(p, self.answers_of(r)) for p, r in zip(self.generate(model, rows), rows)],
+                            dtype=torch.float32)
+
+    def evaluate(self, model, rows, batch_size=16, progress=False):
+        em = f1 = nll = 0.0
+        tokens = 0
+        for batch in self._batches(rows, batch_size, progress, "eval"):
+            sums, counts = self.loss_terms(model, batch)
+            nll += float(sums.double().sum())
+            tokens += int(counts.sum())
+            for p, r in zip(self.generate(model, batch), batch):
+                em += exact_match(p, self.answers_of(r))
+                f1 += token_f1(p, self.answers_of(r))
+        n = len(rows)
+        return {"exact_match": em / n, "f1": f1 / n, "n": n, "loss": nll / tokens}
 
 
 def build_task(task_cfg, tokenizer, max_length: int) -> Task:
-    """The task a recipe's [task] table describes: `type` ("lm" | "classification"), `template`, `verbalizer`."""
+    """The task a recipe's [task] table describes: `type` ("lm" | "classification" | "multiple_choice" |
+    "generation"), `template`, `verbalizer`, `score`, `max_new_tokens`, `stop`, `answer_prefix`, `objective`."""
     kind = getattr(task_cfg, "type", None)
-    template = getattr(task_cfg, "template", None) or "{text}"
+    default_template = "{context}" if kind in ("multiple_choice", "generation") else "{text}"
+    template = getattr(task_cfg, "template", None) or default_template
+    answer_prefix = getattr(task_cfg, "answer_prefix", " ")
     if kind == "lm":
-        return LMTask(tokenizer, max_length, template)
-    if kind == "classification":
-        return ClassificationTask(tokenizer, max_length, getattr(task_cfg, "verbalizer", None), template)
-    raise ValueError(f"unknown task type {kind!r}; expected 'lm' or 'classification'")
+        task = LMTask(tokenizer, max_length, template)
+    elif kind == "classification":
+        task = ClassificationTask(tokenizer, max_length, getattr(task_cfg, "verbalizer", None), template)
+    elif kind == "multiple_choice":
+        task = MultipleChoiceTask(tokenizer, max_length, template, getattr(task_cfg, "score", "sum"), answer_prefix)
+    elif kind == "generation":
+        task = GenerationTask(tokenizer, max_length, template, getattr(task_cfg, "max_new_tokens", 32),
+                              getattr(task_cfg, "stop", ("\n",)), answer_prefix)
+    else:
+        raise ValueError(f"unknown task type {kind!r}; expected 'lm', 'classification', 'multiple_choice' "
+                         f"or 'generation'")
+    task.set_objective(getattr(task_cfg, "objective", "cross_entropy"))
+    return task

@@ -5,7 +5,8 @@ A run directory holds:
     recipe.toml       the resolved recipe, for people (the trajectory header holds the same text)
     metrics.jsonl     one JSON object per logged step / eval
     checkpoint/       the trainable tensors at a recent step (fast resume; optional)
-    final/            the trained model as a Hugging Face directory (optional)
+    final/            the trained model as a Hugging Face directory, or the PEFT adapter directory of an adapter
+                      run (optional)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Run:
     eval_rows: list | None
     trainable: object
     engine: object
+    base_digests: dict | None = None  # of the base model, before any adapter is attached
 
 
 def use_compile(setting: str, device: str) -> bool:
@@ -54,12 +56,33 @@ def use_compile(setting: str, device: str) -> bool:
     return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
 
 
-def load_rows(path, task, limit: int = 0) -> list[dict]:
-    from .data import read_jsonl
+def load_rows(path, task, limit: int = 0, columns: dict | None = None) -> list[dict]:
+    """Rows of a JSONL/CSV file or "hf:..." dataset, columns mapped, checked by the task (errors name file:line)."""
+    from .data import read_rows
 
-    rows = read_jsonl(path, task.required_fields)
-    task.check_rows(rows, str(path))
+    rows, where = read_rows(path, columns, task.required_fields)
+    task.check_rows(rows, str(path), where)
     return rows[:limit] if limit else rows
+
+
+def load_data(recipe: Recipe, task) -> tuple[list[dict], list[dict] | None]:
+    """(train rows, eval rows or None) as [data] says: a dev set taken out of train by seed (dev_from_train), then
+    k rows per class sampled by seed (train_k; k rows in all for tasks without classes)."""
+    from .data import sample_per_class, split_dev
+
+    d = recipe.data
+    train_rows = load_rows(d.train, task, columns=d.columns)
+    eval_rows = load_rows(d.eval, task, d.eval_limit, d.columns) if d.eval else None
+    if d.dev_from_train:
+        keep, dev = split_dev(len(train_rows), d.dev_from_train, d.seed)
+        eval_rows = [train_rows[i] for i in dev]
+        eval_rows = eval_rows[: d.eval_limit] if d.eval_limit else eval_rows
+        train_rows = [train_rows[i] for i in keep]
+    if d.train_k:
+        label_of = getattr(task, "label_of", None)
+        labels = [label_of(r) if label_of else None for r in train_rows]
+        train_rows = [train_rows[i] for i in sample_per_class(labels, d.train_k, d.seed, str(d.train))]
+    return train_rows, eval_rows
 
 
 def make_task(recipe: Recipe, tokenizer):
@@ -77,15 +100,27 @@ def build_run(recipe: Recipe, progress: bool = True) -> Run:
     from .mezo import Mezo, trainable_set
 
     model, tokenizer, source = models.load(recipe.model, progress)
+    base_digests = models.state_digests(model)
+    if recipe.adapter.type != "none":
+        model = attach_adapter(model, recipe.adapter, recipe.mezo.seed)
     task = make_task(recipe, tokenizer)
-    train_rows = load_rows(recipe.data.train, task)
-    eval_rows = load_rows(recipe.data.eval, task, recipe.data.eval_limit) if recipe.data.eval else None
-    trainable = trainable_set(model, recipe.model.freeze)
+    train_rows, eval_rows = load_data(recipe, task)
+    trainable = trainable_set(model, recipe.model.freeze, adapter=recipe.adapter.type != "none")
     device = str(next(model.parameters()).device)
     engine = Mezo(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
                   distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
                   use_compile=use_compile(recipe.mezo.compile, device))
-    return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine)
+    return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
+
+
+def attach_adapter(model, adapter_cfg, seed: int):
+    """The peft model for a recipe's [adapter], its initial values rebuilt from zrng (adapters.py)."""
+    from .adapters import AdapterError, attach
+
+    try:
+        return attach(model, adapter_cfg, seed)
+    except AdapterError as e:
+        raise RunError(str(e)) from None
 
 
 def build_header(run: Run, base_digests: dict[str, str]) -> dict:
@@ -101,10 +136,10 @@ def build_header(run: Run, base_digests: dict[str, str]) -> dict:
             "tensors": base_digests,
         },
         "dtype": r.model.dtype,
-        "quantization": None,
+        "quantization": None if r.model.quantization == "none" else r.model.quantization,
         "trainable": run.trainable.header(),
         "freeze": list(r.model.freeze),
-        "adapter": None,
+        "adapter": adapter_header(run),
         "z_generator": {"name": zrng.GENERATOR, "version": zrng.GENERATOR_VERSION,
                         "distribution": r.mezo.distribution},
         "eps": r.mezo.eps,
@@ -114,6 +149,14 @@ def build_header(run: Run, base_digests: dict[str, str]) -> dict:
         "initial_digest": weights_digest(run.trainable.params).hex(),
         "recipe": recipe_to_toml(r),
     }
+
+
+def adapter_header(run: Run) -> dict | None:
+    if run.recipe.adapter.type == "none":
+        return None
+    from .adapters import header
+
+    return header(run.model, run.recipe.adapter.type, run.recipe.mezo.seed)
 
 
 def combined_digest(digests: dict[str, str]) -> str:
@@ -217,6 +260,8 @@ class Metrics:
 def fmt_eval(result: dict) -> str:
     if "accuracy" in result:
         return f"accuracy {result['accuracy']:.2%} ({result['correct']}/{result['n']}), loss {result['loss']:.4f}"
+    if "exact_match" in result:
+        return f"exact match {result['exact_match']:.2%}, F1 {result['f1']:.2%}, loss {result['loss']:.4f}"
     return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
 
 
@@ -225,6 +270,10 @@ def fmt_eval(result: dict) -> str:
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log=lambda msg: print(msg, file=sys.stderr)) -> dict:
     """Train with MeZO as the recipe says. Returns a summary (steps, losses, evals, paths)."""
+    if recipe.optim.type == "adamw":  # the backprop baseline: no trajectory, a normal checkpoint
+        from .backprop import train_backprop
+
+        return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
     import torch
     from tqdm.auto import tqdm
 
@@ -238,7 +287,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     out = Path(r.output.dir)
     prepare_dir(out, resume, overwrite)
     run = build_run(r, progress)
-    base_digests = models.state_digests(run.model)
+    base_digests = run.base_digests
     header = build_header(run, base_digests)
     traj_path = out / TRAJECTORY
     summary: dict = {"output_dir": str(out), "trajectory": str(traj_path)}
@@ -336,9 +385,12 @@ def check_resumable(recorded: dict, now: dict) -> None:
     problems = []
     if old.model != new.model:
         problems.append("[model] differs")
+    if old.adapter != new.adapter:
+        problems.append("[adapter] differs")
     if old.task != new.task:
         problems.append("[task] differs")
-    if old.data.max_length != new.data.max_length or old.data.train != new.data.train:
+    data_keys = ("train", "max_length", "columns", "train_k", "dev_from_train", "seed")
+    if any(getattr(old.data, k) != getattr(new.data, k) for k in data_keys):
         problems.append("[data] train/max_length differ")
     old_m, new_m = old.mezo.model_dump(), new.mezo.model_dump()
     if old.mezo.schedule == "constant":
@@ -346,7 +398,7 @@ def check_resumable(recorded: dict, now: dict) -> None:
     diff = [k for k in old_m if old_m[k] != new_m[k] and k != "compile"]
     if diff:
         problems.append(f"[mezo] {', '.join(diff)} differ")
-    for key in ("trainable", "z_generator"):
+    for key in ("trainable", "z_generator", "adapter"):
         if recorded.get(key) != now.get(key):
             problems.append(f"{key} differs")
     if problems:

@@ -587,6 +587,14 @@ def _fmt_loss(value: float | None) -> str:
     return "n/a (no finite losses)" if value is None else f"{value:.4f}"
 
 
+def _fmt_adapter(adapter: dict) -> str:
+    """"lora adapter r=8 alpha=16.0, init zrng-v1" from the header's "adapter" entry."""
+    cfg = adapter.get("config") or {}
+    keys = {"lora": ("r", "lora_alpha"), "prefix": ("num_virtual_tokens",)}.get(adapter.get("type"), ())
+    detail = " ".join(f"{k.removeprefix('lora_')}={cfg[k]}" for k in keys if k in cfg)
+    return f"{adapter.get('type')} adapter{' ' + detail if detail else ''}, init {adapter.get('init')}"
+
+
 def format_summary(data: TrajectoryData) -> str:
     """The text `mezo-tune inspect` prints. Header keys that a run did not record show as '?'."""
     s = summarize(data)
@@ -614,7 +622,8 @@ def format_summary(data: TrajectoryData) -> str:
         f"dtype       {_fmt(h.get('dtype'))}"
         + (f", quantization {quant}" if quant else ""),
         f"trainable   {_fmt(n_tensors)} tensors, "
-        f"{'?' if n_elements is None else f'{n_elements:,}'} elements",
+        f"{'?' if n_elements is None else f'{n_elements:,}'} elements"
+        + (f" ({_fmt_adapter(h['adapter'])})" if isinstance(h.get("adapter"), dict) else ""),
         f"seed        {_fmt(h.get('seed'))}   eps {_fmt(h.get('eps'))}   "
         f"z {_fmt(zgen)}   rounding {_fmt(h.get('rounding'))}",
         f"steps       {s['n_steps']} recorded, {s['n_skipped']} skipped"

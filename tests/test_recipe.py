@@ -70,12 +70,19 @@ def test_minimal_lm_recipe_fills_defaults():
         "model": {
             "path": "embedded:smollm2-135m",
             "dtype": "float32",
+            "quantization": "none",
             "revision": None,
             "device": "auto",
             "freeze": [],
         },
-        "data": {"train": "data/train.jsonl", "eval": None, "max_length": 256, "eval_limit": 0},
-        "task": {"type": "lm", "template": "{text}", "verbalizer": None},
+        "adapter": {"type": "none", "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto",
+                    "num_virtual_tokens": 5, "init": "auto"},
+        "data": {"train": "data/train.jsonl", "eval": None, "max_length": 256, "eval_limit": 0, "columns": {},
+                 "train_k": 0, "dev_from_train": 0, "seed": 0},
+        "task": {"type": "lm", "template": "{text}", "verbalizer": None, "objective": "cross_entropy",
+                 "score": "sum", "answer_prefix": " ", "max_new_tokens": 32, "stop": ["\n"],
+                 "icl_separator": "\n\n"},
+        "optim": {"type": "mezo", "lr": 1e-5, "weight_decay": 0.0},
         "mezo": {
             "lr": 1e-6,
             "eps": 1e-3,
@@ -536,3 +543,69 @@ def test_direct_construction_still_checks_cross_fields():
 def test_module_imports_no_torch():
     code = "import sys, mezo_tune.recipe; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------- tasks, data, optim
+
+
+def test_new_task_types_data_and_optim_keys():
+    text = MINIMAL_LM.replace('train = "data/train.jsonl"', 'train = "data/train.jsonl"\n'
+                              'columns = { context = "question", answers = "gold" }\ntrain_k = 16\nseed = 3')
+    text += '\n[task]\ntype = "generation"\nobjective = "f1"\nmax_new_tokens = 8\nstop = ["\\n", "."]\n'
+    recipe = parse_recipe(text)
+    assert recipe.task.template == "{context}" and recipe.task.stop == ("\n", ".")
+    assert recipe.data.columns == {"context": "question", "answers": "gold"} and recipe.data.train_k == 16
+    mc = parse_recipe(MINIMAL_LM + '\n[task]\ntype = "multiple_choice"\nscore = "mean"\n\n[optim]\ntype = "adamw"\n'
+                      'lr = 1e-4\nweight_decay = 0.01\n')
+    assert (mc.task.template, mc.task.score, mc.optim.type, mc.optim.lr) == ("{context}", "mean", "adamw", 1e-4)
+    assert parse_recipe(recipe_to_toml(mc)) == mc
+
+
+def test_objective_must_fit_the_task_type():
+    assert problems_of(MINIMAL_LM + '\n[task]\nobjective = "accuracy"\n') == one_problem(
+        'task.objective: "accuracy" is not available for type = "lm" (use cross_entropy)')
+    assert problems_of(MINIMAL_CLASSIFICATION + 'objective = "f1"\n') == one_problem(
+        'task.objective: "f1" is not available for type = "classification" (use cross_entropy or accuracy)')
+    assert problems_of(MINIMAL_LM + '\n[task]\nobjective = "bleu"\n') == one_problem(
+        'task.objective: must be one of cross_entropy, accuracy, f1 (got "bleu")')
+
+
+def test_backprop_needs_a_differentiable_objective():
+    text = MINIMAL_CLASSIFICATION + 'objective = "accuracy"\n\n[optim]\ntype = "adamw"\n'
+    assert problems_of(text) == one_problem(
+        'optim.type: backprop needs a differentiable loss; task.objective = "accuracy" trains only with MeZO '
+        '(set optim.type = "mezo" or task.objective = "cross_entropy")')
+    assert problems_of(MINIMAL_LM + '\n[optim]\ntype = "sgd"\nlr = 0\n') == (
+        "recipe recipes/x.toml has 2 problems:\n"
+        '  optim.type: must be one of mezo, adamw (got "sgd")\n'
+        "  optim.lr: must be > 0 (got 0)")
+
+
+def test_new_task_and_data_key_errors():
+    text = MINIMAL_LM.replace('train = "data/train.jsonl"', 'train = "data/train.jsonl"\ntrain_k = -1\n'
+                              'columns = { text = "" }')
+    text += '\n[task]\ntype = "multiple_choice"\nscore = "max"\nmax_new_tokens = 0\n'
+    assert problems_of(text) == (
+        "recipe recipes/x.toml has 4 problems:\n"
+        "  data.columns.text: must not be empty\n"
+        "  data.train_k: must be >= 0 (got -1)\n"
+        '  task.score: must be one of sum, mean (got "max")\n'
+        "  task.max_new_tokens: must be > 0 (got 0)")
+
+
+def test_dev_from_train_excludes_data_eval_and_serves_eval_every():
+    with_eval = MINIMAL_LM.replace('train = "data/train.jsonl"',
+                                   'train = "data/train.jsonl"\neval = "data/eval.jsonl"\ndev_from_train = 5')
+    assert problems_of(with_eval) == one_problem(
+        "data.dev_from_train: takes the eval set out of data.train, but data.eval is set too; "
+        "remove data.eval or set dev_from_train = 0")
+    dev = MINIMAL_LM.replace('train = "data/train.jsonl"', 'train = "data/train.jsonl"\ndev_from_train = 5')
+    assert parse_recipe(dev.replace('dir = "runs/demo"', 'dir = "runs/demo"\neval_every = 50')).output.eval_every == 50
+
+
+def test_hf_dataset_spec_is_parsed_not_downloaded():
+    recipe = parse_recipe(MINIMAL_LM.replace('"data/train.jsonl"', '"hf:imdb:train"'))
+    assert recipe.data.train == "hf:imdb:train"
+    assert problems_of(MINIMAL_LM.replace('"data/train.jsonl"', '"hf:imdb"')) == one_problem(
+        "data.train: 'hf:imdb' is not a Hugging Face dataset spec; write hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT, "
+        "e.g. hf:imdb:train or hf:glue:sst2:validation")

@@ -147,9 +147,9 @@ def test_classification_evaluate(models, tokenizer):
     result = task.evaluate(model, SENTIMENT_ROWS, batch_size=3, progress=True)
     correct = sum(p == t for p, t in zip(predicted, truth))
     assert result["n"] == 8 and result["correct"] == correct and result["accuracy"] == correct / 8
-    assert result["per_class"] == {
-        lab: {"n": sum(t == k for t in truth), "correct": sum(p == t == k for p, t in zip(predicted, truth)),
-              "predicted": sum(p == k for p in predicted)} for k, lab in enumerate(labels)}
+    counts = {lab: {"n": sum(t == k for t in truth), "correct": sum(p == t == k for p, t in zip(predicted, truth)),
+                    "predicted": sum(p == k for p in predicted)} for k, lab in enumerate(labels)}
+    assert {lab: {k: c[k] for k in ("n", "correct", "predicted")} for lab, c in result["per_class"].items()} == counts
     assert result["loss"] == pytest.approx(task.loss(model, SENTIMENT_ROWS).item(), abs=1e-6)
 
 

@@ -1,0 +1,143 @@
+"""Adapters through peft (LoRA, prefix tuning): attaching them, rebuilding their initial values, exporting them.
+
+MeZO on an adapter run trains only the adapter tensors (contract 1); the base weights (fp16/bf16, or 8-/4-bit
+through bitsandbytes) are never written. peft keeps adapter tensors in fp32 over a low-precision base
+(`autocast_adapter_dtype`, LoRA; prefix tuning's embedding is created in fp32).
+
+Initial values, scheme "zrng-v1" (contract 5): peft initialises adapters from torch's global RNG, which is not
+portable, so every adapter tensor is overwritten from the run's counter-based generator, on its own stream
+(INIT_STREAM, step 0: it never collides with z of any step, stream 0, or stochastic rounding, stream 1):
+  LoRA A   uniform on (-b, b), b = fp32(1/sqrt(fan_in)): the bound of peft's kaiming_uniform(a=sqrt(5)). Element i is
+           u·b with u = (2·(h >> 8) - (2**24 - 1)) / 2**24 (h: the 32 bits of zrng at i), a symmetric 24-bit dyadic
+           number; u·b is exact in fp64 and rounded once to the tensor's dtype.
+  LoRA B   zeros (as peft): the model starts as the base model exactly.
+  prefix   zrng's Gaussian (Irwin-Hall, variance 65535/65536, values k/256), in place of peft's N(0, 1).
+Every value is thus a function of (seed, tensor name, index) alone, the same on every device, and replay rebuilds it
+from the trajectory header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from . import zrng
+
+INIT_SCHEME = "zrng-v1"
+INIT_STREAM = 2  # zrng streams: 0 = z, 1 = stochastic rounding, 2 = adapter initial values
+ADAPTER_TYPES = ("lora", "prefix")
+
+
+class AdapterError(Exception):
+    """An adapter that cannot be attached, rebuilt or exported, said for people."""
+
+
+def peft_config(adapter_cfg):
+    """The peft config for a recipe's [adapter] section (type lora or prefix)."""
+    from peft import LoraConfig, PrefixTuningConfig
+
+    if adapter_cfg.type == "lora":
+        targets = None if adapter_cfg.target_modules == "auto" else list(adapter_cfg.target_modules)
+        return LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+    if adapter_cfg.type == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=adapter_cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    raise AdapterError(f"unknown adapter type {adapter_cfg.type!r}: choose one of {', '.join(ADAPTER_TYPES)}")
+
+
+def attach(model, adapter_cfg, seed: int, init: bool = True):
+    """The peft model over `model` (in eval mode: LoRA dropout is inert), adapter values rebuilt from zrng."""
+    from peft import get_peft_model
+
+    try:
+        peft_model = get_peft_model(model, peft_config(adapter_cfg), autocast_adapter_dtype=True)
+    except ValueError as e:  # e.g. target modules that the model does not have
+        raise AdapterError(f"[adapter] cannot attach a {adapter_cfg.type} adapter to this model: {e}") from None
+    peft_model.eval()
+    if init:
+        init_adapter(peft_model, adapter_cfg.type, seed)
+    return peft_model
+
+
+def adapter_params(peft_model):
+    """(name, parameter) of the adapter tensors (what peft marks trainable), in named_parameters order."""
+    return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+
+
+def _uniform(seed: int, name: str, numel: int) -> torch.Tensor:
+    """numel symmetric uniforms on (-1, 1), each an odd multiple of 2**-24, in fp64 (exact)."""
+    h = zrng.bits_for(seed, 0, name, torch.arange(numel, dtype=torch.int64), stream=INIT_STREAM)
+    return (2 * (h >> 8) - ((1 << 24) - 1)).to(torch.float64) * 2.0 ** -24
+
+
+def initial_value(kind: str, seed: int, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The zrng-v1 initial value of one adapter tensor (on CPU)."""
+    numel = math.prod(shape)
+    if kind == "lora":
+        if ".lora_A." in name:
+            fan_in = shape[1] if len(shape) == 2 else math.prod(shape[1:])
+            bound = float(np.float32(1.0 / math.sqrt(fan_in)))
+            return (_uniform(seed, name, numel) * bound).to(dtype).view(shape)
+        if ".lora_B." in name:
+            return torch.zeros(shape, dtype=dtype)
+    elif kind == "prefix":
+        return zrng.z_for(seed, 0, name, numel, "gaussian", stream=INIT_STREAM, dtype=dtype).view(shape)
+    raise AdapterError(f"no {INIT_SCHEME} initialisation for adapter tensor {name} ({kind}); "
+                       "this peft adapter variant is not supported")
+
+
+def init_adapter(peft_model, kind: str, seed: int) -> None:
+    with torch.no_grad():
+        for name, p in adapter_params(peft_model):
+            p.copy_(initial_value(kind, seed, name, tuple(p.shape), p.dtype))
+
+
+def config_dict(peft_model) -> dict:
+    """The peft config as plain JSON data (sets as sorted lists, enums as their values)."""
+    cfg = peft_model.peft_config["default"].to_dict()
+
+    def plain(v):
+        if isinstance(v, (set, frozenset)):
+            return sorted(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return json.loads(json.dumps(plain(cfg), default=str))
+
+
+def header(peft_model, kind: str, seed: int) -> dict:
+    """The trajectory header's "adapter" entry. The config leaves out where the base was loaded from (a local cache
+    path for an embedded model): the header's "base_model" says which base it is, by digest."""
+    config = {k: v for k, v in config_dict(peft_model).items() if k not in ("base_model_name_or_path", "revision")}
+    return {"type": kind, "config": config, "init": INIT_SCHEME, "init_seed": seed, "init_stream": INIT_STREAM}
+
+
+def is_adapter_dir(path) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_adapter_dir(base_model, adapter_dir):
+    """A saved PEFT adapter directory over base_model, in eval mode."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+
+
+def merged(peft_model, quantization: str | None):
+    """The base model with the adapter merged into its weights (unquantized bases only)."""
+    if quantization and quantization != "none":
+        raise AdapterError(f"--merge needs an unquantized base; this run's base is {quantization}. Write the adapter "
+                           "directory instead (replay --out without --merge) and load it over the base with peft, "
+                           "or train over an unquantized base (model.quantization = \"none\")")
+    if peft_model.peft_config["default"].peft_type != "LORA":
+        raise AdapterError("--merge works for LoRA adapters only (prefix tuning adds virtual tokens, it changes no "
+                           "weight); write the adapter directory instead (replay --out without --merge)")
+    return peft_model.merge_and_unload()
