@@ -96,7 +96,7 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
     evals = summary["evals"]
     if len(evals) >= 2 and "accuracy" in evals[0]:
         click.echo(f"eval accuracy: {evals[0]['accuracy']:.2%} before -> {evals[-1]['accuracy']:.2%} after "
-                   f"{summary['steps']} steps")
+                   f"{summary['steps']} steps (loss {evals[0]['loss']:.4f} -> {evals[-1]['loss']:.4f})")
     elif len(evals) >= 2:
         click.echo(f"eval loss: {evals[0]['loss']:.4f} before -> {evals[-1]['loss']:.4f} after {summary['steps']} steps")
 
