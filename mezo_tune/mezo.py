@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import math
 from collections import defaultdict
@@ -118,9 +119,9 @@ def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", 
     return float(np.float32(eta))
 
 
-def _is_plain_embedding(module: torch.nn.Module, p: torch.nn.Parameter) -> bool:
+def _is_plain_embedding(module: torch.nn.Module) -> bool:
     """An nn.Embedding itself (not a subclass with its own forward), whose forward reads only the looked-up rows."""
-    return type(module) is torch.nn.Embedding and p is module.weight and module.max_norm is None
+    return type(module) is torch.nn.Embedding and module.max_norm is None
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
@@ -129,7 +130,9 @@ class Mezo:
     """Perturbation and update over a trainable set, for one run (seed, ε, z distribution, rounding)."""
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
-                 distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False):
+                 distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
+                 large_linear: int = 1 << 23):
+        """large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row blocks."""
         if distribution not in zrng.DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}")
         if rounding not in ("nearest", "stochastic"):
@@ -138,12 +141,25 @@ class Mezo:
         self.seed, self.eps, self.distribution, self.rounding = seed, eps, distribution, rounding
         self.use_compile = use_compile
         self._name_of = {id(p): n for n, p in zip(trainable.names, trainable.params)}
-        # Modules that own trainable parameters directly (a tied tensor has two owners).
+        # Modules that own trainable parameters directly (a tied tensor has two owners). Plain embeddings and large
+        # linear layers get a forward of their own inside `perturbed` (see there); the others get swap hooks.
+        self.linear_block_elements = zrng.CHUNK
+        self._embeddings, self._large_linears = [], []
         self._owners: list[tuple[torch.nn.Module, list[torch.nn.Parameter]]] = []
         for module in model.modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in self._name_of]
-            if own:
-                self._owners.append((module, own))
+            if not own:
+                continue
+            if "forward" not in module.__dict__:  # never replace a forward someone else (accelerate) installed
+                weight = getattr(module, "weight", None)
+                if _is_plain_embedding(module) and id(weight) in self._name_of:
+                    self._embeddings.append(module)
+                    own = [p for p in own if p is not weight]
+                elif (type(module) is torch.nn.Linear and id(weight) in self._name_of
+                      and weight.numel() >= large_linear):
+                    self._large_linears.append(module)
+                    own = [p for p in own if p is not weight]
+            self._owners.append((module, own))
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
 
     # -- keys
@@ -157,36 +173,33 @@ class Mezo:
         """Inside this context the model computes with θ + sign·ε·z_step; the stored θ is never written."""
         kernel = zrng.kernel(zrng.perturb_kernel, self.use_compile)
         rows_kernel = zrng.kernel(zrng.perturb_rows_kernel, self.use_compile)
-        eps_t = {}
-        keys = {}
+        eps_t: dict = {}
+        stream_keys: dict = {}
         swapped: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         handles = []
+
+        def eps_on(device):
+            if device not in eps_t:
+                eps_t[device] = torch.tensor(sign * self.eps, dtype=torch.float64, device=device)
+            return eps_t[device]
+
+        def perturb(out: torch.Tensor, w: torch.Tensor, p, offset: int = 0) -> None:
+            """out = θ ± εz for the elements [offset, offset + numel) of parameter p (w: those values)."""
+            name = self._name_of[id(p)]
+            if name not in stream_keys:
+                stream_keys[name] = zrng.stream_key(self.seed, step, name)
+            flat_w, flat_out = w.reshape(-1), out.view(-1)
+            for a, b in zrng.chunks(flat_w.numel()):
+                key = zrng.key_tensor(*stream_keys[name], offset + a, w.device)
+                kernel(flat_out[a:b], flat_w[a:b], key, eps_on(w.device), self.distribution)
 
         def pre_hook(module, args, params):
             for p in params:
                 if id(p) in swapped:  # already pointed at its perturbed copy (re-entrant or shared use)
                     continue
                 orig = p.data
-                buf = self._acquire(orig)
-                name = self._name_of[id(p)]
-                if name not in keys:
-                    keys[name] = self._chunk_keys(step, name, orig.numel(), orig.device)
-                if orig.device not in eps_t:
-                    eps_t[orig.device] = torch.tensor(sign * self.eps, dtype=torch.float64, device=orig.device)
-                if _is_plain_embedding(module, p) and args and torch.is_tensor(args[0]):
-                    # A lookup reads only the rows of its ids: perturb those rows alone (the rest of the scratch
-                    # table is never read). For a large vocabulary this is most of the embedding's cost saved.
-                    rows = torch.unique(args[0])
-                    width = orig.shape[1]
-                    index = (rows[:, None] * width + torch.arange(width, device=orig.device)).reshape(-1)
-                    values = torch.empty(index.numel(), dtype=orig.dtype, device=orig.device)
-                    rows_kernel(values, orig[rows].reshape(-1), index, keys[name][0][2], eps_t[orig.device],
-                                self.distribution)
-                    buf[rows] = values.view(-1, width)
-                else:
-                    flat_w, flat_out = orig.reshape(-1), buf.view(-1)
-                    for a, b, key in keys[name]:
-                        kernel(flat_out[a:b], flat_w[a:b], key, eps_t[orig.device], self.distribution)
+                buf = self._acquire(orig.shape, orig.dtype, orig.device)
+                perturb(buf, orig, p)
                 swapped[id(p)] = (p, orig)
                 p.data = buf
 
@@ -195,23 +208,71 @@ class Mezo:
                 self._restore(swapped.pop(id(p), None))
             return None
 
+        def embedding_forward(module, ids):
+            # A lookup reads only the rows of its ids: perturb those rows alone, and look up in them.
+            w = module.weight
+            rows, inverse = torch.unique(ids, return_inverse=True)
+            width = w.shape[1]
+            index = (rows[:, None] * width + torch.arange(width, device=w.device)).reshape(-1)
+            values = torch.empty(index.numel(), dtype=w.dtype, device=w.device)
+            name = self._name_of[id(w)]
+            if name not in stream_keys:
+                stream_keys[name] = zrng.stream_key(self.seed, step, name)
+            rows_kernel(values, w[rows].reshape(-1), index, zrng.key_tensor(*stream_keys[name], 0, w.device),
+                        eps_on(w.device), self.distribution)
+            return torch.nn.functional.embedding(inverse, values.view(-1, width))
+
+        def linear_forward(module, x):
+            # A large weight (an LM head) is perturbed and applied one block of output rows at a time, so its
+            # perturbed copy never exists whole: the scratch is one block.
+            w = module.weight
+            out_features, in_features = w.shape
+            out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+            x2, o2 = x.reshape(-1, in_features), out.view(-1, out_features)
+            rows = max(1, self.linear_block_elements // in_features)
+            block = self._acquire((min(rows, out_features), in_features), w.dtype, w.device)
+            try:
+                for a in range(0, out_features, rows):
+                    b = min(a + rows, out_features)
+                    perturb(block[: b - a], w[a:b], w, offset=a * in_features)
+                    o2[:, a:b] = x2 @ block[: b - a].t()
+            finally:
+                self._release(block)
+            if module.bias is not None:
+                out += module.bias
+            return out
+
+        overridden = []
         try:
             for module, params in self._owners:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, a, ps=params: pre_hook(m, a, ps)))
-                handles.append(module.register_forward_hook(
-                    lambda m, a, o, ps=params: post_hook(m, a, o, ps)))
+                if params:
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, a, ps=params: pre_hook(m, a, ps)))
+                    handles.append(module.register_forward_hook(
+                        lambda m, a, o, ps=params: post_hook(m, a, o, ps)))
+            for module, fn in ((m, embedding_forward) for m in self._embeddings):
+                module.forward = functools.partial(fn, module)
+                overridden.append(module)
+            for module in self._large_linears:
+                module.forward = functools.partial(linear_forward, module)
+                overridden.append(module)
             yield
         finally:
+            for module in overridden:
+                del module.forward  # back to the class's forward
             for h in handles:
                 h.remove()
             for entry in list(swapped.values()):  # a forward that raised leaves nothing perturbed behind
                 self._restore(entry)
             swapped.clear()
 
-    def _acquire(self, like: torch.Tensor) -> torch.Tensor:
-        pool = self._scratch[(like.dtype, like.device, tuple(like.shape))]
-        return pool.pop() if pool else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    def _acquire(self, shape, dtype, device) -> torch.Tensor:
+        """A scratch tensor, reused across modules and steps (no allocation, no page faults after the first step)."""
+        pool = self._scratch[(dtype, device, tuple(shape))]
+        return pool.pop() if pool else torch.empty(shape, dtype=dtype, device=device)
+
+    def _release(self, buf: torch.Tensor) -> None:
+        self._scratch[(buf.dtype, buf.device, tuple(buf.shape))].append(buf)
 
     def _restore(self, entry) -> None:
         if entry is None:
@@ -219,7 +280,7 @@ class Mezo:
         p, orig = entry
         buf = p.data
         p.data = orig
-        self._scratch[(buf.dtype, buf.device, tuple(buf.shape))].append(buf)
+        self._release(buf)
 
     def release_scratch(self) -> None:
         self._scratch.clear()

@@ -171,3 +171,25 @@ def test_scalars():
     assert mezo.learning_rate(10, 1e-3, 11, "linear", 0.0) == 0.0
     assert mezo.learning_rate(5, 1e-3, 11, "linear", 0.0) == float(np.float32(5e-4))
     assert mezo.learning_rate(7, 1e-3, 11, "constant") == float(np.float32(1e-3))
+
+
+@pytest.mark.parametrize("tie", (True, False))
+def test_large_linear_in_row_blocks_equals_whole_perturbed_weight(tie):
+    """The LM head perturbed and applied in blocks of rows computes loss(θ + εz) (to matmul rounding); weights
+    untouched; the scratch never holds the whole perturbed head."""
+    model = build_model("llama", tie=tie)
+    ts = mezo.trainable_set(model)
+    engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1)  # every trainable Linear goes by blocks
+    engine.linear_block_elements = 32 * 7  # 7 rows per block: blocks do not divide 320 rows evenly
+    ids = batch()
+    before = snapshot(model)
+    with torch.no_grad(), engine.perturbed(3, +1):
+        blocked = lm_loss(model, ids)
+    perturbed = {name: (p.float() + torch.tensor(1e-2) * zrng.z_for(7, 3, name, p.numel()).view(p.shape))
+                 for name, p in zip(ts.names, ts.params)}
+    with torch.no_grad():
+        reference = lm_loss_functional(model, perturbed, ids)
+    assert torch.allclose(blocked, reference, rtol=1e-6, atol=0)
+    assert_bit_equal(before, snapshot(model))
+    assert "forward" not in model.lm_head.__dict__  # the class forward is back
+    assert max(b.numel() for pool in engine._scratch.values() for b in pool) < model.lm_head.weight.numel()
