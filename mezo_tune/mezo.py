@@ -183,14 +183,17 @@ class Mezo:
                 eps_t[device] = torch.tensor(sign * self.eps, dtype=torch.float64, device=device)
             return eps_t[device]
 
-        def perturb(out: torch.Tensor, w: torch.Tensor, p, offset: int = 0) -> None:
-            """out = θ ± εz for the elements [offset, offset + numel) of parameter p (w: those values)."""
+        def key_of(p) -> tuple[int, int]:
             name = self._name_of[id(p)]
             if name not in stream_keys:
                 stream_keys[name] = zrng.stream_key(self.seed, step, name)
+            return stream_keys[name]
+
+        def perturb(out: torch.Tensor, w: torch.Tensor, p, offset: int = 0) -> None:
+            """out = θ ± εz for the elements [offset, offset + numel) of parameter p (w: those values)."""
             flat_w, flat_out = w.reshape(-1), out.view(-1)
             for a, b in zrng.chunks(flat_w.numel()):
-                key = zrng.key_tensor(*stream_keys[name], offset + a, w.device)
+                key = zrng.key_tensor(*key_of(p), offset + a, w.device)
                 kernel(flat_out[a:b], flat_w[a:b], key, eps_on(w.device), self.distribution)
 
         def pre_hook(module, args, params):
@@ -215,10 +218,7 @@ class Mezo:
             width = w.shape[1]
             index = (rows[:, None] * width + torch.arange(width, device=w.device)).reshape(-1)
             values = torch.empty(index.numel(), dtype=w.dtype, device=w.device)
-            name = self._name_of[id(w)]
-            if name not in stream_keys:
-                stream_keys[name] = zrng.stream_key(self.seed, step, name)
-            rows_kernel(values, w[rows].reshape(-1), index, zrng.key_tensor(*stream_keys[name], 0, w.device),
+            rows_kernel(values, w[rows].reshape(-1), index, zrng.key_tensor(*key_of(w), 0, w.device),
                         eps_on(w.device), self.distribution)
             return torch.nn.functional.embedding(inverse, values.view(-1, width))
 

@@ -81,3 +81,39 @@ dir = "runs/rt"
     metrics = [json.loads(line) for line in open("runs/rt/metrics.jsonl")]
     evals = [m["eval"] for m in metrics if "eval" in m]
     assert len(evals) == 2 and evals[0]["n"] == 32
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_dry_run_estimate_within_25_percent_on_smollm2(rt_dir, tmp_path, adapter):
+    """The --dry-run estimate against the live tensor bytes measured at the peak of one MeZO step on the real model
+    (rows long enough to fill max_length, as the estimate assumes)."""
+    from mezo_tune.data import read_jsonl, write_jsonl
+    from mezo_tune.estimate import estimate_peak_bytes, measure_step_peak_bytes, meta_model
+    from mezo_tune.recipe import load_recipe
+
+    rows = read_jsonl(rt_dir / "train.jsonl")[:32]
+    long = tmp_path / "long.jsonl"
+    write_jsonl(long, [{"text": " ".join(r["text"] for r in rows[i:i + 4])} for i in range(0, 32, 4)])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+[model]
+path = "{SPEC}"
+[data]
+train = "{long}"
+max_length = 64
+[adapter]
+type = "{adapter}"
+[mezo]
+lr = 1e-6
+eps = 1e-3
+steps = 1
+batch_size = 8
+seed = 0
+compile = "off"
+[output]
+dir = "{tmp_path / 'out'}"
+""")
+    r = load_recipe(recipe)
+    est = estimate_peak_bytes(meta_model(r.model, r.adapter), r)["peak_bytes"]
+    measured = measure_step_peak_bytes(r)
+    assert abs(est - measured) <= 0.25 * measured, (est, measured)
