@@ -185,7 +185,6 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
     """The model in eval mode, in `dtype`, on `device`, without a KV cache (MeZO never generates while training).
 
     With quantization "8bit"/"4bit", bitsandbytes quantizes the linear layers while loading (on `device`)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     qconfig = quantization_config(quantization, dtype)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -274,7 +273,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         from .backprop import train_backprop
 
         return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
-    import torch
     from tqdm.auto import tqdm
 
     from . import models

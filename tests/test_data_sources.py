@@ -3,7 +3,6 @@ download), per-class k-shot sampling, dev splits and in-context demonstrations, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
