@@ -43,7 +43,7 @@ class Run:
     eval_rows: list | None
     trainable: object
     engine: object
-    base_digests: dict | None = None  # of the base model, before any adapter is attached
+    base_digests: dict  # name -> digest of every base tensor, taken before any adapter is attached
 
 
 def use_compile(setting: str, device: str) -> bool:
@@ -122,7 +122,7 @@ def attach_adapter(model, adapter_cfg, seed: int):
         raise RunError(str(e)) from None
 
 
-def build_header(run: Run, base_digests: dict[str, str]) -> dict:
+def build_header(run: Run) -> dict:
     from . import zrng
     from .mezo import weights_digest
 
@@ -131,8 +131,8 @@ def build_header(run: Run, base_digests: dict[str, str]) -> dict:
         "tool": {"name": "mezo-tune", "version": __version__},
         "base_model": {
             **run.source.identity(),
-            "digest": combined_digest(base_digests),
-            "tensors": base_digests,
+            "digest": combined_digest(run.base_digests),
+            "tensors": run.base_digests,
         },
         "dtype": r.model.dtype,
         "quantization": None if r.model.quantization == "none" else r.model.quantization,
@@ -285,15 +285,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     out = Path(r.output.dir)
     prepare_dir(out, resume, overwrite)
     run = build_run(r, progress)
-    base_digests = run.base_digests
-    header = build_header(run, base_digests)
+    header = build_header(run)
     traj_path = out / TRAJECTORY
     summary: dict = {"output_dir": str(out), "trajectory": str(traj_path)}
 
     if resume:
         writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=FLUSH_EVERY)
         check_resumable(data.header, header)
-        check_base(data.header, base_digests, r.model.path)
+        check_base(data.header, run.base_digests, r.model.path)
         done = len(data.steps)
         from_ckpt = load_checkpoint(out, run, done - 1)
         todo = [rec for rec in data.steps if rec.step > from_ckpt]
