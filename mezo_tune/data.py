@@ -112,15 +112,20 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[di
         if not isinstance(obj, dict):
             errors.add(f"{where}:{lineno}: expected a JSON object, got {_json_type(obj)}")
             continue
-        missing = [f for f in required if f not in obj]
-        if missing:
-            errors.add(f"{where}:{lineno}: missing field{'s' if len(missing) > 1 else ''} {_field_list(missing)}")
+        if problem := _missing_fields(obj, required):
+            errors.add(f"{where}:{lineno}: {problem}")
             continue
         rows.append(obj)
     errors.raise_if_any()
     if not rows:
         raise DataError(f"{where}: no rows")
     return rows
+
+
+def _missing_fields(row: dict, required: Sequence[str]) -> str | None:
+    """"missing field 'x'" / "missing fields 'x', 'y'" for the required fields a row lacks, else None."""
+    missing = [f for f in required if f not in row]
+    return f"missing field{'s' if len(missing) > 1 else ''} {_field_list(missing)}" if missing else None
 
 
 def _json_type(obj) -> str:
@@ -431,9 +436,8 @@ def read_rows(spec: str | os.PathLike, columns: dict | None = None,
         mapped_row = dict(row)
         for ours, src in columns.items():
             mapped_row[ours] = row[src]
-        absent = [f for f in required if f not in mapped_row]
-        if absent:
-            errors.add(f"{at}: missing field{'s' if len(absent) > 1 else ''} {_field_list(absent)}")
+        if problem := _missing_fields(mapped_row, required):
+            errors.add(f"{at}: {problem}")
             continue
         out.append(mapped_row)
     errors.raise_if_any()

@@ -191,16 +191,21 @@ def test_truncated_tail_at_every_offset_is_detected(tmp_path):
         assert data.end is None
 
 
-def test_flipped_byte_is_detected(tmp_path):
-    path = tmp_path / "traj.bin"
-    last_start, full, recs = _three_blocks(path)
-    # locate the second block: it starts where a 16-step file would end
+def _one_block_size(tmp_path, recs) -> int:
+    """Where the second block of a 16-step-block file starts: the size of a file holding only the first."""
     one = tmp_path / "one.bin"
     w = TrajectoryWriter.create(one, HEADER, flush_every=16)
     for r in recs[:16]:
         w.append_step(r)
     w.close()
-    second = os.path.getsize(one)
+    return os.path.getsize(one)
+
+
+def test_flipped_byte_is_detected(tmp_path):
+    path = tmp_path / "traj.bin"
+    last_start, full, recs = _three_blocks(path)
+    # locate the second block: it starts where a 16-step file would end
+    second = _one_block_size(tmp_path, recs)
     assert header_size(HEADER) < second < last_start
     flipped = tmp_path / "flipped.bin"
     for pos in range(second, last_start):
@@ -223,12 +228,7 @@ def test_flipped_byte_is_detected(tmp_path):
 def test_step_gap_between_blocks_is_corruption(tmp_path):
     path = tmp_path / "traj.bin"
     last_start, full, recs = _three_blocks(path)
-    one = tmp_path / "one.bin"
-    w = TrajectoryWriter.create(one, HEADER, flush_every=16)
-    for r in recs[:16]:
-        w.append_step(r)
-    w.close()
-    second = os.path.getsize(one)
+    second = _one_block_size(tmp_path, recs)
     # drop the middle block: S[0..15] S[32..39] has a gap
     gapped = tmp_path / "gap.bin"
     gapped.write_bytes(full[:second] + full[last_start:])
