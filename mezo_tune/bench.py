@@ -6,6 +6,14 @@ up (compiles), resets its peak (Linux: malloc_trim, then /proc/self/clear_refs r
 reset_peak_memory_stats), then
 times `repeats` calls and reports the median time and the peak (resident set on CPU, allocated bytes on CUDA).
 
+The "replay" variant times one replay step (the update θ ← R(θ − c·z) over every trainable tensor, which is all
+a replay does per step) and, in the same process, a plain copy of a buffer as large as the trainable set: the
+replay's bytes moved (read + write of every trainable element) per second over the copy's is the fraction of
+measured memory bandwidth that replay reaches.
+
+`sweep` runs forward, MeZO and backprop over Llama-shaped models built from configs with random weights ("config:
+HIDDENxLAYERS", nothing downloaded) and several sequence lengths, and writes a JSON and a PNG chart.
+
 With --adapter lora|prefix (peft, default settings of [adapter]) every variant runs on the adapter model: MeZO
 perturbs and updates the adapter tensors only, backprop + AdamW trains them only (the base frozen), and the paper
 code's step perturbs them only. --quantization 8bit|4bit loads the base through bitsandbytes (needs an adapter).
@@ -20,7 +28,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("forward", "mezo", "backprop", "reference")
+VARIANTS = ("forward", "mezo", "backprop", "reference", "replay")
+SWEEP_VARIANTS = ("forward", "mezo", "backprop")
 
 
 def _lm_loss(model, ids):
@@ -98,6 +107,55 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def parse_shape(spec: str) -> tuple[int, int]:
+    """(hidden, layers) of "HIDDENxLAYERS" or "config:HIDDENxLAYERS"."""
+    try:
+        hidden, layers = (int(v) for v in spec.removeprefix("config:").split("x"))
+    except ValueError:
+        raise ValueError(f"a model shape is HIDDENxLAYERS, e.g. 768x12; got {spec!r}") from None
+    if hidden < 64 or hidden % 64 or layers < 1:
+        raise ValueError(f"model shape {spec!r}: hidden must be a positive multiple of 64 and layers >= 1")
+    return hidden, layers
+
+
+def random_llama(spec: str, dtype: str, device: str):
+    """A Llama-shaped model with random weights from "config:HIDDENxLAYERS": heads of 64, 4 query heads per
+    key/value head, MLP 8/3 wide (a multiple of 64), a 32000-token vocabulary, untied embeddings."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from . import models
+
+    hidden, layers = parse_shape(spec)
+    heads = hidden // 64
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 4), intermediate_size=-(-8 * hidden // 3 // 64) * 64,
+                         vocab_size=32000, max_position_embeddings=8192, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=models.torch_dtype(dtype))
+    model.config.use_cache = False
+    return model.requires_grad_(False).eval().to(device)
+
+
+def _copy_bandwidth(numel: int, dtype, device: str, repeats: int) -> float:
+    """Bytes per second of dst.copy_(src) (read + write) over buffers of `numel` elements (at most 2**27)."""
+    import torch
+
+    numel = min(numel, 1 << 27)
+    src = torch.ones(numel, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dst.copy_(src)
+    times = []
+    for _ in range(max(repeats, 3)):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * numel * src.element_size() / statistics.median(times)
+
+
 def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: int,
                 device: str, compile_setting: str = "auto", adapter: str = "none", quantization: str = "none") -> dict:
     """Measure one variant in this process."""
@@ -107,9 +165,11 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     from .mezo import Mezo, trainable_set
     from .train import use_compile
 
-    source = models.resolve_source(model_spec)
     device = models.resolve_device(device)
-    model = models.load_model(source, dtype, device, quantization)
+    if model_spec.startswith("config:"):
+        model = random_llama(model_spec, dtype, device)
+    else:
+        model = models.load_model(models.resolve_source(model_spec), dtype, device, quantization)
     if adapter != "none":
         from .adapters import attach
         from .recipe import AdapterConfig
@@ -143,6 +203,11 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     elif variant == "reference":
         def call(step):
             _reference_step(model, ids, step, 1e-7, 1e-3, trainable.params)
+    elif variant == "replay":
+        engine = Mezo(model, trainable, seed=0, eps=1e-3, use_compile=use_compile(compile_setting, device))
+
+        def call(step):
+            engine.apply_update(step, 1e-9)
     else:
         raise ValueError(variant)
 
@@ -156,9 +221,33 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
         call(step)
         sync()
         times.append(time.perf_counter() - t0)
-    return {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": _peak_bytes(device),
-            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} threads)"}
+    out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": _peak_bytes(device),
+           "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
+           "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
+           f"{torch.get_num_threads()} threads)"}
+    if variant == "replay":
+        out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
+        out["copy_bytes_per_s"] = _copy_bandwidth(trainable.numel, trainable.params[0].dtype, device, repeats)
+    return out
+
+
+def _run_children(variants, model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting,
+                  adapter="none", quantization="none", progress=True) -> dict:
+    """Each variant in its own subprocess; returns {variant: its result}."""
+    # A fixed mmap threshold makes glibc hand every freed tensor of >= 4 MiB straight back to the OS, so a resident
+    # peak measures live tensors rather than what the allocator kept cached (the same for every variant).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4 << 20))
+    results = {}
+    for variant in variants:
+        if progress:
+            print(f"[bench] {model_spec} {batch_size}x{seq_len} {variant} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "mezo_tune.bench", variant, model_spec, dtype, str(batch_size), str(seq_len),
+               str(repeats), device, compile_setting, adapter, quantization]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench variant {variant} failed:\n{proc.stderr[-3000:]}")
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
 
 
 def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len: int = 64, repeats: int = 5,
@@ -167,27 +256,19 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
     """Run every variant in its own subprocess; return times, peaks and ratios (one JSON-able dict)."""
     from . import models
 
-    models.resolve_source(model_spec, progress=progress)  # fetch/convert once, before the children start
-    # A fixed mmap threshold makes glibc hand every freed tensor of >= 4 MiB straight back to the OS, so a resident
-    # peak measures live tensors rather than what the allocator kept cached (the same for every variant).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4 << 20))
-    results = {}
-    for variant in VARIANTS:
-        if progress:
-            print(f"[bench] {variant} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "mezo_tune.bench", variant, model_spec, dtype, str(batch_size), str(seq_len),
-               str(repeats), device, compile_setting, adapter, quantization]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench variant {variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    f, m, b, r = (results[v] for v in VARIANTS)
+    if not model_spec.startswith("config:"):
+        models.resolve_source(model_spec, progress=progress)  # fetch/convert once, before the children start
+    results = _run_children(VARIANTS, model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting,
+                            adapter, quantization, progress)
+    f, m, b, r, rp = (results[v] for v in VARIANTS)
+    replay_bytes_per_s = rp["bytes_moved"] / rp["seconds"]
     return {
         "model": model_spec, "dtype": dtype, "adapter": adapter, "quantization": quantization,
         "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
         "device": f["device"],
         "forward_s": f["seconds"], "mezo_step_s": m["seconds"], "backprop_step_s": b["seconds"],
-        "reference_step_s": r["seconds"],
+        "reference_step_s": r["seconds"], "replay_step_s": rp["seconds"],
+        "replay_bytes_moved": rp["bytes_moved"], "copy_bytes_per_s": rp["copy_bytes_per_s"],
         "forward_peak_bytes": f["peak_bytes"], "mezo_peak_bytes": m["peak_bytes"],
         "backprop_peak_bytes": b["peak_bytes"], "reference_peak_bytes": r["peak_bytes"],
         "ratios": {
@@ -196,6 +277,7 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
             "reference_over_mezo": r["seconds"] / m["seconds"],
             "mezo_peak_over_forward_peak": m["peak_bytes"] / f["peak_bytes"],
             "backprop_peak_over_mezo_peak": b["peak_bytes"] / m["peak_bytes"],
+            "replay_bandwidth_fraction": replay_bytes_per_s / rp["copy_bytes_per_s"],
         },
         "times": {v: results[v]["times"] for v in VARIANTS},
     }
@@ -218,7 +300,79 @@ def format_bench(res: dict) -> str:
               f"reference step / MeZO step     {r['reference_over_mezo']:.2f} x",
               f"backprop step / MeZO step      {r['backprop_over_mezo']:.2f} x",
               f"MeZO peak / forward peak       {r['mezo_peak_over_forward_peak']:.2f} x",
-              f"backprop peak / MeZO peak      {r['backprop_peak_over_mezo_peak']:.2f} x"]
+              f"backprop peak / MeZO peak      {r['backprop_peak_over_mezo_peak']:.2f} x",
+              f"replay step: {res['replay_bytes_moved'] / 1e9:.2f} GB moved in {res['replay_step_s']:.3f} s = "
+              f"{res['replay_bytes_moved'] / res['replay_step_s'] / 1e9:.1f} GB/s; copy {res['copy_bytes_per_s'] / 1e9:.1f} "
+              f"GB/s -> {r['replay_bandwidth_fraction']:.2f} of copy bandwidth"]
+    return "\n".join(lines)
+
+
+def sweep(sizes=("256x4", "512x8", "768x12"), seq_lens=(64, 256), batch_size: int = 8, repeats: int = 3,
+          dtype: str = "float32", device: str = "auto", compile_setting: str = "auto", out_dir: str = "bench-sweep",
+          progress: bool = True) -> dict:
+    """Forward, MeZO and backprop time and peak over model sizes x sequence lengths; writes sweep.json and
+    sweep.png (when matplotlib is installed) under out_dir and returns the JSON."""
+    from pathlib import Path
+
+    points = []
+    for size in sizes:
+        for seq_len in seq_lens:
+            res = _run_children(SWEEP_VARIANTS, f"config:{size}", dtype, batch_size, seq_len, repeats, device,
+                                compile_setting, progress=progress)
+            points.append({"size": size, "params": res["forward"]["params"], "seq_len": seq_len,
+                           **{f"{v}_s": res[v]["seconds"] for v in SWEEP_VARIANTS},
+                           **{f"{v}_peak_bytes": res[v]["peak_bytes"] for v in SWEEP_VARIANTS}})
+            device_name = res["forward"]["device"]
+    out = {"device": device_name, "dtype": dtype, "batch_size": batch_size, "repeats": repeats, "points": points}
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "sweep.json").write_text(json.dumps(out, indent=2) + "\n")
+    try:
+        plot_sweep(out, path / "sweep.png")
+    except ImportError:
+        print("[bench] matplotlib is not installed: no sweep.png", file=sys.stderr)
+    return out
+
+
+def plot_sweep(res: dict, png) -> None:
+    """Step time and peak memory against parameter count, one line per (variant, sequence length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"forward": ("tab:gray", ":"), "mezo": ("tab:blue", "-"), "backprop": ("tab:red", "--")}
+    for seq_len in sorted({p["seq_len"] for p in res["points"]}):
+        pts = sorted((p for p in res["points"] if p["seq_len"] == seq_len), key=lambda p: p["params"])
+        x = [p["params"] / 1e6 for p in pts]
+        for v, (color, ls) in styles.items():
+            label = f"{v}, {seq_len} tokens"
+            marker = "o" if seq_len == min(q["seq_len"] for q in res["points"]) else "s"
+            ax_t.plot(x, [p[f"{v}_s"] for p in pts], ls=ls, color=color, marker=marker, label=label)
+            ax_m.plot(x, [p[f"{v}_peak_bytes"] / 2**20 for p in pts], ls=ls, color=color, marker=marker, label=label)
+    ax_t.set(xlabel="parameters (M)", ylabel="seconds per call", title="time: forward, MeZO step, backprop + AdamW")
+    ax_m.set(xlabel="parameters (M)", ylabel="peak MiB", title="peak memory")
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_m.legend(fontsize=7)
+    fig.suptitle(f"mezo-tune bench --sweep: {res['dtype']}, batch {res['batch_size']}, on {res['device']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def format_sweep(res: dict) -> str:
+    lines = [f"{res['dtype']}, batch {res['batch_size']}, median of {res['repeats']}, on {res['device']}",
+             f"{'model':>8} {'params':>8} {'tokens':>6} {'fwd s':>7} {'MeZO s':>7} {'BP s':>7} {'MeZO/fwd':>8} "
+             f"{'BP/MeZO':>7} {'fwd MiB':>8} {'MeZO MiB':>8} {'BP MiB':>8}"]
+    for p in res["points"]:
+        mib = [p[f"{v}_peak_bytes"] / 2**20 for v in SWEEP_VARIANTS]
+        lines.append(f"{p['size']:>8} {p['params'] / 1e6:7.1f}M {p['seq_len']:>6} {p['forward_s']:7.3f} "
+                     f"{p['mezo_s']:7.3f} {p['backprop_s']:7.3f} {p['mezo_s'] / p['forward_s']:8.2f} "
+                     f"{p['backprop_s'] / p['mezo_s']:7.2f} {mib[0]:8.0f} {mib[1]:8.0f} {mib[2]:8.0f}")
     return "\n".join(lines)
 
 

@@ -135,14 +135,31 @@ def replay(trajectory, out_dir, base, steps, verify, device, merge, quiet):
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Score only the first N rows (0 = all).")
 @click.option("--icl-shots", type=click.IntRange(min=0), default=0, show_default=True,
               help="Put K training rows (sampled by data.seed) with their answers before every prompt.")
+@click.option("--lm-eval-tasks", "lm_eval_tasks", multiple=True, metavar="NAME[,NAME]",
+              help="Score on these lm-evaluation-harness tasks (or groups, tags, glob patterns, task YAML files) "
+                   "instead of RECIPE's task: the same model, in memory; --limit and --icl-shots apply per task "
+                   "(needs pip install 'mezo-tune[lm-eval]').")
+@click.option("--lm-eval-include", "lm_eval_include", multiple=True, type=click.Path(file_okay=False),
+              metavar="DIR", help="A directory of your own lm-eval task YAML files (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True)
 @friendly
-def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, as_json, quiet):
-    """Score a model on RECIPE's task: accuracy (classification) or loss (lm)."""
+def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_tasks, lm_eval_include, as_json, quiet):
+    """Score a model on RECIPE's task: accuracy (classification) or loss (lm); or on lm-eval tasks."""
     from .evaluate import evaluate
     from .train import fmt_eval
 
+    if lm_eval_include and not lm_eval_tasks:
+        raise click.UsageError("--lm-eval-include needs --lm-eval-tasks")
+    if lm_eval_tasks:
+        if data_path:
+            raise click.UsageError("--data scores the recipe's task; it does not go with --lm-eval-tasks")
+        from .lm_eval_bridge import evaluate_lm_eval, format_table
+
+        result = evaluate_lm_eval(_load(recipe, overrides), lm_eval_tasks, model_spec, include=lm_eval_include,
+                                  limit=limit, num_fewshot=icl_shots or None, progress=not quiet)
+        click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+        return
     result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet,
                       icl_shots=icl_shots)
     if as_json:
@@ -188,15 +205,42 @@ def inspect(trajectory, as_json, plot_path):
               help="Train a peft adapter (default [adapter] settings) instead of every weight, in every variant.")
 @click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True,
               help="Load the base through bitsandbytes (needs --adapter).")
+@click.option("--sweep", is_flag=True,
+              help="Forward / MeZO / backprop over model sizes x sequence lengths (random Llama-shaped models built "
+                   "from configs); writes sweep.json and sweep.png to --out.")
+@click.option("--sizes", default="256x4,512x8,768x12", show_default=True,
+              help="--sweep: model shapes HIDDENxLAYERS, comma-separated.")
+@click.option("--seq-lens", default="64,256", show_default=True, help="--sweep: sequence lengths, comma-separated.")
+@click.option("--out", "out_dir", default="bench-sweep", show_default=True, type=click.Path(file_okay=False),
+              help="--sweep: where sweep.json and sweep.png go.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization, as_json):
-    """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step; with ratios."""
-    from .bench import bench as run_bench, format_bench
+def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization, sweep,
+          sizes, seq_lens, out_dir, as_json):
+    """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step, a replay step; with ratios.
+
+    --model config:HIDDENxLAYERS benches a Llama-shaped model with random weights (nothing downloaded)."""
+    from .bench import bench as run_bench, format_bench, format_sweep, parse_shape, sweep as run_sweep
 
     if quantization != "none" and adapter == "none":
         raise click.UsageError("--quantization needs --adapter lora or prefix: full-weight training cannot update a "
                                "quantized base")
+    try:
+        for shape in ([model_spec] if model_spec.startswith("config:") else []) + (sizes.split(",") if sweep else []):
+            parse_shape(shape.strip())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if sweep:
+        if adapter != "none" or quantization != "none":
+            raise click.UsageError("--sweep trains every weight of unquantized models: drop --adapter/--quantization")
+        try:
+            size_list = [s.strip() for s in sizes.split(",") if s.strip()]
+            seq_list = [int(v) for v in seq_lens.split(",") if v.strip()]
+        except ValueError:
+            raise click.UsageError(f"--seq-lens must be integers separated by commas, got {seq_lens!r}") from None
+        res = run_sweep(size_list, seq_list, batch_size, repeats, dtype, device, compile_setting, out_dir)
+        click.echo(json.dumps(res, indent=2) if as_json else format_sweep(res) + f"\nwrote {out_dir}/sweep.json")
+        return
     res = run_bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter=adapter,
                     quantization=quantization)
     click.echo(json.dumps(res, indent=2) if as_json else format_bench(res))

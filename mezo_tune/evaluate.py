@@ -59,5 +59,17 @@ def evaluate(recipe: Recipe, model_spec: str | None = None, data_path: str | Non
     if icl_shots:
         demos = [train_rows[i] for i in sample_demonstrations(len(train_rows), icl_shots, recipe.data.seed)]
         task.set_demonstrations(demos, recipe.task.icl_separator)
+        check_icl_room(task, rows, icl_shots)
     result = task.evaluate(model, rows, batch_size=recipe.mezo.batch_size, progress=progress)
     return {"model": described, "data": str(path), "task": recipe.task.type, "icl_shots": icl_shots, **result}
+
+
+def check_icl_room(task, rows, shots: int) -> None:
+    """Refuse an ICL evaluation whose prompts data.max_length would cut (from the left: demonstrations lost)."""
+    from .train import RunError
+
+    longest = max(len(task.tokenizer(task.format(r), add_special_tokens=True).input_ids) for r in rows)
+    if longest >= task.max_length:
+        raise RunError(f"--icl-shots {shots}: with the demonstrations the longest prompt is {longest} tokens, "
+                       f"over data.max_length = {task.max_length}, which would cut demonstrations off; "
+                       f"raise it, e.g. --set data.max_length={longest + 64}")

@@ -20,7 +20,8 @@ Streams: stream 0 draws z; stream 1 draws the uniforms of stochastic rounding, i
 
 The kernels below (perturbed copy, in-place update) are plain torch functions; `compiled(fn)` wraps them with
 torch.compile so that z is generated and consumed in one fused loop (never materialised as a full tensor). Compiled
-and eager results are bit-identical (tests/test_zrng.py).
+and eager results are bit-identical (tests/test_zrng.py). On CUDA tensors, when Triton is installed, `kernel(fn, ...)`
+runs fn's hand-written Triton twin from mezo_tune/triton_kernels.py instead, bit-identical too (tests/test_triton.py).
 """
 
 from __future__ import annotations
@@ -169,8 +170,22 @@ def compiled(fn):
     return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
 
 
+def _triton_twin(fn):
+    """fn's twin in mezo_tune.triton_kernels, or None when Triton is not installed (imported on first CUDA use)."""
+    from mezo_tune import triton_kernels
+
+    return getattr(triton_kernels, fn.__name__) if triton_kernels.available() else None
+
+
 def kernel(fn, use_compile: bool):
-    return compiled(fn) if use_compile else fn
+    """fn as it runs: its Triton twin for CUDA tensors when Triton is available, else compiled or eager torch."""
+    torch_fn = compiled(fn) if use_compile else fn
+
+    def run(first: torch.Tensor, *args):
+        twin = _triton_twin(fn) if first.is_cuda else None
+        return (twin or torch_fn)(first, *args)
+
+    return run
 
 
 def chunks(numel: int, chunk: int = CHUNK):

@@ -42,9 +42,13 @@ def test_csv_columns_train_k_dev_split_and_icl_eval(tmp_path, tiny_model_dirs):
              if "eval" in json.loads(line)]
     assert evals[0]["n"] == 6 and set(evals[0]["per_class"]) == {"positive", "negative"}
 
+    cut = cli("eval", path, "-q", "--icl-shots", 2, ok=False)  # max_length 32 would cut the demonstrations off
+    assert cut.exit_code == 1 and cut.output.startswith("error: --icl-shots 2: with the demonstrations the longest prompt is 68 tokens")
+    assert "over data.max_length = 32, which would cut demonstrations off; raise it, e.g. --set" in cut.output
     zero = json.loads(cli("eval", path, "--json", "-q").output)
-    two = json.loads(cli("eval", path, "--json", "-q", "--icl-shots", 2).output)
-    again = json.loads(cli("eval", path, "--json", "-q", "--icl-shots", 2).output)
+    roomy = ("--set", "data.max_length=256")
+    two = json.loads(cli("eval", path, *roomy, "--json", "-q", "--icl-shots", 2).output)
+    again = json.loads(cli("eval", path, *roomy, "--json", "-q", "--icl-shots", 2).output)
     assert zero["n"] == two["n"] == 6 and two["icl_shots"] == 2 and two == again
     assert two["loss"] != zero["loss"]
     assert set(two["confusion"]) == {"labels", "matrix"}

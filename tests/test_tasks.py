@@ -153,6 +153,39 @@ def test_classification_evaluate(models, tokenizer):
     assert result["loss"] == pytest.approx(task.loss(model, SENTIMENT_ROWS).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("verbalizer", [VERBALIZER, MULTI], ids=["single", "multi"])
+def test_icl_demonstrations_computed_once_score_as_in_full(arch, verbalizer, models, tokenizer):
+    """evaluate() computes the demonstrations' keys and values once; each batch then runs only its own tokens.
+    Scores match the full forward up to float rounding, and the predictions are the same."""
+    model = models[arch]
+    task = build_task(cls_cfg(verbalizer), tokenizer, max_length=512)
+    task.set_demonstrations(SENTIMENT_ROWS[:3])
+    full = task.scores(model, SENTIMENT_ROWS)  # outside evaluate(): every prompt runs in full
+    task.share_prefix(model, SENTIMENT_ROWS)
+    assert task._shared is not None and task._shared.length > 30 and task._shared.covers([task.prompt_ids(r) for r in SENTIMENT_ROWS])
+    shared = torch.cat([task.scores(model, SENTIMENT_ROWS[:5]), task.scores(model, SENTIMENT_ROWS[5:])])
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-4)
+    assert task.predict(shared) == task.predict(full)
+    result = task.evaluate(model, SENTIMENT_ROWS, batch_size=3)
+    assert task._shared is None  # dropped when evaluate() returns: the model may change afterwards
+    assert result["correct"] == sum(p == t for p, t in zip(task.predict(full), [task.label_of(r) for r in SENTIMENT_ROWS]))
+
+
+def test_icl_shared_prefix_is_the_prompts_common_tokens(models, tokenizer):
+    task = build_task(cls_cfg(), tokenizer, max_length=512)
+    task.set_demonstrations(SENTIMENT_ROWS[:2])
+    task.share_prefix(models["llama"], SENTIMENT_ROWS[2:4])
+    a, b = (task.prompt_ids(r) for r in SENTIMENT_ROWS[2:4])
+    n = task._shared.length
+    assert a[:n] == b[:n] and a[n] != b[n]
+    assert not task._shared.covers([a[1:]]) and not task._shared.covers([a[:n]])  # another start; no token of its own
+    task._shared = None
+    task.share_prefix(models["llama"], SENTIMENT_ROWS[2:3])  # one row: all but its last token are shared
+    assert task._shared.length == len(a) - 1
+    task._shared = None
+
+
 def test_ties_go_to_first_label():
     assert ClassificationTask.predict(torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [-1.0, -3.0, -0.5]])) == [0, 1, 2]
 

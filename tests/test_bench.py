@@ -1,0 +1,66 @@
+"""`mezo-tune bench` on random Llama-shaped models built from configs (nothing downloaded): every variant runs in
+its own process and reports; the replay figure counts the bytes of the trainable set; --sweep writes JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import cli
+
+from mezo_tune.bench import format_sweep, parse_shape, plot_sweep, random_llama
+
+
+def test_random_llama_shape():
+    model = random_llama("config:64x2", "float32", "cpu")
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (64, 2, 1, 1)
+    assert c.intermediate_size == 192 and c.vocab_size == 32000 and not c.tie_word_embeddings
+    again = random_llama("config:64x2", "float32", "cpu")
+    assert all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))  # seeded: the same weights
+
+
+@pytest.mark.parametrize("bad", ["64", "64x", "60x2", "64x0", "axb"])
+def test_bad_shapes_are_refused(bad):
+    with pytest.raises(ValueError, match="HIDDENxLAYERS|multiple of 64"):
+        parse_shape(bad)
+    result = cli("bench", "--model", f"config:{bad}", ok=False)
+    assert result.exit_code == 2 and "Error:" in result.output
+
+
+def test_bench_reports_every_variant_and_the_replay_bandwidth():
+    res = json.loads(cli("bench", "--model", "config:64x2", "--batch-size", 2, "--seq-len", 8, "--repeats", 1,
+                         "--compile", "off", "--json").stdout)
+    params = sum(p.numel() for p in random_llama("config:64x2", "float32", "cpu").parameters())
+    assert res["replay_bytes_moved"] == 2 * 4 * params  # read and write every fp32 weight once
+    assert set(res["ratios"]) == {"mezo_over_forward", "backprop_over_mezo", "reference_over_mezo",
+                                  "mezo_peak_over_forward_peak", "backprop_peak_over_mezo_peak",
+                                  "replay_bandwidth_fraction"}
+    assert all(v > 0 for v in res["ratios"].values()) and res["copy_bytes_per_s"] > 0
+
+
+def test_sweep_writes_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep"
+    result = cli("bench", "--sweep", "--sizes", "64x1", "--seq-lens", "8", "--batch-size", 2, "--repeats", 1,
+                 "--compile", "off", "--out", out)
+    assert f"wrote {out}/sweep.json" in result.stdout
+    res = json.loads((out / "sweep.json").read_text())
+    (point,) = res["points"]
+    assert (point["size"], point["seq_len"]) == ("64x1", 8)
+    assert all(point[f"{v}_s"] > 0 and point[f"{v}_peak_bytes"] > 0 for v in ("forward", "mezo", "backprop"))
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_chart_and_table_over_several_points(tmp_path):
+    pytest.importorskip("matplotlib")
+    point = {"forward_s": 1.0, "mezo_s": 2.2, "backprop_s": 3.3, "forward_peak_bytes": 2**30,
+             "mezo_peak_bytes": 2**30, "backprop_peak_bytes": 3 * 2**30}
+    res = {"device": "cpu", "dtype": "float32", "batch_size": 2, "repeats": 1,
+           "points": [{"size": s, "params": n, "seq_len": t, **point}
+                      for s, n in (("64x1", 2_100_000), ("128x2", 4_500_000)) for t in (8, 16)]}
+    plot_sweep(res, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
+    table = format_sweep(res).splitlines()
+    assert len(table) == 6 and table[2].split() == ["64x1", "2.1M", "8", "1.000", "2.200", "3.300", "2.20", "1.50",
+                                                     "1024", "1024", "3072"]
