@@ -4,7 +4,8 @@
 Each variant runs in its own subprocess so that peak memory is honest on CPU too: the child loads the model, warms
 up (compiles), resets its peak (Linux: malloc_trim, then /proc/self/clear_refs resets VmHWM; CUDA:
 reset_peak_memory_stats), then
-times `repeats` calls and reports the median time and the peak (resident set on CPU, allocated bytes on CUDA).
+times `repeats` calls and reports the median time and the peak (resident set on CPU, allocated bytes on CUDA). On
+CPU one more, untimed call measures the peak of live tensors (see tensor_peak_bytes), comparable to CUDA's figure.
 
 The "replay" variant times one replay step (the update θ ← R(θ − c·z) over every trainable tensor, which is all
 a replay does per step) and, in the same process, a plain copy of a buffer as large as the trainable set: the
@@ -137,6 +138,32 @@ def random_llama(spec: str, dtype: str, device: str):
     return model.requires_grad_(False).eval().to(device)
 
 
+def tensor_peak_bytes(call, step: int) -> int:
+    """Peak bytes of live tensors during call(step): those alive before it (every tensor the garbage collector can
+    reach: weights, optimizer state, scratch) plus the highest running total of what the call allocates, from
+    torch.profiler's allocator events (compiled kernels' buffers included). The CPU counterpart of CUDA's
+    max_memory_allocated: unlike the resident set it leaves out the runtime (libraries, kernels' code)."""
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call(step)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return sum(storages.values()) + peak
+
+
 def _copy_bandwidth(numel: int, dtype, device: str, repeats: int) -> float:
     """Bytes per second of dst.copy_(src) (read + write) over buffers of `numel` elements (at most 2**27)."""
     import torch
@@ -221,7 +248,11 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
         call(step)
         sync()
         times.append(time.perf_counter() - t0)
-    out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": _peak_bytes(device),
+    peak = _peak_bytes(device)
+    if not device.startswith("cuda"):  # an extra, untimed call (the profiler slows what it watches)
+        tensor_peak = tensor_peak_bytes(call, repeats + 1)
+    out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": peak,
+           "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
            f"{torch.get_num_threads()} threads)"}
@@ -271,12 +302,15 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
         "replay_bytes_moved": rp["bytes_moved"], "copy_bytes_per_s": rp["copy_bytes_per_s"],
         "forward_peak_bytes": f["peak_bytes"], "mezo_peak_bytes": m["peak_bytes"],
         "backprop_peak_bytes": b["peak_bytes"], "reference_peak_bytes": r["peak_bytes"],
+        **{f"{v}_tensor_peak_bytes": results[v]["tensor_peak_bytes"] for v in VARIANTS[:4]},
         "ratios": {
             "mezo_over_forward": m["seconds"] / f["seconds"],
             "backprop_over_mezo": b["seconds"] / m["seconds"],
             "reference_over_mezo": r["seconds"] / m["seconds"],
             "mezo_peak_over_forward_peak": m["peak_bytes"] / f["peak_bytes"],
             "backprop_peak_over_mezo_peak": b["peak_bytes"] / m["peak_bytes"],
+            "mezo_tensor_peak_over_forward": m["tensor_peak_bytes"] / f["tensor_peak_bytes"],
+            "backprop_tensor_peak_over_mezo": b["tensor_peak_bytes"] / m["tensor_peak_bytes"],
             "replay_bandwidth_fraction": replay_bytes_per_s / rp["copy_bytes_per_s"],
         },
         "times": {v: results[v]["times"] for v in VARIANTS},
@@ -285,15 +319,15 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
 
 def format_bench(res: dict) -> str:
     mib = 1 << 20
-    rows = [("forward", res["forward_s"], res["forward_peak_bytes"]),
-            ("MeZO step (ours)", res["mezo_step_s"], res["mezo_peak_bytes"]),
-            ("backprop + AdamW step", res["backprop_step_s"], res["backprop_peak_bytes"]),
-            ("reference MeZO step (paper code)", res["reference_step_s"], res["reference_peak_bytes"])]
+    rows = [(name, res[f"{v}_s" if v == "forward" else f"{v}_step_s"], res[f"{v}_peak_bytes"],
+             res[f"{v}_tensor_peak_bytes"])
+            for name, v in (("forward", "forward"), ("MeZO step (ours)", "mezo"), ("backprop + AdamW step", "backprop"),
+                            ("reference MeZO step (paper code)", "reference"))]
     setup = "".join(f", {k} {res[k]}" for k in ("adapter", "quantization") if res.get(k, "none") != "none")
     lines = [f"{res['model']} {res['dtype']}{setup}, batch {res['batch_size']} x {res['seq_len']} tokens, "
              f"median of {res['repeats']}, on {res['device']}",
-             f"{'variant':34} {'s/call':>9} {'peak MiB':>10}"]
-    lines += [f"{name:34} {s:9.3f} {peak / mib:10.0f}" for name, s, peak in rows]
+             f"{'variant':34} {'s/call':>9} {'peak MiB':>10} {'tensors MiB':>12}"]
+    lines += [f"{name:34} {s:9.3f} {peak / mib:10.0f} {tensors / mib:12.0f}" for name, s, peak, tensors in rows]
     r = res["ratios"]
     lines += ["",
               f"MeZO step / forward            {r['mezo_over_forward']:.2f} x",
@@ -301,6 +335,8 @@ def format_bench(res: dict) -> str:
               f"backprop step / MeZO step      {r['backprop_over_mezo']:.2f} x",
               f"MeZO peak / forward peak       {r['mezo_peak_over_forward_peak']:.2f} x",
               f"backprop peak / MeZO peak      {r['backprop_peak_over_mezo_peak']:.2f} x",
+              f"  live tensors only: MeZO / forward {r['mezo_tensor_peak_over_forward']:.2f} x, "
+              f"backprop / MeZO {r['backprop_tensor_peak_over_mezo']:.2f} x",
               f"replay step: {res['replay_bytes_moved'] / 1e9:.2f} GB moved in {res['replay_step_s']:.3f} s = "
               f"{res['replay_bytes_moved'] / res['replay_step_s'] / 1e9:.1f} GB/s; copy {res['copy_bytes_per_s'] / 1e9:.1f} "
               f"GB/s -> {r['replay_bandwidth_fraction']:.2f} of copy bandwidth"]
@@ -321,7 +357,8 @@ def sweep(sizes=("256x4", "512x8", "768x12"), seq_lens=(64, 256), batch_size: in
                                 compile_setting, progress=progress)
             points.append({"size": size, "params": res["forward"]["params"], "seq_len": seq_len,
                            **{f"{v}_s": res[v]["seconds"] for v in SWEEP_VARIANTS},
-                           **{f"{v}_peak_bytes": res[v]["peak_bytes"] for v in SWEEP_VARIANTS}})
+                           **{f"{v}_peak_bytes": res[v]["peak_bytes"] for v in SWEEP_VARIANTS},
+                           **{f"{v}_tensor_peak_bytes": res[v]["tensor_peak_bytes"] for v in SWEEP_VARIANTS}})
             device_name = res["forward"]["device"]
     out = {"device": device_name, "dtype": dtype, "batch_size": batch_size, "repeats": repeats, "points": points}
     path = Path(out_dir)
@@ -350,9 +387,10 @@ def plot_sweep(res: dict, png) -> None:
             label = f"{v}, {seq_len} tokens"
             marker = "o" if seq_len == min(q["seq_len"] for q in res["points"]) else "s"
             ax_t.plot(x, [p[f"{v}_s"] for p in pts], ls=ls, color=color, marker=marker, label=label)
-            ax_m.plot(x, [p[f"{v}_peak_bytes"] / 2**20 for p in pts], ls=ls, color=color, marker=marker, label=label)
+            ax_m.plot(x, [p[f"{v}_tensor_peak_bytes"] / 2**20 for p in pts], ls=ls, color=color, marker=marker,
+                      label=label)
     ax_t.set(xlabel="parameters (M)", ylabel="seconds per call", title="time: forward, MeZO step, backprop + AdamW")
-    ax_m.set(xlabel="parameters (M)", ylabel="peak MiB", title="peak memory")
+    ax_m.set(xlabel="parameters (M)", ylabel="peak MiB of live tensors", title="peak memory")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -369,7 +407,7 @@ def format_sweep(res: dict) -> str:
              f"{'model':>8} {'params':>8} {'tokens':>6} {'fwd s':>7} {'MeZO s':>7} {'BP s':>7} {'MeZO/fwd':>8} "
              f"{'BP/MeZO':>7} {'fwd MiB':>8} {'MeZO MiB':>8} {'BP MiB':>8}"]
     for p in res["points"]:
-        mib = [p[f"{v}_peak_bytes"] / 2**20 for v in SWEEP_VARIANTS]
+        mib = [p[f"{v}_tensor_peak_bytes"] / 2**20 for v in SWEEP_VARIANTS]  # live tensors
         lines.append(f"{p['size']:>8} {p['params'] / 1e6:7.1f}M {p['seq_len']:>6} {p['forward_s']:7.3f} "
                      f"{p['mezo_s']:7.3f} {p['backprop_s']:7.3f} {p['mezo_s'] / p['forward_s']:8.2f} "
                      f"{p['backprop_s'] / p['mezo_s']:7.2f} {mib[0]:8.0f} {mib[1]:8.0f} {mib[2]:8.0f}")

@@ -158,7 +158,7 @@ def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_ta
 
         result = evaluate_lm_eval(_load(recipe, overrides), lm_eval_tasks, model_spec, include=lm_eval_include,
                                   limit=limit, num_fewshot=icl_shots or None, progress=not quiet)
-        click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+        click.echo(json.dumps(result, indent=2, default=str) if as_json else format_table(result))
         return
     result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet,
                       icl_shots=icl_shots)

@@ -8,9 +8,9 @@ Generator "mezo-tune/lowbias32x2", version 1:
   key      (k0, k1) = the 8 bytes of blake2b(b"mezo-tune/z/v1" | seed, step, stream as little-endian u64 | name, 8 bytes),
            computed once per (step, tensor) in Python.
   bits     h(i) = mix(mix(lo(i) ^ k0) ^ hi(i) ^ k1), where lo/hi are the low/high 32 bits of the 64-bit element index
-           and mix is Chris Wellons' "lowbias32" integer hash (two xorshift-multiply rounds, a bijection on 32 bits).
-           Arithmetic is in int64 holding 32-bit values; every product is of a value < 2**32 by a constant < 2**31, so
-           nothing overflows, and each product is masked back to 32 bits.
+           and mix is Chris Wellons' "lowbias32" integer hash (two xorshift-multiply rounds, a bijection on 32 bits),
+           all in uint32 arithmetic (products mod 2**32). The torch kernels hold the uint32 bit patterns in int32
+           (wrapping products, masked right shifts); the Triton kernels use uint32.
   gaussian z = (2 * (b0 + b1 + b2) - 765) / 256 with b0..b2 the three low bytes of h: an Irwin-Hall (sum of three
            uniforms) bell shape, mean 0, variance 65535/65536, support [-2.99, 2.99]. Every value is an integer times
            2**-8 with at most 10 significant bits, so it is exact in fp32/fp16 and products with an fp32 scalar are
@@ -38,7 +38,7 @@ DISTRIBUTIONS = ("gaussian", "rademacher")
 Z_STREAM, ROUNDING_STREAM = 0, 1
 
 _M32 = 0xFFFFFFFF
-_MUL1, _MUL2 = 0x7FEB352D, 0x446CA68B  # < 2**31: x * c < 2**63 for any 32-bit x, so int64 never overflows
+_MUL1, _MUL2 = 0x7FEB352D, 0x446CA68B  # lowbias32's multipliers (< 2**31: they fit an int32 operand)
 CHUNK = 1 << 22  # elements per kernel call: bounds temporaries in eager mode, no cost compiled
 
 
@@ -51,17 +51,28 @@ def stream_key(seed: int, step: int, name: str, stream: int = Z_STREAM) -> tuple
     return key & _M32, key >> 32
 
 
+def _signed32(k):
+    """A 32-bit value as the int32 with the same bits (tensor or Python int)."""
+    if isinstance(k, torch.Tensor):
+        return k.to(torch.int32)  # int64 -> int32 keeps the low 32 bits
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = (x * _MUL1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & _M32
-    return x ^ (x >> 16)
+    """lowbias32 on int32 tensors holding uint32 bit patterns: products wrap mod 2**32 (what the uint32 hash does),
+    and each right shift is masked so the sign bit does not spread (a logical shift)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MUL1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MUL2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def _bits(index: torch.Tensor, k0, k1) -> torch.Tensor:
-    """32 random bits (in int64) per int64 element index."""
-    return _mix(_mix((index & _M32) ^ k0) ^ (index >> 32) ^ k1)
+    """32 random bits (as int32) per int64 element index. Hashing in 32-bit lanes runs twice as fast as in int64
+    (the first implementation, same bits)."""
+    lo, hi = index.to(torch.int32), (index >> 32).to(torch.int32)
+    return _mix(_mix(lo ^ _signed32(k0)) ^ hi ^ _signed32(k1))
 
 
 def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torch.Tensor:
@@ -69,13 +80,13 @@ def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torc
         s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255)
         return (2 * s - 765).to(dtype) * (1.0 / 256)
     if distribution == "rademacher":
-        return (1 - 2 * (h >> 31)).to(dtype)
+        return (1 - 2 * ((h >> 31) & 1)).to(dtype)
     raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
 
 
 def _uniform_from_bits(h: torch.Tensor) -> torch.Tensor:
     """A uniform in [0, 1) with 24 bits, exact in fp32."""
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def key_tensor(k0: int, k1: int, offset: int = 0, device=None) -> torch.Tensor:
@@ -206,4 +217,4 @@ def z_for(seed: int, step: int, name: str, numel: int, distribution: str = "gaus
 def bits_for(seed: int, step: int, name: str, index: torch.Tensor, stream: int = Z_STREAM) -> torch.Tensor:
     """The raw 32 bits (as int64) at arbitrary element indices: for golden vectors and the > 2**32 index test."""
     k0, k1 = stream_key(seed, step, name, stream)
-    return _bits(index.to(torch.int64), k0, k1)
+    return _bits(index.to(torch.int64), k0, k1).to(torch.int64) & _M32

@@ -35,8 +35,11 @@ def test_bench_reports_every_variant_and_the_replay_bandwidth():
     assert res["replay_bytes_moved"] == 2 * 4 * params  # read and write every fp32 weight once
     assert set(res["ratios"]) == {"mezo_over_forward", "backprop_over_mezo", "reference_over_mezo",
                                   "mezo_peak_over_forward_peak", "backprop_peak_over_mezo_peak",
-                                  "replay_bandwidth_fraction"}
+                                  "replay_bandwidth_fraction", "mezo_tensor_peak_over_forward",
+                                  "backprop_tensor_peak_over_mezo"}
     assert all(v > 0 for v in res["ratios"].values()) and res["copy_bytes_per_s"] > 0
+    # live tensors: at least the weights; backprop holds AdamW's two moments as well
+    assert res["forward_tensor_peak_bytes"] >= 4 * params and res["backprop_tensor_peak_bytes"] >= 3 * 4 * params
 
 
 def test_sweep_writes_json_and_png(tmp_path):
@@ -48,14 +51,14 @@ def test_sweep_writes_json_and_png(tmp_path):
     res = json.loads((out / "sweep.json").read_text())
     (point,) = res["points"]
     assert (point["size"], point["seq_len"]) == ("64x1", 8)
-    assert all(point[f"{v}_s"] > 0 and point[f"{v}_peak_bytes"] > 0 for v in ("forward", "mezo", "backprop"))
+    assert all(point[f"{v}_{k}"] > 0 for v in ("forward", "mezo", "backprop") for k in ("s", "peak_bytes", "tensor_peak_bytes"))
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sweep_chart_and_table_over_several_points(tmp_path):
     pytest.importorskip("matplotlib")
-    point = {"forward_s": 1.0, "mezo_s": 2.2, "backprop_s": 3.3, "forward_peak_bytes": 2**30,
-             "mezo_peak_bytes": 2**30, "backprop_peak_bytes": 3 * 2**30}
+    point = {"forward_s": 1.0, "mezo_s": 2.2, "backprop_s": 3.3, "forward_tensor_peak_bytes": 2**30,
+             "mezo_tensor_peak_bytes": 2**30, "backprop_tensor_peak_bytes": 3 * 2**30}
     res = {"device": "cpu", "dtype": "float32", "batch_size": 2, "repeats": 1,
            "points": [{"size": s, "params": n, "seq_len": t, **point}
                       for s, n in (("64x1", 2_100_000), ("128x2", 4_500_000)) for t in (8, 16)]}
