@@ -329,6 +329,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     bar = tqdm(total=r.mezo.steps, initial=start, disable=not progress, desc="mezo", unit="step",
                dynamic_ncols=True)
     recent: list[float] = []
+    last_keyframe = (-1, b"")  # (step, digest): the end reuses it when the last step had a keyframe
     try:
         for t in range(start, r.mezo.steps):
             t0 = time.perf_counter()
@@ -337,7 +338,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             rec = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows))
             writer.append_step(StepRecord(**rec))
             if (t + 1) % r.mezo.keyframe_every == 0:
-                writer.append_keyframe(t, run.engine.digest())
+                last_keyframe = (t, run.engine.digest())
+                writer.append_keyframe(*last_keyframe)
             if r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0:
                 writer.flush()  # the checkpoint never runs ahead of the intact trajectory
                 save_checkpoint(out, run, t)
@@ -356,7 +358,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             if r.output.eval_every and (t + 1) % r.output.eval_every == 0 and t + 1 < r.mezo.steps:
                 evaluate(t, f"at step {t + 1}")
         bar.close()
-        final_digest = run.engine.digest()
+        final_digest = last_keyframe[1] if last_keyframe[0] == r.mezo.steps - 1 else run.engine.digest()
         if r.mezo.steps - 1 not in keyframes_done and r.mezo.steps % r.mezo.keyframe_every != 0:
             writer.append_keyframe(r.mezo.steps - 1, final_digest)
         writer.finish(r.mezo.steps, final_digest)
