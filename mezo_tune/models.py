@@ -204,11 +204,18 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
 
 
 def quiet_transformers() -> None:
-    """Our own progress bars and messages say what happens; transformers' per-shard bars are noise here."""
+    """Our own progress bars and messages say what happens; transformers' per-shard bars are noise here, and so are
+    two library messages no user can act on: bitsandbytes' CPU backend regretting an optional hub-downloaded kernel
+    (`kernels`), and transformers' deprecation warning about an attribute peft still reads."""
+    import logging as std_logging
+    import warnings
+
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    std_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(std_logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def load(model_cfg, progress: bool = True):
