@@ -5,8 +5,9 @@ never materialised and a perturbation or update is one pass over the weights. Th
 the scalars eps / c are loaded inside the kernel, so new keys, offsets and scalars never recompile anything.
 
 What keeps the bits equal to eager torch:
-  - the hash runs in uint32, whose wrapping multiply is zrng's masked int64 product; the element index is the
-    64-bit offset + i, split into its low and high words exactly as zrng splits it;
+  - the hash runs in uint32, whose wrapping multiply and logical shifts are what zrng's int32 lanes compute (wrapping
+    products, masked shifts); the element index is the 64-bit offset + i, split into its low and high words exactly
+    as zrng splits it;
   - every float operation is one IEEE operation in the same order and precision as zrng; kernels are launched with
     enable_fp_fusion=False, because Triton otherwise contracts `w + eps * z` into one FMA (a single rounding where
     eager torch rounds the product and then the sum); the update's c*z is exact in fp64, so it is immune anyway;
@@ -71,7 +72,7 @@ if triton is not None:
 
     @triton.jit
     def _mix(x):
-        """lowbias32 on uint32: the products wrap mod 2**32, which is zrng's `(x * c) & 0xFFFFFFFF`."""
+        """lowbias32 on uint32: the products wrap mod 2**32, as in zrng._mix."""
         x = x ^ (x >> 16)
         x = x * 0x7FEB352D
         x = x ^ (x >> 15)
