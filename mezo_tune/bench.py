@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 VARIANTS = ("forward", "mezo", "backprop", "reference", "replay")
 SWEEP_VARIANTS = ("forward", "mezo", "backprop")
@@ -150,10 +151,16 @@ def tensor_peak_bytes(call, step: int) -> int:
 
     gc.collect()
     storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            st = obj.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore", FutureWarning)
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
+        if obj.device.type != "meta":
+            try:
+                st = obj.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+            except (RuntimeError, NotImplementedError):  # compile's fake tensors (left from tracing) hold no data
+                continue
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call(step)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")

@@ -8,7 +8,7 @@ import json
 import pytest
 from test_cli import cli
 
-from mezo_tune.bench import format_sweep, parse_shape, plot_sweep, random_llama
+from mezo_tune.bench import format_sweep, parse_shape, plot_sweep, random_llama, tensor_peak_bytes
 
 
 def test_random_llama_shape():
@@ -40,6 +40,17 @@ def test_bench_reports_every_variant_and_the_replay_bandwidth():
     assert all(v > 0 for v in res["ratios"].values()) and res["copy_bytes_per_s"] > 0
     # live tensors: at least the weights; backprop holds AdamW's two moments as well
     assert res["forward_tensor_peak_bytes"] >= 4 * params and res["backprop_tensor_peak_bytes"] >= 3 * 4 * params
+
+
+def test_tensor_peak_skips_fake_tensors_left_by_compile():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.ones(4)  # like those torch.compile's tracing leaves for the garbage collector: no storage
+    kept = torch.ones(1000)
+    peak = tensor_peak_bytes(lambda step: torch.ones(2000) + step, 0)
+    assert peak >= kept.nbytes + 2000 * 4 and fake.shape == (4,)
 
 
 def test_sweep_writes_json_and_png(tmp_path):
