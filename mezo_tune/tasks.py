@@ -94,9 +94,10 @@ class SharedPrefix:
     def __init__(self, model, ids: list[int]):
         self.ids = ids
         self.length = len(ids)
+        self.argument = self.cache_argument(model)
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids], device=_device(model)), use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self.argument)
 
     def covers(self, prompts: Sequence[Sequence[int]]) -> bool:
         """Every prompt starts with the prefix tokens and has at least one token of its own."""
@@ -112,13 +113,20 @@ class SharedPrefix:
         return cache
 
     @staticmethod
-    def supported(model) -> bool:
-        """Needs a forward that takes past_key_values; a PEFT prompt-learning model (prefix tuning) supplies its
-        own and cannot take ours."""
+    def cache_argument(model) -> str | None:
+        """The name model.forward takes a KV cache by (and its output returns it by): "cache" from transformers 5.24,
+        "past_key_values" before; None when it takes none."""
+        params = _forward_params(model)
+        return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+    @classmethod
+    def supported(cls, model) -> bool:
+        """Needs a forward that takes a KV cache; a PEFT prompt-learning model (prefix tuning) supplies its own and
+        cannot take ours."""
         config = getattr(model, "active_peft_config", None)
         if config is not None and getattr(config, "is_prompt_learning", False):
             return False
-        return "past_key_values" in _forward_params(model)
+        return cls.cache_argument(model) is not None
 
 
 class Task:
@@ -196,7 +204,7 @@ class Task:
         params = _forward_params(model)
         kwargs = {}
         if past is not None:
-            kwargs["past_key_values"] = past.cache_for(ids.shape[0])
+            kwargs[past.argument] = past.cache_for(ids.shape[0])
             kwargs["use_cache"] = True
             mask = torch.cat([mask.new_ones(ids.shape[0], past.length), mask], dim=1)
         elif "use_cache" in params:
