@@ -249,15 +249,19 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     _reset_peak(device)
+    # One untimed call after the reset: on CPU malloc_trim has just handed the heap back, and the first call pays for
+    # faulting it in again (a step in a run never does); it still counts for the peak.
+    call(1)
+    sync()
     times = []
-    for step in range(1, repeats + 1):
+    for step in range(2, repeats + 2):
         t0 = time.perf_counter()
         call(step)
         sync()
         times.append(time.perf_counter() - t0)
     peak = _peak_bytes(device)
     if not device.startswith("cuda"):  # an extra, untimed call (the profiler slows what it watches)
-        tensor_peak = tensor_peak_bytes(call, repeats + 1)
+        tensor_peak = tensor_peak_bytes(call, repeats + 2)
     out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": peak,
            "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
