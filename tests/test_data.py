@@ -12,6 +12,7 @@ import pytest
 from mezo_tune import data
 from mezo_tune.data import DataError, batch_indices, make_rotten_tomatoes, permutation, read_jsonl
 
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
