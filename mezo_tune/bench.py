@@ -1,11 +1,15 @@
 """`mezo-tune bench`: time and peak memory of a forward, a MeZO step, a backprop + AdamW step and the paper code's
 4-pass MeZO step, on the same model and batch, reported as ratios measured in one run.
 
-Each variant runs in its own subprocess so that peak memory is honest on CPU too: the child loads the model, warms
-up (compiles), resets its peak (Linux: malloc_trim, then /proc/self/clear_refs resets VmHWM; CUDA:
-reset_peak_memory_stats), then
+Each variant runs in its own subprocess so that peak memory is honest on CPU too: the child loads the model (on CPU
+with freed memory kept for reuse, as train, eval and replay run: models.keep_freed_memory), warms up (compiles),
+resets its peak (Linux: malloc_trim, then /proc/self/clear_refs resets VmHWM; CUDA: reset_peak_memory_stats), then
 times `repeats` calls and reports the median time and the peak (resident set on CPU, allocated bytes on CUDA). On
 CPU one more, untimed call measures the peak of live tensors (see tensor_peak_bytes), comparable to CUDA's figure.
+
+Time ratios do not divide times taken in different processes: a step variant (MeZO, backprop, reference) times a
+forward after each of its calls, and its time is expressed in those forwards; on shared or virtual CPUs, whose speed
+drifts by 10-30 % over the minutes a bench takes, this keeps the ratios steady.
 
 The "replay" variant times one replay step (the update θ ← R(θ − c·z) over every trainable tensor, which is all
 a replay does per step) and, in the same process, a plain copy of a buffer as large as the trainable set: the
@@ -147,6 +151,7 @@ def tensor_peak_bytes(call, step: int) -> int:
     import gc
 
     import torch
+    from torch._subclasses.fake_tensor import FakeTensor
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
@@ -155,12 +160,13 @@ def tensor_peak_bytes(call, step: int) -> int:
         warnings.simplefilter("ignore", FutureWarning)
         objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for obj in objects:
-        if obj.device.type != "meta":
-            try:
-                st = obj.untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
-            except (RuntimeError, NotImplementedError):  # compile's fake tensors (left from tracing) hold no data
-                continue
+        if obj.device.type == "meta" or isinstance(obj, FakeTensor):  # compile's tracing leaves fake tensors behind
+            continue
+        try:
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # other tensors without data
+            continue
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call(step)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
@@ -204,6 +210,8 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
         model = random_llama(model_spec, dtype, device)
     else:
         model = models.load_model(models.resolve_source(model_spec), dtype, device, quantization)
+    if device == "cpu":
+        models.keep_freed_memory()  # as train, eval and replay run
     if adapter != "none":
         from .adapters import attach
         from .recipe import AdapterConfig
@@ -213,10 +221,12 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
 
+    def forward(step):
+        with torch.no_grad():
+            _lm_loss(model, ids).item()
+
     if variant == "forward":
-        def call(step):
-            with torch.no_grad():
-                _lm_loss(model, ids).item()
+        call = forward
     elif variant == "mezo":
         engine = Mezo(model, trainable, seed=0, eps=1e-3,
                       use_compile=use_compile(compile_setting, device))
@@ -253,16 +263,21 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     # faulting it in again (a step in a run never does); it still counts for the peak.
     call(1)
     sync()
-    times = []
+    # A step variant times a forward after each of its calls: its time in forwards measured alongside, so that a
+    # machine whose speed drifts between children (shared or virtual CPUs) does not skew the ratios.
+    interleave = variant in ("mezo", "backprop", "reference")
+    times, forward_times = [], []
     for step in range(2, repeats + 2):
-        t0 = time.perf_counter()
-        call(step)
-        sync()
-        times.append(time.perf_counter() - t0)
+        for fn, out in ((call, times), (forward, forward_times)) if interleave else ((call, times),):
+            t0 = time.perf_counter()
+            fn(step)
+            sync()
+            out.append(time.perf_counter() - t0)
     peak = _peak_bytes(device)
     if not device.startswith("cuda"):  # an extra, untimed call (the profiler slows what it watches)
         tensor_peak = tensor_peak_bytes(call, repeats + 2)
-    out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": peak,
+    out = {"variant": variant, "seconds": statistics.median(times), "times": times,
+           "forward_seconds": statistics.median(forward_times or times), "peak_bytes": peak,
            "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
@@ -276,20 +291,22 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
 def _run_children(variants, model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting,
                   adapter="none", quantization="none", progress=True) -> dict:
     """Each variant in its own subprocess; returns {variant: its result}."""
-    # A fixed mmap threshold makes glibc hand every freed tensor of >= 4 MiB straight back to the OS, so a resident
-    # peak measures live tensors rather than what the allocator kept cached (the same for every variant).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4 << 20))
     results = {}
     for variant in variants:
         if progress:
             print(f"[bench] {model_spec} {batch_size}x{seq_len} {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "mezo_tune.bench", variant, model_spec, dtype, str(batch_size), str(seq_len),
                str(repeats), device, compile_setting, adapter, quantization]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench variant {variant} failed:\n{proc.stderr[-3000:]}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+def in_forwards(result: dict) -> float:
+    """A variant's time per call over the time of a forward measured in the same child, between its calls."""
+    return result["seconds"] / result["forward_seconds"]
 
 
 def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len: int = 64, repeats: int = 5,
@@ -315,15 +332,16 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
         "backprop_peak_bytes": b["peak_bytes"], "reference_peak_bytes": r["peak_bytes"],
         **{f"{v}_tensor_peak_bytes": results[v]["tensor_peak_bytes"] for v in VARIANTS[:4]},
         "ratios": {
-            "mezo_over_forward": m["seconds"] / f["seconds"],
-            "backprop_over_mezo": b["seconds"] / m["seconds"],
-            "reference_over_mezo": r["seconds"] / m["seconds"],
+            "mezo_over_forward": in_forwards(m),
+            "backprop_over_mezo": in_forwards(b) / in_forwards(m),
+            "reference_over_mezo": in_forwards(r) / in_forwards(m),
             "mezo_peak_over_forward_peak": m["peak_bytes"] / f["peak_bytes"],
             "backprop_peak_over_mezo_peak": b["peak_bytes"] / m["peak_bytes"],
             "mezo_tensor_peak_over_forward": m["tensor_peak_bytes"] / f["tensor_peak_bytes"],
             "backprop_tensor_peak_over_mezo": b["tensor_peak_bytes"] / m["tensor_peak_bytes"],
             "replay_bandwidth_fraction": replay_bytes_per_s / rp["copy_bytes_per_s"],
         },
+        "forward_between_calls_s": {v: results[v]["forward_seconds"] for v in ("mezo", "backprop", "reference")},
         "times": {v: results[v]["times"] for v in VARIANTS},
     }
 
@@ -368,6 +386,8 @@ def sweep(sizes=("256x4", "512x8", "768x12"), seq_lens=(64, 256), batch_size: in
                                 compile_setting, progress=progress)
             points.append({"size": size, "params": res["forward"]["params"], "seq_len": seq_len,
                            **{f"{v}_s": res[v]["seconds"] for v in SWEEP_VARIANTS},
+                           "mezo_over_forward": in_forwards(res["mezo"]),
+                           "backprop_over_mezo": in_forwards(res["backprop"]) / in_forwards(res["mezo"]),
                            **{f"{v}_peak_bytes": res[v]["peak_bytes"] for v in SWEEP_VARIANTS},
                            **{f"{v}_tensor_peak_bytes": res[v]["tensor_peak_bytes"] for v in SWEEP_VARIANTS}})
             device_name = res["forward"]["device"]
@@ -420,8 +440,8 @@ def format_sweep(res: dict) -> str:
     for p in res["points"]:
         mib = [p[f"{v}_tensor_peak_bytes"] / 2**20 for v in SWEEP_VARIANTS]  # live tensors
         lines.append(f"{p['size']:>8} {p['params'] / 1e6:7.1f}M {p['seq_len']:>6} {p['forward_s']:7.3f} "
-                     f"{p['mezo_s']:7.3f} {p['backprop_s']:7.3f} {p['mezo_s'] / p['forward_s']:8.2f} "
-                     f"{p['backprop_s'] / p['mezo_s']:7.2f} {mib[0]:8.0f} {mib[1]:8.0f} {mib[2]:8.0f}")
+                     f"{p['mezo_s']:7.3f} {p['backprop_s']:7.3f} {p['mezo_over_forward']:8.2f} "
+                     f"{p['backprop_over_mezo']:7.2f} {mib[0]:8.0f} {mib[1]:8.0f} {mib[2]:8.0f}")
     return "\n".join(lines)
 
 

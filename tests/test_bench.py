@@ -4,6 +4,8 @@ its own process and reports; the replay figure counts the bytes of the trainable
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from test_cli import cli
@@ -38,6 +40,11 @@ def test_bench_reports_every_variant_and_the_replay_bandwidth():
                                   "replay_bandwidth_fraction", "mezo_tensor_peak_over_forward",
                                   "backprop_tensor_peak_over_mezo"}
     assert all(v > 0 for v in res["ratios"].values()) and res["copy_bytes_per_s"] > 0
+    # time ratios: each step variant in forwards timed between its calls, in its own process
+    between = res["forward_between_calls_s"]
+    assert res["ratios"]["mezo_over_forward"] == res["mezo_step_s"] / between["mezo"]
+    assert res["ratios"]["reference_over_mezo"] == ((res["reference_step_s"] / between["reference"])
+                                                    / (res["mezo_step_s"] / between["mezo"]))
     # live tensors: at least the weights; backprop holds AdamW's two moments as well
     assert res["forward_tensor_peak_bytes"] >= 4 * params and res["backprop_tensor_peak_bytes"] >= 3 * 4 * params
 
@@ -68,7 +75,8 @@ def test_sweep_writes_json_and_png(tmp_path):
 
 def test_sweep_chart_and_table_over_several_points(tmp_path):
     pytest.importorskip("matplotlib")
-    point = {"forward_s": 1.0, "mezo_s": 2.2, "backprop_s": 3.3, "forward_tensor_peak_bytes": 2**30,
+    point = {"forward_s": 1.0, "mezo_s": 2.2, "backprop_s": 3.3, "mezo_over_forward": 2.2, "backprop_over_mezo": 1.5,
+             "forward_tensor_peak_bytes": 2**30,
              "mezo_tensor_peak_bytes": 2**30, "backprop_tensor_peak_bytes": 3 * 2**30}
     res = {"device": "cpu", "dtype": "float32", "batch_size": 2, "repeats": 1,
            "points": [{"size": s, "params": n, "seq_len": t, **point}
@@ -78,3 +86,29 @@ def test_sweep_chart_and_table_over_several_points(tmp_path):
     table = format_sweep(res).splitlines()
     assert len(table) == 6 and table[2].split() == ["64x1", "2.1M", "8", "1.000", "2.200", "3.300", "2.20", "1.50",
                                                      "1024", "1024", "3072"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_reuses_freed_pages():
+    """After models.keep_freed_memory() a large block freed and allocated again lands on pages already mapped: no page
+    faults, where glibc's default (a fresh mmap for every large allocation) faults on each of its pages again."""
+    code = """if True:
+        import ctypes, resource, sys
+        from mezo_tune import models
+        if sys.argv[1] == "keep":
+            assert models.keep_freed_memory()
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        def touched(n):
+            p = libc.malloc(n)
+            ctypes.memset(p, 1, n)
+            return ctypes.c_void_p(p)
+        libc.free(touched(64 << 20))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        touched(64 << 20)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep")}
+    assert faults["keep"] == 0
+    assert faults["default"] > 0  # 16385 with 4 KiB pages; fewer where the kernel hands out huge pages
