@@ -8,11 +8,11 @@ times `repeats` calls and reports the median time and the peak (resident set on 
 CPU one more, untimed call measures the peak of live tensors (see tensor_peak_bytes), comparable to CUDA's figure.
 
 Time ratios do not divide times taken in different processes: a step variant (MeZO, backprop, reference) times a
-forward after each of its calls, and its time is expressed in those forwards; on shared or virtual CPUs, whose speed
-drifts by 10-30 % over the minutes a bench takes, this keeps the ratios steady.
+forward after each of its calls, and its time is expressed in those forwards (replay: in copies); on shared or
+virtual CPUs, whose speed drifts by 10-30 % over the minutes a bench takes, this keeps the ratios steadier.
 
 The "replay" variant times one replay step (the update θ ← R(θ − c·z) over every trainable tensor, which is all
-a replay does per step) and, in the same process, a plain copy of a buffer as large as the trainable set: the
+a replay does per step) and, between its calls, a plain copy of a buffer as large as the trainable set: the
 replay's bytes moved (read + write of every trainable element) per second over the copy's is the fraction of
 measured memory bandwidth that replay reaches.
 
@@ -177,23 +177,14 @@ def tensor_peak_bytes(call, step: int) -> int:
     return sum(storages.values()) + peak
 
 
-def _copy_bandwidth(numel: int, dtype, device: str, repeats: int) -> float:
-    """Bytes per second of dst.copy_(src) (read + write) over buffers of `numel` elements (at most 2**27)."""
+def _copy_call(numel: int, dtype, device: str):
+    """(bytes moved, a call that copies a buffer of `numel` elements, at most 2**27, into another: read + write)."""
     import torch
 
     numel = min(numel, 1 << 27)
     src = torch.ones(numel, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    dst.copy_(src)
-    times = []
-    for _ in range(max(repeats, 3)):
-        sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * numel * src.element_size() / statistics.median(times)
+    return 2 * numel * src.element_size(), lambda step: dst.copy_(src)
 
 
 def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: int,
@@ -263,28 +254,36 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     # faulting it in again (a step in a run never does); it still counts for the peak.
     call(1)
     sync()
-    # A step variant times a forward after each of its calls: its time in forwards measured alongside, so that a
-    # machine whose speed drifts between children (shared or virtual CPUs) does not skew the ratios.
-    interleave = variant in ("mezo", "backprop", "reference")
-    times, forward_times = [], []
+    # Each call is followed by a timed call of the yardstick it is compared with (a step variant: a forward; replay: a
+    # plain copy), so that a machine whose speed drifts between children (shared or virtual CPUs) does not skew the
+    # ratios.
+    partner = None
+    if variant in ("mezo", "backprop", "reference"):
+        partner = forward
+    elif variant == "replay":
+        copy_bytes, partner = _copy_call(trainable.numel, trainable.params[0].dtype, device)
+        partner(0)
+    times, partner_times = [], []
     for step in range(2, repeats + 2):
-        for fn, out in ((call, times), (forward, forward_times)) if interleave else ((call, times),):
+        for fn, into in ((call, times), (partner, partner_times)) if partner else ((call, times),):
             t0 = time.perf_counter()
             fn(step)
             sync()
-            out.append(time.perf_counter() - t0)
+            into.append(time.perf_counter() - t0)
     peak = _peak_bytes(device)
     if not device.startswith("cuda"):  # an extra, untimed call (the profiler slows what it watches)
         tensor_peak = tensor_peak_bytes(call, repeats + 2)
     out = {"variant": variant, "seconds": statistics.median(times), "times": times,
-           "forward_seconds": statistics.median(forward_times or times), "peak_bytes": peak,
+           "peak_bytes": peak,
            "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
            f"{torch.get_num_threads()} threads)"}
+    if partner is forward:
+        out["forward_seconds"] = statistics.median(partner_times)
     if variant == "replay":
         out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
-        out["copy_bytes_per_s"] = _copy_bandwidth(trainable.numel, trainable.params[0].dtype, device, repeats)
+        out["copy_bytes_per_s"] = copy_bytes / statistics.median(partner_times)
     return out
 
 
