@@ -273,8 +273,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     peak = _peak_bytes(device)
     if not device.startswith("cuda"):  # an extra, untimed call (the profiler slows what it watches)
         tensor_peak = tensor_peak_bytes(call, repeats + 2)
-    out = {"variant": variant, "seconds": statistics.median(times), "times": times,
-           "peak_bytes": peak,
+    out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": peak,
            "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
