@@ -89,14 +89,17 @@ def test_sweep_chart_and_table_over_several_points(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_keep_freed_memory_reuses_freed_pages():
-    """After models.keep_freed_memory() a large block freed and allocated again lands on pages already mapped: no page
-    faults, where glibc's default (a fresh mmap for every large allocation) faults on each of its pages again."""
+def test_keep_freed_memory_reuses_freed_pages(tiny_model_dirs):
+    """After models.keep_freed_memory() (which models.load calls for a CPU model: train, eval, replay) a large block
+    freed and allocated again lands on pages already mapped: no page faults, where glibc's default (a fresh mmap for
+    every large allocation) faults on each of its pages again."""
     code = """if True:
-        import ctypes, resource, sys
+        import ctypes, resource, sys, types
         from mezo_tune import models
         if sys.argv[1] == "keep":
             assert models.keep_freed_memory()
+        elif sys.argv[1] == "load":
+            models.load(types.SimpleNamespace(path=sys.argv[2], dtype="float32", device="cpu"), progress=False)
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc.restype = ctypes.c_void_p
         def touched(n):
@@ -108,7 +111,8 @@ def test_keep_freed_memory_reuses_freed_pages():
         touched(64 << 20)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """
-    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("default", "keep")}
-    assert faults["keep"] == 0
+    model_dir = str(tiny_model_dirs("llama"))
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode, model_dir], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep", "load")}
+    assert faults["keep"] == faults["load"] == 0
     assert faults["default"] > 0  # 16385 with 4 KiB pages; fewer where the kernel hands out huge pages
