@@ -20,8 +20,10 @@ Streams: stream 0 draws z; stream 1 draws the uniforms of stochastic rounding, i
 
 The kernels below (perturbed copy, in-place update) are plain torch functions; `compiled(fn)` wraps them with
 torch.compile so that z is generated and consumed in one fused loop (never materialised as a full tensor). Compiled
-and eager results are bit-identical (tests/test_zrng.py). On CUDA tensors, when Triton is installed, `kernel(fn, ...)`
-runs fn's hand-written Triton twin from mezo_tune/triton_kernels.py instead, bit-identical too (tests/test_triton.py).
+and eager results are bit-identical (tests/test_zrng.py). `kernel(fn, ...)` runs fn's hand-written twins where they
+apply, bit-identical too: on CUDA tensors, when Triton is installed, the Triton kernels of mezo_tune/triton_kernels.py
+(tests/test_triton.py); on CPU tensors, when compiling, the C kernels of mezo_tune/cpu_kernels.py, which vectorize the
+uint32 hash better than inductor does (tests/test_cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -188,13 +190,27 @@ def _triton_twin(fn):
     return getattr(triton_kernels, fn.__name__) if triton_kernels.available() else None
 
 
+def _cpu_twin(fn, fallback):
+    """fn's C twin in mezo_tune.cpu_kernels (handing what it does not cover to fallback), or None when the C kernels
+    cannot be built here (built on first CPU use)."""
+    from mezo_tune import cpu_kernels
+
+    return cpu_kernels.twin(fn, fallback)
+
+
 def kernel(fn, use_compile: bool):
-    """fn as it runs: its Triton twin for CUDA tensors when Triton is available, else compiled or eager torch."""
+    """fn as it runs. CUDA tensors: its Triton twin when Triton is available, else torch. CPU tensors: with
+    use_compile its C twin (fp32 tensors; built on first use) or else compiled torch; without, eager torch."""
     torch_fn = compiled(fn) if use_compile else fn
+    cpu_fn = None
 
     def run(first: torch.Tensor, *args):
-        twin = _triton_twin(fn) if first.is_cuda else None
-        return (twin or torch_fn)(first, *args)
+        nonlocal cpu_fn
+        if first.is_cuda:
+            return (_triton_twin(fn) or torch_fn)(first, *args)
+        if cpu_fn is None:
+            cpu_fn = (_cpu_twin(fn, torch_fn) if use_compile else None) or torch_fn
+        return cpu_fn(first, *args)
 
     return run
 

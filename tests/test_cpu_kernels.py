@@ -1,0 +1,120 @@
+"""The C kernels for CPU (mezo_tune/cpu_kernels.py) are bit-identical to the eager torch kernels of zrng, and the
+dispatcher runs them where they apply."""
+
+import inspect
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from kernel_cases import SHAPES, run_cases
+
+from mezo_tune import cpu_kernels, zrng
+
+KERNELS = (zrng.z_kernel, zrng.perturb_kernel, zrng.perturb_rows_kernel, zrng.update_kernel,
+           zrng.update_kernel_stochastic)
+# beyond kernel_cases' shapes: tensors large enough for several threads and blocks (16384 elements), one of them with
+# its index crossing 2**32 inside a block that is not the first
+LARGE = [(200_003, 2**32 - 70_001), (65_536, 7)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = cpu_kernels.library()
+    if lib is None:
+        pytest.skip("no C compiler here: the C kernels are not built (the torch kernels run instead)")
+    return lib
+
+
+def _twins():
+    """zrng's kernels with their C twins swapped in (falling back to the eager kernel, so that a case the twin does not
+    cover compares eager with eager)."""
+    return types.SimpleNamespace(**{fn.__name__: cpu_kernels.twin(fn, fn) or fn for fn in KERNELS})
+
+
+def test_c_kernels_bit_equal_eager(lib):
+    assert run_cases("cpu", _twins(), SHAPES + LARGE) == []
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_kernels_bit_equal_eager_on_any_thread_count(lib, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, offset = LARGE[0]
+        key = zrng.key_tensor(*zrng.stream_key(3, 5, "t"), offset)
+        c = torch.tensor(-1.5e-3, dtype=torch.float64)
+        ws = [torch.randn(n, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+        zrng.update_kernel(ws[0], key, c, "gaussian")
+        cpu_kernels.twin(zrng.update_kernel, None)(ws[1], key, c, "gaussian")
+        assert torch.equal(ws[0], ws[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_twins_cover_fp32_and_have_zrng_signatures(lib):
+    covered = {"z_kernel", "perturb_kernel", "perturb_rows_kernel", "update_kernel"}
+    for fn in KERNELS:
+        twin = cpu_kernels.twin(fn, fn)
+        assert (twin is not None) == (fn.__name__ in covered)
+        if twin is not None:
+            assert list(inspect.signature(twin).parameters) == list(inspect.signature(fn).parameters)
+
+
+def test_dispatch_runs_c_twins_for_cpu_fp32_when_compiling(lib, monkeypatch):
+    """zrng.kernel(fn, use_compile=True) sends contiguous fp32 CPU tensors to the C twin and anything else to torch;
+    use_compile=False keeps eager torch."""
+    calls = []
+    real = lib.update_f32
+    monkeypatch.setattr(lib, "update_f32", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(zrng, "compiled", lambda fn: fn)  # the fallback, uncompiled (no inductor build in this test)
+    key, c = zrng.key_tensor(1, 2, 0), torch.tensor(0.5, dtype=torch.float64)
+    w = torch.ones(10)
+    zrng.kernel(zrng.update_kernel, True)(w, key, c, "gaussian")
+    assert len(calls) == 1 and not torch.equal(w, torch.ones(10))
+    zrng.kernel(zrng.update_kernel, True)(torch.ones(10, dtype=torch.bfloat16), key, c, "gaussian")  # torch
+    zrng.kernel(zrng.update_kernel, True)(torch.ones(20)[::2], key, c, "gaussian")  # strided: torch
+    zrng.kernel(zrng.update_kernel, False)(torch.ones(10), key, c, "gaussian")  # eager torch
+    assert len(calls) == 1
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+CHECK_FALLBACK = (
+    "import torch\n"
+    "from mezo_tune import cpu_kernels, zrng\n"
+    "assert cpu_kernels.library() is None and cpu_kernels.twin(zrng.update_kernel, None) is None\n"
+    "w, ref = torch.ones(100), torch.ones(100)\n"
+    "key, c = zrng.key_tensor(1, 2, 3), torch.tensor(0.25, dtype=torch.float64)\n"
+    "zrng.kernel(zrng.update_kernel, True)(w, key, c, 'gaussian')\n"
+    "zrng.update_kernel(ref, key, c, 'gaussian')\n"
+    "assert torch.equal(w, ref)\n"
+)
+
+
+def test_without_a_compiler_warns_once_and_torch_kernels_run(tmp_path):
+    proc = _run(CHECK_FALLBACK, CC=str(tmp_path / "no-such-cc"), MEZO_TUNE_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("the C kernels for CPU could not be built") == 1
+    assert "no-such-cc" in proc.stderr
+
+
+def test_switched_off_by_environment(tmp_path):
+    proc = _run(CHECK_FALLBACK, MEZO_TUNE_CPU_KERNELS="0", MEZO_TUNE_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "could not be built" not in proc.stderr and not (tmp_path / "kernels").exists()
+
+
+def test_library_is_built_once_into_the_cache(tmp_path, lib):
+    code = "from mezo_tune import cpu_kernels\nassert cpu_kernels.library() is not None\n"
+    for _ in range(2):
+        proc = _run(code, MEZO_TUNE_CACHE=str(tmp_path))
+        assert proc.returncode == 0, proc.stderr
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("cpu_kernels-") and built[0].suffix == ".so"
