@@ -118,10 +118,13 @@ void perturb_rows_f32(float *out, const float *w, const int64_t *index, int64_t 
         else perturb_rows_(out, w, index, b, e, key[2], key[0], key[1], eps32, 1))
 }
 
-/* w = fp32(fp64(w) - c * z), c * z exact in fp64 (zrng.update_kernel) */
+/* w = fp32(fp64(w) - c * z) (zrng.update_kernel). For the gaussian z = k / 256 the product is formed as (c / 256) * k:
+   scaling by a power of two is exact, so both forms round the same real number c * k / 256 (exactly representable
+   for an fp32 c), with one multiply instead of two. */
 static inline void update_(float *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, double c,
                            int dist) {
-    STRETCHES(w[s] = (float)((double)w[s] - c * z64(bits(lo, hk, k0), dist)))
+    double cs = dist == 0 ? c * (1.0 / 256) : c;
+    STRETCHES(w[s] = (float)((double)w[s] - cs * (double)zint(bits(lo, hk, k0), dist)))
 }
 void update_f32(float *w, int64_t n, const int64_t *key, double c, int dist, int threads) {
     BLOCKS(if (dist == 0) update_(w, b, e, key[2], key[0], key[1], c, 0);
