@@ -201,8 +201,10 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
-def _fp32(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+def _on_cpu(*tensors: torch.Tensor, dtypes=(torch.float32,)) -> bool:
+    """Contiguous CPU tensors of the given dtypes and all of one size (the C kernels trust both)."""
+    return all(t.dtype in dtypes and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
+               for t in tensors)
 
 
 def _key_ok(key: torch.Tensor) -> bool:
@@ -224,28 +226,29 @@ def twin(fn, fallback):
 
 
 def _z(lib, fallback, out, key, distribution):
-    if out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous() or not _key_ok(key):
+    if not _on_cpu(out, dtypes=(torch.float32, torch.float64)) or not _key_ok(key):
         return fallback(out, key, distribution)
     fill = lib.z_f32 if out.dtype == torch.float32 else lib.z_f64
     fill(out.data_ptr(), out.numel(), key.data_ptr(), _dist(distribution), torch.get_num_threads())
 
 
 def _perturb(lib, fallback, out, w, key, eps, distribution):
-    if not _fp32(out, w) or not _key_ok(key):
+    if not _on_cpu(out, w) or not _key_ok(key):
         return fallback(out, w, key, eps, distribution)
     lib.perturb_f32(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), _dist(distribution),
                     torch.get_num_threads())
 
 
 def _perturb_rows(lib, fallback, out, w, index, key, eps, distribution):
-    if not (_fp32(out, w) and index.dtype == torch.int64 and index.is_contiguous()) or not _key_ok(key):
+    if not (_on_cpu(out, w) and _on_cpu(index, dtypes=(torch.int64,)) and index.numel() == w.numel()
+            and _key_ok(key)):
         return fallback(out, w, index, key, eps, distribution)
     lib.perturb_rows_f32(out.data_ptr(), w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(eps),
                          _dist(distribution), torch.get_num_threads())
 
 
 def _update(lib, fallback, w, key, c, distribution):
-    if not _fp32(w) or not _key_ok(key):
+    if not _on_cpu(w) or not _key_ok(key):
         return fallback(w, key, c, distribution)
     lib.update_f32(w.data_ptr(), w.numel(), key.data_ptr(), float(c), _dist(distribution), torch.get_num_threads())
 

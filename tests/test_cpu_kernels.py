@@ -80,6 +80,17 @@ def test_dispatch_runs_c_twins_for_cpu_fp32_when_compiling(lib, monkeypatch):
     assert len(calls) == 1
 
 
+def test_twins_hand_mismatched_sizes_to_torch(lib):
+    """The C kernels trust their sizes: a mismatch goes to the torch kernel, which refuses it, never past a buffer."""
+    key, eps = zrng.key_tensor(1, 2, 0), torch.tensor(1e-3, dtype=torch.float64)
+    perturb = cpu_kernels.twin(zrng.perturb_kernel, zrng.perturb_kernel)
+    rows = cpu_kernels.twin(zrng.perturb_rows_kernel, zrng.perturb_rows_kernel)
+    with pytest.raises(RuntimeError):
+        perturb(torch.empty(3), torch.ones(1000), key, eps, "gaussian")
+    with pytest.raises(RuntimeError):
+        rows(torch.empty(1000), torch.ones(1000), torch.arange(3), key, eps, "gaussian")
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
     return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
