@@ -132,7 +132,6 @@ void update_f32(float *w, int64_t n, const int64_t *key, double c, int dist, int
 }
 """
 
-_DIST = {"gaussian": 0, "rademacher": 1}
 _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "z_f32": [_P, _I64, _P, _INT, _INT],
@@ -211,12 +210,6 @@ def _key_ok(key: torch.Tensor) -> bool:
     return key.dtype == torch.int64 and key.is_contiguous() and key.device.type == "cpu"
 
 
-def _dist(distribution: str) -> int:
-    if distribution not in _DIST:
-        raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(zrng.DISTRIBUTIONS)}")
-    return _DIST[distribution]
-
-
 def twin(fn, fallback):
     """fn's C twin with fn's signature, handing any case it does not cover to `fallback`; None if there is none."""
     lib = library()
@@ -229,14 +222,14 @@ def _z(lib, fallback, out, key, distribution):
     if not _on_cpu(out, dtypes=(torch.float32, torch.float64)) or not _key_ok(key):
         return fallback(out, key, distribution)
     fill = lib.z_f32 if out.dtype == torch.float32 else lib.z_f64
-    fill(out.data_ptr(), out.numel(), key.data_ptr(), _dist(distribution), torch.get_num_threads())
+    fill(out.data_ptr(), out.numel(), key.data_ptr(), zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _perturb(lib, fallback, out, w, key, eps, distribution):
     if not _on_cpu(out, w) or not _key_ok(key):
         return fallback(out, w, key, eps, distribution)
-    lib.perturb_f32(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), _dist(distribution),
-                    torch.get_num_threads())
+    lib.perturb_f32(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps),
+                    zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _perturb_rows(lib, fallback, out, w, index, key, eps, distribution):
@@ -244,13 +237,14 @@ def _perturb_rows(lib, fallback, out, w, index, key, eps, distribution):
             and _key_ok(key)):
         return fallback(out, w, index, key, eps, distribution)
     lib.perturb_rows_f32(out.data_ptr(), w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(eps),
-                         _dist(distribution), torch.get_num_threads())
+                         zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _update(lib, fallback, w, key, c, distribution):
     if not _on_cpu(w) or not _key_ok(key):
         return fallback(w, key, c, distribution)
-    lib.update_f32(w.data_ptr(), w.numel(), key.data_ptr(), float(c), _dist(distribution), torch.get_num_threads())
+    lib.update_f32(w.data_ptr(), w.numel(), key.data_ptr(), float(c), zrng.distribution_code(distribution),
+                   torch.get_num_threads())
 
 
 _TWINS = {"z_kernel": _z, "perturb_kernel": _perturb, "perturb_rows_kernel": _perturb_rows,

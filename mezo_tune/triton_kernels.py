@@ -36,7 +36,6 @@ except Exception:  # not installed, or unusable on this machine: the dispatcher 
     triton = tl = None
 
 BLOCK = 1024
-_DIST = {"gaussian": 0, "rademacher": 1}
 # storage kinds, passed to the kernels as constexpr: how to convert to and from fp32
 _F32, _F16, _BF16, _F64 = 0, 1, 2, 3
 _KIND = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16, torch.float64: _F64}
@@ -45,12 +44,6 @@ _KIND = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16, torch.
 def available() -> bool:
     """True when Triton imported (the kernels still need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors)."""
     return triton is not None
-
-
-def _dist(distribution: str) -> int:
-    if distribution not in _DIST:
-        raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(zrng.DISTRIBUTIONS)}")
-    return _DIST[distribution]
 
 
 def _ok(*tensors: torch.Tensor, kinds=(_F32, _F16, _BF16)) -> bool:
@@ -225,34 +218,34 @@ if triton is not None:
 def z_kernel(out: torch.Tensor, key: torch.Tensor, distribution: str) -> None:
     if not _ok(out, kinds=(_F32, _F16, _BF16, _F64)):
         return zrng.z_kernel(out, key, distribution)
-    _launch(_z_kernel, out.numel(), out, key, DIST=_dist(distribution), KIND=_KIND[out.dtype])
+    _launch(_z_kernel, out.numel(), out, key, DIST=zrng.distribution_code(distribution), KIND=_KIND[out.dtype])
 
 
 def perturb_kernel(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: torch.Tensor,
                    distribution: str) -> None:
     if not _ok(out, w):
         return zrng.perturb_kernel(out, w, key, eps, distribution)
-    _launch(_perturb_kernel, w.numel(), out, w, key, key, eps, DIST=_dist(distribution), W_KIND=_KIND[w.dtype],
-            OUT_KIND=_KIND[out.dtype], ROWS=False)
+    _launch(_perturb_kernel, w.numel(), out, w, key, key, eps, DIST=zrng.distribution_code(distribution),
+            W_KIND=_KIND[w.dtype], OUT_KIND=_KIND[out.dtype], ROWS=False)
 
 
 def perturb_rows_kernel(out: torch.Tensor, w: torch.Tensor, index: torch.Tensor, key: torch.Tensor,
                         eps: torch.Tensor, distribution: str) -> None:
     if not (_ok(out, w) and index.dtype == torch.int64 and index.is_contiguous()):
         return zrng.perturb_rows_kernel(out, w, index, key, eps, distribution)
-    _launch(_perturb_kernel, w.numel(), out, w, index, key, eps, DIST=_dist(distribution), W_KIND=_KIND[w.dtype],
-            OUT_KIND=_KIND[out.dtype], ROWS=True)
+    _launch(_perturb_kernel, w.numel(), out, w, index, key, eps, DIST=zrng.distribution_code(distribution),
+            W_KIND=_KIND[w.dtype], OUT_KIND=_KIND[out.dtype], ROWS=True)
 
 
 def update_kernel(w: torch.Tensor, key: torch.Tensor, c: torch.Tensor, distribution: str) -> None:
     if not _ok(w):
         return zrng.update_kernel(w, key, c, distribution)
-    _launch(_update_kernel, w.numel(), w, key, c, DIST=_dist(distribution), KIND=_KIND[w.dtype])
+    _launch(_update_kernel, w.numel(), w, key, c, DIST=zrng.distribution_code(distribution), KIND=_KIND[w.dtype])
 
 
 def update_kernel_stochastic(w: torch.Tensor, key: torch.Tensor, rkey: torch.Tensor, c: torch.Tensor,
                              distribution: str) -> None:
     if not _ok(w):
         return zrng.update_kernel_stochastic(w, key, rkey, c, distribution)
-    _launch(_update_stochastic_kernel, w.numel(), w, key, rkey, c, DIST=_dist(distribution), KIND=_KIND[w.dtype],
-            SIGN_BIT=1 << (8 * w.element_size() - 1))
+    _launch(_update_stochastic_kernel, w.numel(), w, key, rkey, c, DIST=zrng.distribution_code(distribution),
+            KIND=_KIND[w.dtype], SIGN_BIT=1 << (8 * w.element_size() - 1))

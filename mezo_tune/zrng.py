@@ -86,6 +86,13 @@ def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torc
     raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
 
 
+def distribution_code(distribution: str) -> int:
+    """The distribution's index in DISTRIBUTIONS (0 gaussian, 1 rademacher): how the hand-written kernels take it."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
+    return DISTRIBUTIONS.index(distribution)
+
+
 def _uniform_from_bits(h: torch.Tensor) -> torch.Tensor:
     """A uniform in [0, 1) with 24 bits, exact in fp32."""
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
