@@ -186,12 +186,9 @@ def library() -> ctypes.CDLL | None:
         for flags in (base + ["-fopenmp"], base):
             try:
                 lib = ctypes.CDLL(str(_build(cc, flags)))
-                break
             except Exception as exc:  # noqa: BLE001 - any failure means: use the torch kernels
                 problems.append(str(exc))
-        else:
-            lib = None
-        if lib is not None:
+                continue
             for name, argtypes in _SIGNATURES.items():
                 getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
             return lib
