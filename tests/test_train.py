@@ -448,14 +448,18 @@ def test_mezo_lowers_the_eval_loss_reproducibly(lm_recipe, tmp_path):
             evals.append([e["loss"] for e in summary["evals"]])
     finally:
         torch.set_num_threads(threads)
-    assert evals[0] == evals[1]  # bit-identical floats, run to run
+    assert evals[0] == evals[1]  # bit-identical floats, run to run, on one machine
     before, after = evals[0]
     assert after < before
-    # Regression pins, observed with CPU torch 2.13.0 (transformers 5.23.0 and 5.24.0), one thread; another torch or
-    # transformers may change the forward's last bits and so these values: any change to Z, the update, the data
-    # order or the loss shows up here.
-    assert before == 5.759448065274004
-    assert after == 5.648986429407977
+    # Regression pins with tolerances, because these losses come out of forward passes, whose last bits depend on the
+    # CPU's kernels (oneDNN/AMX, AVX-512, AVX2), not only on the thread count: on an AMX Xeon `before` was
+    # 5.759448120559472 (1e-8 relative from here). Training then amplifies such differences: g = (L+ - L-) / 2ε turns a
+    # last-bit change of a loss into a 1e-4 change of g, and 60 steps at lr 6e-3 compound it; `after` measured
+    # 5.648986 (AVX-512) and 5.650257 (ATEN_CPU_CAPABILITY=avx2), 1.3e-3 apart. The tolerance (1e-2) still catches a
+    # change of the data order or of z (seed 8 instead of 7: 5.6898). Z and the update themselves are pinned exactly,
+    # without a forward, in tests/test_zrng.py and tests/test_update_golden.py.
+    assert before == pytest.approx(5.759448065274004, rel=1e-6)
+    assert after == pytest.approx(5.648986429407977, abs=1e-2)
 
 
 # ---- output directory rules ---------------------------------------------------------------------------------------
