@@ -67,7 +67,8 @@ def train_backprop(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fa
         for t in range(r.mezo.steps):
             t0 = time.perf_counter()
             rows = [train_rows[i] for i in batch_indices(len(train_rows), r.mezo.batch_size, r.mezo.seed, t)]
-            lr = learning_rate(t, r.optim.lr, r.mezo.steps, r.mezo.schedule, min(r.mezo.min_lr, r.optim.lr))
+            lr = learning_rate(t, r.optim.lr, r.mezo.steps, r.mezo.schedule, min(r.mezo.min_lr, r.optim.lr),
+                               r.mezo.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             task.grad = True

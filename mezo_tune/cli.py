@@ -99,6 +99,14 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
                    f"{summary['steps']} steps (loss {evals[0]['loss']:.4f} -> {evals[-1]['loss']:.4f})")
     elif len(evals) >= 2:
         click.echo(f"eval loss: {evals[0]['loss']:.4f} before -> {evals[-1]['loss']:.4f} after {summary['steps']} steps")
+    if "stopped_early" in summary:
+        click.echo(f"stopped early after step {summary['stopped_early']} (output.patience)")
+    best = summary.get("best")
+    if best is not None and len(evals) >= 2:
+        metric = summary["select"]["metric"]
+        value = f"{best[metric]:.4f}" if summary["select"]["lower_is_better"] else f"{best[metric]:.2%}"
+        kept = " (kept in final/)" if summary.get("kept") == "best" else ""
+        click.echo(f"best eval: {metric} {value} after record {best['step']}{kept}")
 
 
 @main.command()
@@ -108,18 +116,20 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
                    "adapter run).")
 @click.option("--base", default=None, help="Base model path or id (default: the one recorded in the trajectory).")
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Rebuild the weights after the first N steps.")
+@click.option("--best", is_flag=True, help="Rebuild the weights of the dev-best eval recorded in the trajectory "
+                                           "(by the run's output.select).")
 @click.option("--verify", is_flag=True, help="Check every keyframe digest; report where a rebuild diverges.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--merge", is_flag=True, help="Adapter runs: merge the adapter into the base and write full weights "
                                             "(unquantized bases only).")
 @click.option("--quiet", "-q", is_flag=True)
 @friendly
-def replay(trajectory, out_dir, base, steps, verify, device, merge, quiet):
+def replay(trajectory, out_dir, base, steps, best, verify, device, merge, quiet):
     """Rebuild the trained weights from the base model and TRAJECTORY, bit for bit."""
     from .replay import replay as do_replay
 
-    rebuilt = do_replay(trajectory, out_dir, merge=merge, base=base, steps=steps, verify=verify, device=device,
-                        progress=not quiet)
+    rebuilt = do_replay(trajectory, out_dir, merge=merge, base=base, steps=steps, best=best, verify=verify,
+                        device=device, progress=not quiet)
     click.echo(f"replayed {rebuilt.steps} steps"
                + (" (every keyframe verified)" if verify else "") + f"; wrote {out_dir}")
 

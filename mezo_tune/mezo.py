@@ -107,13 +107,20 @@ def update_scale(eta: float, g: float) -> float:
     return float(np.float32(eta) * np.float32(g))
 
 
-def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", min_lr: float = 0.0) -> float:
-    """η_t as an fp32 value: constant, or linear from lr at step 0 to min_lr at the last step."""
+def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", min_lr: float = 0.0,
+                  warmup_steps: int = 0) -> float:
+    """η_t as an fp32 value. A linear warmup from lr/warmup_steps to lr over the first warmup_steps steps, then:
+    constant lr; or linear, or cosine, from lr to min_lr at the last step. η_t is recorded with every step, so replay
+    never recomputes it (the cosine's last bit may differ between math libraries; the recorded value is what counts)."""
+    if step < warmup_steps:
+        return float(np.float32(lr * (step + 1) / warmup_steps))
+    frac = (step - warmup_steps) / max(steps - 1 - warmup_steps, 1)
     if schedule == "constant":
         eta = lr
     elif schedule == "linear":
-        frac = step / max(steps - 1, 1)
         eta = lr + (min_lr - lr) * frac
+    elif schedule == "cosine":
+        eta = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
     else:
         raise ValueError(f"unknown lr schedule {schedule!r}")
     return float(np.float32(eta))
@@ -337,14 +344,28 @@ class Mezo:
                 if not w.is_contiguous():
                     w.copy_(flat.view_as(w))
 
-    def step(self, step: int, eta: float, loss_fn) -> dict:
-        """One MeZO step. Returns the record to append to the trajectory (skipped when a loss is not finite)."""
-        lp, lm = self.loss_pair(step, loss_fn)
-        g = projected_gradient(lp, lm, self.eps)
-        skipped = not math.isfinite(g)
-        if not skipped:
-            self.apply_update(step, update_scale(eta, g))
-        return {"step": step, "g": g, "eta": eta, "loss_plus": lp, "loss_minus": lm, "skipped": skipped}
+    def step(self, step: int, eta: float, loss_fn, directions: int = 1, recorded: list | None = None) -> list[dict]:
+        """One optimizer step: `directions` two-point estimates at the same θ (n-SPSA; 1 is the paper's MeZO), then
+        their updates in order. Direction k is trajectory record `step·directions + k`, with its own z (keyed by the
+        record), g and η/directions, so replay applies records one by one and knows nothing of K. `recorded`: records
+        of this step already in the trajectory (a resume that stopped inside the step); their forwards are not redone.
+        Returns the records to append (a record is skipped when a loss or its scale c is not finite)."""
+        records = list(recorded or [])
+        eta_k = float(np.float32(eta / directions))
+        for r in range(step * directions + len(records), (step + 1) * directions):
+            lp, lm = self.loss_pair(r, loss_fn)
+            g = projected_gradient(lp, lm, self.eps)
+            skipped = not (math.isfinite(g) and math.isfinite(update_scale(eta_k, g)))
+            records.append({"step": r, "g": g, "eta": eta_k, "loss_plus": lp, "loss_minus": lm, "skipped": skipped})
+        for rec in records:
+            self.apply_record(rec)
+        return records[len(recorded or []):]
+
+    def apply_record(self, rec) -> None:
+        """The update one trajectory record stands for (train, resume and replay all apply records through this)."""
+        get = rec.get if isinstance(rec, dict) else lambda k: getattr(rec, k)
+        if not get("skipped"):
+            self.apply_update(get("step"), update_scale(get("eta"), get("g")))
 
     def digest(self) -> bytes:
         return weights_digest(self.trainable.params)

@@ -241,6 +241,12 @@ def _mezo_problems(lr: float, min_lr: float) -> list[tuple[str, str]]:
     return []
 
 
+def _warmup_problems(warmup_steps: int, steps: int) -> list[tuple[str, str]]:
+    if warmup_steps >= steps:
+        return [("warmup_steps", f"must be < steps (got warmup_steps = {warmup_steps}, steps = {steps})")]
+    return []
+
+
 class MezoConfig(_Section):
     lr: PositiveFloat
     eps: PositiveFloat
@@ -249,15 +255,17 @@ class MezoConfig(_Section):
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)]
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
     rounding: Literal["nearest", "stochastic"] = "nearest"
-    schedule: Literal["constant", "linear"] = "constant"
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = 0.0
+    warmup_steps: NonNegativeInt = 0
+    directions: PositiveInt = 1
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:
         if not _from_loader(info):
-            _raise_problems(_mezo_problems(self.lr, self.min_lr))
+            _raise_problems(_mezo_problems(self.lr, self.min_lr) + _warmup_problems(self.warmup_steps, self.steps))
         return self
 
 
@@ -282,6 +290,36 @@ class OutputConfig(_Section):
     log_every: PositiveInt = 10
     eval_every: NonNegativeInt = 0
     checkpoint_every: NonNegativeInt = 500
+    keep: Literal["last", "best"] = "last"
+    select: StrictStr = "auto"
+    patience: NonNegativeInt = 0
+
+
+# The dev metrics each task type reports (tasks.py), the first one being what `output.select = "auto"` means.
+TASK_METRICS = {"classification": ("accuracy", "loss"), "multiple_choice": ("accuracy", "loss"),
+                "generation": ("exact_match", "f1", "loss"), "lm": ("loss", "perplexity")}
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def selection(task_type: str, select: str) -> dict:
+    """What `output.select` chooses by, as the trajectory header records it: the metric (auto: accuracy, exact match
+    or loss, by task) and whether lower is better."""
+    metric = TASK_METRICS[task_type][0] if select == "auto" else select
+    return {"metric": metric, "lower_is_better": metric in LOWER_IS_BETTER}
+
+
+def _selection_problems(task_type: str, keep: str, select: str, patience: int, eval_every: int,
+                        has_eval: bool) -> list[tuple[str, str]]:
+    found = []
+    if select != "auto" and select not in TASK_METRICS[task_type]:
+        found.append(("select", f"a {task_type} task reports {', '.join(TASK_METRICS[task_type])} "
+                                f"(got {_show(select)}); set one of them or \"auto\""))
+    if keep == "best" and not has_eval:
+        found.append(("keep", 'choosing the best step needs eval data; set data.eval (or data.dev_from_train) '
+                              'or keep = "last"'))
+    if patience and not eval_every:
+        found.append(("patience", "early stopping counts evals: set output.eval_every > 0, or patience = 0"))
+    return found
 
 
 def _eval_problems(eval_path: str | None, eval_every: int, dev_from_train: int = 0) -> list[tuple[str, str]]:
@@ -312,7 +350,10 @@ class Recipe(_Section):
             _raise_problems([(f"output.{k}", t) for k, t in _eval_problems(self.data.eval, self.output.eval_every,
                                                                              self.data.dev_from_train)]
                             + [(f"data.{k}", t) for k, t in _dev_problems(self.data.eval, self.data.dev_from_train)]
-                            + [(f"optim.{k}", t) for k, t in _optim_problems(self.optim.type, self.task.objective)])
+                            + [(f"optim.{k}", t) for k, t in _optim_problems(self.optim.type, self.task.objective)]
+                            + [(f"output.{k}", t) for k, t in _selection_problems(
+                                self.task.type, self.output.keep, self.output.select, self.output.patience,
+                                self.output.eval_every, self.data.eval is not None or bool(self.data.dev_from_train))])
         return self
 
     @model_validator(mode="after")
@@ -635,6 +676,9 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     lr, min_lr = good("mezo", "lr"), good("mezo", "min_lr")
     if _MISSING_VALUE not in (lr, min_lr):
         found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
+    warmup_steps, steps = good("mezo", "warmup_steps"), good("mezo", "steps")
+    if _MISSING_VALUE not in (warmup_steps, steps):
+        found += [("mezo", k, t) for k, t in _warmup_problems(warmup_steps, steps)]
 
     quantization, adapter_type = good("model", "quantization"), good("adapter", "type")
     if _MISSING_VALUE not in (quantization, adapter_type):
@@ -645,6 +689,9 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
         found += [("data", k, t) for k, t in _dev_problems(eval_path, dev)]
     if _MISSING_VALUE not in (eval_path, eval_every, dev):
         found += [("output", k, t) for k, t in _eval_problems(eval_path, eval_every, dev)]
+    selection = [task_type, good("output", "keep"), good("output", "select"), good("output", "patience"), eval_every]
+    if _MISSING_VALUE not in (*selection, eval_path, dev):
+        found += [("output", k, t) for k, t in _selection_problems(*selection, eval_path is not None or bool(dev))]
     return found
 
 

@@ -24,12 +24,9 @@ def apply_records(engine, records, keyframes: dict | None = None, verify: bool =
     """Apply recorded steps in order. With verify, compare each keyframe digest and stop at the first divergence."""
     from tqdm.auto import tqdm
 
-    from .mezo import update_scale
-
     last_match = None  # the last keyframe step that matched
     for rec in tqdm(records, desc="replay", unit="step", disable=not progress or len(records) < 2, leave=False):
-        if not rec.skipped:
-            engine.apply_update(rec.step, update_scale(rec.eta, rec.g))
+        engine.apply_record(rec)
         if verify and keyframes and rec.step in keyframes:
             if engine.digest() != keyframes[rec.step]:
                 since = "the start" if last_match is None else f"step {last_match + 1}"
@@ -69,9 +66,23 @@ class Rebuilt:
     steps: int
 
 
-def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = None, verify: bool = False,
-            device: str = "auto", progress: bool = True, log=lambda m: print(m, file=sys.stderr)) -> Rebuilt:
-    """Load the base model named in the trajectory (or `base`), check it, and apply the recorded steps."""
+def best_steps(data) -> int:
+    """How many records `replay --best` applies: up to the eval that scored best on dev by the run's
+    output.select (recorded in the header), as `train` with output.keep = "best" keeps."""
+    from .trajectory import best_eval
+
+    best = best_eval(data.evals, data.header.get("select"))
+    if best is None:
+        raise ReplayError(f"--best: {data.path} records no dev evals to choose from (the run had no eval data, or "
+                          "was recorded before mezo-tune kept evals in the trajectory); use --steps N")
+    return best["step"] + 1
+
+
+def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = None, best: bool = False,
+            verify: bool = False, device: str = "auto", progress: bool = True,
+            log=lambda m: print(m, file=sys.stderr)) -> Rebuilt:
+    """Load the base model named in the trajectory (or `base`), check it, and apply the recorded steps (the first
+    `steps` of them, or with best those up to the dev-best eval)."""
     from . import models
     from .mezo import Mezo, trainable_set, weights_digest
     from .recipe import parse_recipe
@@ -82,6 +93,14 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     header = data.header
     if data.problem:
         log(f"warning: {trajectory_path}: {data.problem}; replaying the {len(data.steps)} intact steps")
+    rule = header.get("update_rule", {"name": "sgd"})
+    if rule.get("name") != "sgd":
+        raise ReplayError(f"the trajectory's update rule {rule!r} is not one this mezo-tune replays (sgd); install "
+                          f"the version that recorded it ({header['tool']['version']})")
+    if best:
+        if steps is not None:
+            raise ReplayError("--best and --steps both say which step to rebuild: give one of them")
+        steps = best_steps(data)
     recipe = parse_recipe(header["recipe"], f"the recipe recorded in {trajectory_path}", check_files=False)
     model_cfg = recipe.model.model_copy(update={"device": device, **({"path": base} if base else {})})
     model, tokenizer, source = models.load(model_cfg, progress)

@@ -125,6 +125,7 @@ def attach_adapter(model, adapter_cfg, seed: int):
 def build_header(run: Run) -> dict:
     from . import zrng
     from .mezo import weights_digest
+    from .recipe import selection
 
     r = run.recipe
     return {
@@ -145,6 +146,9 @@ def build_header(run: Run) -> dict:
         "rounding": r.mezo.rounding,
         "seed": r.mezo.seed,
         "keyframe_every": r.mezo.keyframe_every,
+        "estimator": {"name": "spsa", "directions": r.mezo.directions},
+        "update_rule": {"name": "sgd"},
+        "select": selection(r.task.type, r.output.select),
         "initial_digest": weights_digest(run.trainable.params).hex(),
         "recipe": recipe_to_toml(r),
     }
@@ -268,18 +272,24 @@ def fmt_eval(result: dict) -> str:
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log=lambda msg: print(msg, file=sys.stderr)) -> dict:
-    """Train with MeZO as the recipe says. Returns a summary (steps, losses, evals, paths)."""
+    """Train with MeZO as the recipe says. Returns a summary (steps, losses, evals, paths).
+
+    Step t (0-based) runs `mezo.directions` = K two-point estimates and writes K trajectory records, numbered
+    t·K .. t·K + K - 1 (Mezo.step); keyframes, checkpoints and evals after step t name its last record, t·K + K - 1.
+    With K = 1 (the default) records and steps are the same thing."""
     if recipe.optim.type == "adamw":  # the backprop baseline: no trajectory, a normal checkpoint
         from .backprop import train_backprop
 
         return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    from dataclasses import asdict
+
     from tqdm.auto import tqdm
 
     from . import models
     from .data import batch_indices
     from .mezo import learning_rate
     from .replay import apply_records
-    from .trajectory import StepRecord, TrajectoryWriter
+    from .trajectory import StepRecord, TrajectoryWriter, best_eval
 
     r = recipe
     out = Path(r.output.dir)
@@ -288,22 +298,40 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     header = build_header(run)
     traj_path = out / TRAJECTORY
     summary: dict = {"output_dir": str(out), "trajectory": str(traj_path)}
+    K = r.mezo.directions
+    select = header["select"]
+    metric = select["metric"]
 
+    def last_record(t: int) -> int:
+        return (t + 1) * K - 1
+
+    def eval_due(t: int) -> bool:
+        return t == -1 or bool(r.output.eval_every and (t + 1) % r.output.eval_every == 0 and t + 1 < r.mezo.steps)
+
+    metrics = Metrics(out / "metrics.jsonl") if resume else None
+    evals: list[dict] = []
+    recorded: list[dict] = []  # records of the first step that a resumed trajectory already holds
     if resume:
         writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=FLUSH_EVERY)
         check_resumable(data.header, header)
         check_base(data.header, run.base_digests, r.model.path)
-        done = len(data.steps)
-        from_ckpt = load_checkpoint(out, run, done - 1)
-        todo = [rec for rec in data.steps if rec.step > from_ckpt]
-        log(f"resuming {traj_path} after step {done - 1}"
-            + (f" (checkpoint at step {from_ckpt}, replaying {len(todo)} steps)" if from_ckpt >= 0
-               else f" (replaying {len(todo)} steps from the base model)")
+        start, partial = divmod(len(data.steps), K)
+        whole = start * K  # records of whole steps: applied now; a partial step's are reused by Mezo.step
+        from_ckpt = load_checkpoint(out, run, whole - 1)
+        unit = "step" if K == 1 else "record"
+        todo = [rec for rec in data.steps[:whole] if rec.step > from_ckpt]
+        log(f"resuming {traj_path} after step {start - 1}"
+            + (f" and {partial} of its {K} directions" if partial else "")
+            + (f" (checkpoint at {unit} {from_ckpt}, replaying {len(todo)} {unit}s)" if from_ckpt >= 0
+               else f" (replaying {len(todo)} {unit}s from the base model)")
             + (f"; cut off a damaged tail: {data.problem}" if data.problem else ""))
         apply_records(run.engine, todo, data.keyframes, verify=True, progress=progress)
-        if done and done % r.mezo.keyframe_every == 0 and (done - 1) not in data.keyframes:
-            writer.append_keyframe(done - 1, run.engine.digest())  # the crash fell between a block and its keyframe
-        start = done
+        recorded = [asdict(rec) for rec in data.steps[whole:]]
+        evals = list(data.evals)
+        # The crash may have fallen after a step's records but before its keyframe or eval: write them now, as the
+        # uninterrupted run did (the weights are those after that step, exactly).
+        if start and not partial and start % r.mezo.keyframe_every == 0 and whole - 1 not in data.keyframes:
+            writer.append_keyframe(whole - 1, run.engine.digest())
         keyframes_done = set(data.keyframes)
     else:
         (out / "recipe.toml").write_text(recipe_to_toml(r))
@@ -311,68 +339,109 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         writer.append_keyframe(-1, bytes.fromhex(header["initial_digest"]))
         start = 0
         keyframes_done = {-1}
+        metrics = Metrics(out / "metrics.jsonl")
+    summary["evals"] = evals
 
-    metrics = Metrics(out / "metrics.jsonl")
-    evals = summary["evals"] = []
-
-    def evaluate(step: int, label: str) -> None:
+    def evaluate(t: int, label: str) -> None:
+        """Score the weights after step t on the eval rows; recorded in the trajectory and metrics.jsonl."""
         if run.eval_rows is None:
             return
         result = run.task.evaluate(run.model, run.eval_rows, batch_size=r.mezo.batch_size, progress=progress)
+        step = -1 if t < 0 else last_record(t)
+        writer.append_eval(step, result)
         evals.append({"step": step, **result})
         metrics.write(step=step, eval=result)
         log(f"eval {label}: {fmt_eval(result)}")
 
-    if start == 0:
-        evaluate(-1, "before training")
+    if not recorded and eval_due(start - 1) and not any(e["step"] == (-1 if start == 0 else last_record(start - 1))
+                                                       for e in evals):
+        evaluate(start - 1, "before training" if start == 0 else f"at step {start}")
     n = len(run.train_rows)
     bar = tqdm(total=r.mezo.steps, initial=start, disable=not progress, desc="mezo", unit="step",
                dynamic_ncols=True)
     recent: list[float] = []
-    last_keyframe = (-1, b"")  # (step, digest): the end reuses it when the last step had a keyframe
+    last_keyframe = (-1, b"")  # (record, digest): the end reuses it when the last step had a keyframe
+    stopped = r.mezo.steps
     try:
         for t in range(start, r.mezo.steps):
             t0 = time.perf_counter()
             rows = [run.train_rows[i] for i in batch_indices(n, r.mezo.batch_size, r.mezo.seed, t)]
-            eta = learning_rate(t, r.mezo.lr, r.mezo.steps, r.mezo.schedule, r.mezo.min_lr)
-            rec = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows))
-            writer.append_step(StepRecord(**rec))
+            eta = learning_rate(t, r.mezo.lr, r.mezo.steps, r.mezo.schedule, r.mezo.min_lr, r.mezo.warmup_steps)
+            new = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows), K, recorded)
+            recs, recorded = recorded + new, []
+            for rec in new:
+                writer.append_step(StepRecord(**rec))
             if (t + 1) % r.mezo.keyframe_every == 0:
-                last_keyframe = (t, run.engine.digest())
+                last_keyframe = (last_record(t), run.engine.digest())
                 writer.append_keyframe(*last_keyframe)
             if r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0:
                 writer.flush()  # the checkpoint never runs ahead of the intact trajectory
-                save_checkpoint(out, run, t)
+                save_checkpoint(out, run, last_record(t))
             dt = time.perf_counter() - t0
-            loss = (rec["loss_plus"] + rec["loss_minus"]) / 2
+            losses = [(rec["loss_plus"] + rec["loss_minus"]) / 2 for rec in recs]
+            loss = sum(losses) / len(losses)
             if math.isfinite(loss):
                 recent = (recent + [loss])[-r.output.log_every:]
             bar.set_postfix(loss=f"{sum(recent) / max(len(recent), 1):.4f}", s_step=f"{dt:.2f}",
                             refresh=False)
             bar.update(1)
-            if rec["skipped"]:
-                log(f"step {t}: non-finite loss (L+={rec['loss_plus']}, L-={rec['loss_minus']}); step skipped")
-            if (t + 1) % r.output.log_every == 0 or rec["skipped"]:
-                metrics.write(step=t, loss=loss, loss_plus=rec["loss_plus"], loss_minus=rec["loss_minus"],
-                              g=rec["g"], lr=eta, skipped=rec["skipped"], s_per_step=round(dt, 4))
-            if r.output.eval_every and (t + 1) % r.output.eval_every == 0 and t + 1 < r.mezo.steps:
+            skipped = [rec for rec in recs if rec["skipped"]]
+            for rec in skipped:
+                log(f"step {t}: record {rec['step']} skipped: not finite (L+={rec['loss_plus']}, "
+                    f"L-={rec['loss_minus']}, g={rec['g']})")
+            if (t + 1) % r.output.log_every == 0 or skipped:
+                g = recs[0]["g"] if K == 1 else [rec["g"] for rec in recs]
+                metrics.write(step=t, loss=loss, loss_plus=recs[0]["loss_plus"], loss_minus=recs[0]["loss_minus"],
+                              g=g, lr=eta, skipped=bool(skipped), s_per_step=round(dt, 4))
+            if eval_due(t):
                 evaluate(t, f"at step {t + 1}")
+                if r.output.patience and _evals_since_best(evals, select) >= r.output.patience:
+                    best = best_eval(evals, select)
+                    log(f"early stop after step {t + 1}: dev {metric} has not improved for {r.output.patience} "
+                        f"evals (best {best[metric]:.4f}, after record {best['step']})")
+                    stopped = t + 1
+                    break
         bar.close()
-        final_digest = last_keyframe[1] if last_keyframe[0] == r.mezo.steps - 1 else run.engine.digest()
-        if r.mezo.steps - 1 not in keyframes_done and r.mezo.steps % r.mezo.keyframe_every != 0:
-            writer.append_keyframe(r.mezo.steps - 1, final_digest)
-        writer.finish(r.mezo.steps, final_digest)
-        evaluate(r.mezo.steps - 1, "after training")
+        n_records = stopped * K
+        final_digest = last_keyframe[1] if last_keyframe[0] == n_records - 1 else run.engine.digest()
+        if n_records - 1 not in keyframes_done and last_keyframe[0] != n_records - 1:
+            writer.append_keyframe(n_records - 1, final_digest)
+        if not any(e["step"] == n_records - 1 for e in evals):
+            evaluate(stopped - 1, "after training")
+        writer.finish(n_records, final_digest)
     finally:
         bar.close()
         writer.close()
         metrics.close()
+    summary.update(steps=stopped, records=n_records, digest=final_digest.hex())
+    if stopped < r.mezo.steps:
+        summary["stopped_early"] = stopped
+    best = best_eval(evals, select)
+    if best is not None:
+        summary.update(best=best, select=select)
     if r.output.save_final:
-        models.save_model(run.model, run.tokenizer, out / "final")
+        model, tokenizer = run.model, run.tokenizer
+        if r.output.keep == "best" and best is not None and best["step"] != n_records - 1:
+            log(f"final/ holds the dev-best weights: after record {best['step']} ({metric} {best[metric]:.4f}); "
+                f"rebuilding them from the trajectory")
+            run = model = None  # free the trained weights before the rebuild loads the base again
+            from .replay import rebuild
+
+            model = rebuild(traj_path, steps=best["step"] + 1, verify=True, device=r.model.device,
+                            progress=progress, log=log).model
+        models.save_model(model, tokenizer, out / "final")
         summary["final"] = str(out / "final")
+        summary["kept"] = r.output.keep
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    summary.update(steps=r.mezo.steps, digest=final_digest.hex())
     return summary
+
+
+def _evals_since_best(evals: list[dict], select: dict) -> int:
+    """How many evals came after the best one (early stopping's patience counter)."""
+    from .trajectory import best_eval
+
+    best = best_eval(evals, select)
+    return len(evals) - 1 - evals.index(best)
 
 
 def check_resumable(recorded: dict, now: dict) -> None:

@@ -7,13 +7,13 @@ rebuild diverges. It is parsed as data (never unpickled), append-only, and crash
 CRC32, and a torn or corrupt tail is reported (``TrajectoryData.problem``), never raised, so `train --resume`
 can cut it off and go on.
 
-Format, version 1 (all integers little-endian):
+Format, version 2 (all integers little-endian; version 1 is read too: it is version 2 without V blocks):
 
     file    := magic header_len header header_crc block*
     magic   := b"MEZOTRJ1"                                    8 bytes
     header_len := u32                                          length of `header`
     header  := UTF-8 JSON object, json.dumps(sort_keys=True, separators=(",", ":"), allow_nan=False);
-               it always holds "format_version": 1
+               it always holds "format_version": 2
     header_crc := u32                                          zlib.crc32(header)
     block   := b"\\xb7\\x0c" type:u8 length:u32 payload crc:u32
                crc = zlib.crc32(type byte + length bytes + payload)
@@ -31,11 +31,14 @@ Block types:
                    digest of the trainable tensors AFTER the update of `step` was applied (steps are 0-based);
                    step = -1 means "before any step" (the starting weights). `step` never exceeds the last
                    recorded step at the point the keyframe is written.
+    b"V" eval      payload := UTF-8 JSON {"step": s, "metrics": {name: number or null}}: a dev evaluation of the
+                   weights after step s (-1: before any step), e.g. {"accuracy": 0.8, "loss": 0.47}. Like a
+                   keyframe, s never exceeds the last recorded step. `replay --best` picks its step from these.
     b"E" end       payload := UTF-8 JSON {"digest": hex, "steps": N}, written once when training completes;
                    nothing may follow it.
 
 Block boundaries are a function of the step numbers only: the writer closes an S block after a step s with
-(s + 1) % flush_every == 0, before a keyframe, and on close/finish. So a run resumed from its last intact block
+(s + 1) % flush_every == 0, before a keyframe or an eval, and on close/finish. So a run resumed from its last intact block
 writes the same bytes an uninterrupted run writes.
 
 Size (measured, see tests/test_trajectory.py::test_bytes_per_step_at_most_16): g ~ N(0, 1e-2), losses in
@@ -52,11 +55,12 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAGIC = b"MEZOTRJ1"
 BLOCK_MARKER = b"\xb7\x0c"
 DIGEST_BYTES = 32
@@ -65,7 +69,7 @@ _BLOCK_HEAD = struct.Struct("<2sBI")  # marker, type, payload length
 _U32 = struct.Struct("<I")
 _STEPS_HEAD = struct.Struct("<QI")  # first step, count
 _KEYFRAME_STEP = struct.Struct("<q")
-_TYPE_STEPS, _TYPE_KEYFRAME, _TYPE_END = ord("S"), ord("K"), ord("E")
+_TYPE_STEPS, _TYPE_KEYFRAME, _TYPE_EVAL, _TYPE_END = ord("S"), ord("K"), ord("V"), ord("E")
 _FLAG_SKIPPED = 0x01
 _BYTES_PER_STEP_RAW = 4 * 4 + 1  # four float32 columns and the flags byte
 _RESUME_HINT = "run `mezo-tune train --resume` to continue from there"
@@ -95,6 +99,7 @@ class TrajectoryData:
     intact_bytes: int
     problem: str | None
     header_bytes: int = 0  # offset where the blocks start (magic + header length + header + header CRC)
+    evals: list[dict] = field(default_factory=list)  # {"step": s, **metrics}, in the order they were recorded
 
     def as_arrays(self) -> dict:
         """Columns as numpy arrays: step (int64), g/eta/loss_plus/loss_minus (float32), skipped (bool)."""
@@ -246,15 +251,16 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
     if not isinstance(header, dict):
         raise TrajectoryError(f"{path}: the trajectory header is not a JSON object.")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise TrajectoryError(
-            f"{path}: trajectory format_version {version!r} is not supported (this mezo-tune reads version "
-            f"{FORMAT_VERSION}); use the mezo-tune version that wrote it."
+            f"{path}: trajectory format_version {version!r} is not supported (this mezo-tune reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); use the mezo-tune version that wrote it."
         )
     header_end = pos + hlen + 4
 
     columns: list[dict] = []
     keyframes: dict[int, bytes] = {}
+    evals: list[dict] = []
     end = None
     next_step = 0
     problem = None
@@ -294,6 +300,8 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
                 if not -1 <= kstep < next_step:
                     raise ValueError(f"keyframe for step {kstep}, but steps so far are 0..{next_step - 1}")
                 keyframes[kstep] = bytes(payload[_KEYFRAME_STEP.size :])
+            elif btype == _TYPE_EVAL and version >= 2:
+                evals.append(_decode_eval(payload, next_step))
             elif btype == _TYPE_END:
                 end_payload = json.loads(payload.decode("utf-8"))
                 if not isinstance(end_payload, dict) or end_payload.get("steps") != next_step:
@@ -315,8 +323,20 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
     ]
     return TrajectoryData(
         path=path, header=header, steps=steps, keyframes=keyframes, end=end, intact_bytes=pos,
-        problem=problem, header_bytes=header_end,
+        problem=problem, header_bytes=header_end, evals=evals,
     )
+
+
+def _decode_eval(payload: bytes, next_step: int) -> dict:
+    """V payload -> {"step": s, **metrics}; raises ValueError describing what is malformed."""
+    ev = json.loads(payload.decode("utf-8"))
+    metrics = ev.get("metrics") if isinstance(ev, dict) else None
+    if (not isinstance(metrics, dict) or type(ev.get("step")) is not int or "step" in metrics
+            or not all(v is None or type(v) in (int, float) for v in metrics.values())):
+        raise ValueError(f"eval block {ev!r} is not {{step, metrics: {{name: number}}}}")
+    if not -1 <= ev["step"] < next_step:
+        raise ValueError(f"eval for step {ev['step']}, but steps so far are 0..{next_step - 1}")
+    return {"step": ev["step"], **metrics}
 
 
 def _concat(columns: list[dict]) -> dict:
@@ -437,6 +457,19 @@ class TrajectoryWriter:
             )
         self.flush()
         self._write_durably(_encode_block(_TYPE_KEYFRAME, _KEYFRAME_STEP.pack(step) + digest))
+
+    def append_eval(self, step: int, metrics: dict) -> None:
+        """A dev evaluation of the weights after `step`: its scalar metrics (others, like a confusion matrix, are
+        left out; a non-finite value is stored as null)."""
+        self._check_open()
+        if not -1 <= step < self._next_step:
+            raise TrajectoryError(f"{self.path}: eval for step {step}, but only steps 0..{self._next_step - 1} are "
+                                  f"recorded; an eval scores the weights after its step's update (-1 = before any step).")
+        scalars = {k: (float(v) if math.isfinite(v) else None) if isinstance(v, float) else v
+                   for k, v in metrics.items() if type(v) in (int, float) and k != "step"}
+        payload = json.dumps({"step": step, "metrics": scalars}, sort_keys=True, allow_nan=False).encode("utf-8")
+        self.flush()
+        self._write_durably(_encode_block(_TYPE_EVAL, payload))
 
     def flush(self) -> None:
         self._check_open()
@@ -566,7 +599,21 @@ def summarize(data: TrajectoryData) -> dict:
         "loss_first_10pct": _finite_mean(loss[:k]) if n else None,
         "loss_last_10pct": _finite_mean(loss[-k:]) if n else None,
         "loss_windows": windows,
+        "evals": data.evals,
+        "best_eval": best_eval(data.evals, data.header.get("select")),
     }
+
+
+def best_eval(evals: list[dict], select: dict | None) -> dict | None:
+    """The eval with the best value of select["metric"] (the earliest of equals); None when none has it."""
+    if not select:
+        return None
+    metric = select["metric"]
+    scored = [e for e in evals if isinstance(e.get(metric), (int, float))]
+    if not scored:
+        return None
+    sign = 1 if select["lower_is_better"] else -1
+    return min(scored, key=lambda e: sign * e[metric])
 
 
 def _get(header: dict, key: str):
@@ -642,6 +689,17 @@ def format_summary(data: TrajectoryData) -> str:
                      f"`mezo-tune train --resume` cuts the tail off and continues.")
     else:
         lines.append("file        clean (every block checksum verified)")
+    if data.evals:
+        best = s["best_eval"]
+        select = h.get("select") or {}
+        lines.append(f"evals       {len(data.evals)}"
+                     + (f"; best {select['metric']} {best[select['metric']]:.4f} after step {best['step']} "
+                        f"(`replay --best`)" if best else ""))
+        shown = data.evals if len(data.evals) <= 20 else data.evals[:10] + data.evals[-10:]
+        for e in shown:
+            values = "   ".join(f"{k} {v:.4f}" for k, v in e.items()
+                                if k in ("accuracy", "exact_match", "f1", "loss", "perplexity") and v is not None)
+            lines.append(f"  after {e['step']:>7}   {values}" + ("   <- best" if e is best else ""))
     if s["n_steps"]:
         lines.append(f"loss        first 10%: {_fmt_loss(s['loss_first_10pct'])}   "
                      f"last 10%: {_fmt_loss(s['loss_last_10pct'])}   (mean of (L+ + L-)/2)")

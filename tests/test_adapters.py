@@ -244,7 +244,7 @@ def test_a_step_with_zero_lr_changes_no_bit_of_an_adapter_model():
     engine = mezo.Mezo(model, ts, seed=5, eps=1e-2)
     ids = torch.arange(2, 26).reshape(2, 12)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rec = engine.step(0, 0.0, lambda: _loss(model(input_ids=ids).logits, ids))
+    (rec,) = engine.step(0, 0.0, lambda: _loss(model(input_ids=ids).logits, ids))
     assert np.isfinite(rec["g"])
     after = model.state_dict()
     assert before.keys() == after.keys()

@@ -4,6 +4,7 @@ eval and the data command. One subprocess checks that `mezo-tune --help` does no
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -229,7 +230,7 @@ def test_inspect_text(trained):
     tmp, _ = trained
     traj = tmp / "runs/x/trajectory.mezo"
     lines = cli("inspect", traj).output.splitlines()
-    assert lines[0] == f"trajectory  {traj}  (format 1)"
+    assert lines[0] == f"trajectory  {traj}  (format 2)"
     assert lines[1].startswith(f"model       {tiny_model_path(tmp)} (digest ")
     assert lines[2] == "dtype       float32"
     assert lines[3] == f"trainable   20 tensors, {TINY_LLAMA_PARAMS:,} elements"
@@ -237,8 +238,12 @@ def test_inspect_text(trained):
     assert lines[5] == "steps       10 recorded, 0 skipped, finished (10 steps)"
     assert lines[6] == "keyframes   4 (steps -1, 3, 7, 9)"
     assert lines[8] == "file        clean (every block checksum verified)"
-    assert lines[9].startswith("loss        first 10%: ")
-    assert len(lines) == 10 + 10  # ten loss windows of one step
+    # the evals before and after training, recorded in the trajectory; the best by accuracy marked
+    assert re.fullmatch(r"evals       2; best accuracy 0\.\d{4} after step (-1|9) \(`replay --best`\)", lines[9])
+    assert re.fullmatch(r"  after      -1   accuracy 0\.\d{4}   loss \d+\.\d{4}(   <- best)?", lines[10])
+    assert re.fullmatch(r"  after       9   accuracy 0\.\d{4}   loss \d+\.\d{4}(   <- best)?", lines[11])
+    assert lines[12].startswith("loss        first 10%: ")
+    assert len(lines) == 13 + 10  # ten loss windows of one step
 
 
 def tiny_model_path(tmp) -> str:
@@ -350,7 +355,7 @@ def test_inspect_json_of_a_header_without_recipe(tmp_path):
 
     path = tmp_path / "h.mezo"
     TrajectoryWriter.create(path, {"seed": 1}).close()
-    assert cli("inspect", path).output.startswith(f"trajectory  {path}  (format 1)\n")
+    assert cli("inspect", path).output.startswith(f"trajectory  {path}  (format 2)\n")
     result = cli("inspect", path, "--json", ok=False)
     assert result.exit_code == 0, result.exception
     s = json.loads(result.output)

@@ -85,7 +85,7 @@ def test_step_with_zero_lr_changes_no_bit(dtype):
     model = build_model("llama", dtype)
     engine = mezo.Mezo(model, mezo.trainable_set(model), seed=1, eps=1e-3)
     before = snapshot(model)
-    rec = engine.step(0, 0.0, lambda: lm_loss(model, batch()))
+    (rec,) = engine.step(0, 0.0, lambda: lm_loss(model, batch()))
     assert math.isfinite(rec["g"]) and rec["g"] != 0
     assert_bit_equal(before, snapshot(model))
 
@@ -158,7 +158,7 @@ def test_nonfinite_loss_skips_step():
     model = build_model("llama")
     engine = mezo.Mezo(model, mezo.trainable_set(model), seed=1, eps=1e-3)
     before = snapshot(model)
-    rec = engine.step(0, 1.0, lambda: torch.tensor(float("nan")))
+    (rec,) = engine.step(0, 1.0, lambda: torch.tensor(float("nan")))
     assert rec["skipped"] and math.isnan(rec["g"])
     assert_bit_equal(before, snapshot(model))
 

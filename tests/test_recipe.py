@@ -93,6 +93,8 @@ def test_minimal_lm_recipe_fills_defaults():
             "rounding": "nearest",
             "schedule": "constant",
             "min_lr": 0.0,
+            "warmup_steps": 0,
+            "directions": 1,
             "keyframe_every": 100,
             "compile": "auto",
         },
@@ -102,6 +104,9 @@ def test_minimal_lm_recipe_fills_defaults():
             "log_every": 10,
             "eval_every": 0,
             "checkpoint_every": 500,
+            "keep": "last",
+            "select": "auto",
+            "patience": 0,
         },
     }
 

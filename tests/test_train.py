@@ -367,14 +367,19 @@ def _rewrite_with_g(src: Path, dst: Path, step: int, new_g: float) -> None:
     """Copy a trajectory record by record (same blocks) with the g of one step replaced."""
     data = read_trajectory(src)
     header = dict(data.header)
+    evals = {e["step"]: {k: v for k, v in e.items() if k != "step"} for e in data.evals}
     with TrajectoryWriter.create(dst, header, flush_every=train_mod.FLUSH_EVERY) as w:
         w.append_keyframe(-1, data.keyframes[-1])
+        if -1 in evals:
+            w.append_eval(-1, evals[-1])
         for rec in data.steps:
             if rec.step == step:
                 rec = StepRecord(rec.step, new_g, rec.eta, rec.loss_plus, rec.loss_minus, rec.skipped)
             w.append_step(rec)
             if rec.step in data.keyframes:
                 w.append_keyframe(rec.step, data.keyframes[rec.step])
+            if rec.step in evals:
+                w.append_eval(rec.step, evals[rec.step])
         w.finish(data.end["steps"], bytes.fromhex(data.end["digest"]))
 
 
@@ -545,7 +550,7 @@ def test_skipped_step_recorded_by_the_engine(tmp_path):
         def loss_fn():
             return float("nan") if t == 2 else model(input_ids=ids, labels=ids).loss
 
-        rec = engine.step(t, float(np.float32(1e-3)), loss_fn)
+        (rec,) = engine.step(t, float(np.float32(1e-3)), loss_fn)
         records.append(StepRecord(**rec))
         assert rec["skipped"] == (t == 2)
         assert (engine.digest() == before) == (t == 2)
