@@ -39,6 +39,22 @@ def apply_records(engine, records, keyframes: dict | None = None, verify: bool =
             last_match = rec.step
 
 
+def check_final_digest(engine, n_steps: int, keyframes: dict, end: dict | None) -> None:
+    """The weights after the first n_steps steps against the digest the run recorded for them: the end block's
+    when n_steps is the whole of a finished run, else the keyframe at step n_steps - 1 if there is one."""
+    if end is not None and n_steps == end.get("steps"):
+        recorded, where = str(end.get("digest")), f"the end block's digest after all {n_steps} steps"
+    elif n_steps - 1 in keyframes:
+        recorded, where = keyframes[n_steps - 1].hex(), f"the keyframe digest after step {n_steps - 1}"
+    else:
+        return
+    got = engine.digest().hex()
+    if got != recorded:
+        raise ReplayError(f"replay diverged: the weights rebuilt from {n_steps} steps have digest {got}, but "
+                          f"{where} is {recorded}; nothing was written. Run `mezo-tune replay --verify` to find "
+                          f"the step range where the rebuild first diverges")
+
+
 def _attach_recorded_adapter(model, recipe, adapter: dict):
     """The adapter the header describes, with its initial values rebuilt as it says."""
     from .adapters import INIT_SCHEME, INIT_STREAM, AdapterError, attach, config_dict
@@ -110,6 +126,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
             raise ReplayError(f"--steps {steps}: the trajectory holds {len(records)} steps")
         records = records[:steps]
     apply_records(engine, records, data.keyframes, verify=verify, progress=progress)
+    check_final_digest(engine, len(records), data.keyframes, data.end)
     return Rebuilt(model, tokenizer, engine, header, len(records))
 
 

@@ -404,11 +404,38 @@ def test_replay_verify_names_the_diverging_keyframe_range(small_run, tmp_path):
                              "there; the first diverging step lies between the start and step 3 (the previous "
                              "keyframe matched)\n")
 
-    # without --verify the altered run replays (to different weights)
-    cli("replay", altered, "--out", tmp_path / "rep2", "-q")
-    a = load_file(tmp_path / "rep2/model.safetensors")
-    b = load_file(tmp_path / "runs/x/final/model.safetensors")
+    # without --verify the end block's digest is still checked, before anything is written
+    end = read_trajectory(traj).end
+    result = cli("replay", altered, "--out", tmp_path / "rep2", "-q", ok=False)
+    assert result.exit_code == 1
+    got = _replayed_digest(altered, 12)
+    assert got != end["digest"]
+    assert result.output == (f"error: replay diverged: the weights rebuilt from 12 steps have digest {got}, but the "
+                             f"end block's digest after all 12 steps is {end['digest']}; nothing was written. Run "
+                             f"`mezo-tune replay --verify` to find the step range where the rebuild first "
+                             f"diverges\n")
+    assert not (tmp_path / "rep2").exists()
+    # --steps N checks the keyframe at step N - 1 when there is one (7), and nothing else (6: no keyframe at 5)
+    result = cli("replay", altered, "--out", tmp_path / "rep8", "--steps", 8, "-q", ok=False)
+    assert result.output == (f"error: replay diverged: the weights rebuilt from 8 steps have digest "
+                             f"{_replayed_digest(altered, 8)}, but the keyframe digest after step 7 is "
+                             f"{read_trajectory(traj).keyframes[7].hex()}; nothing was written. Run `mezo-tune "
+                             f"replay --verify` to find the step range where the rebuild first diverges\n")
+    cli("replay", altered, "--out", tmp_path / "rep6", "--steps", 6, "-q")
+    cli("replay", traj, "--out", tmp_path / "clean6", "--steps", 6, "-q")
+    a = load_file(tmp_path / "rep6/model.safetensors")
+    b = load_file(tmp_path / "clean6/model.safetensors")
     assert any(not torch.equal(a[n], b[n]) for n in a)
+
+
+def _replayed_digest(traj: Path, steps: int) -> str:
+    """The digest of the trainable tensors after replaying the first `steps` records (no checks)."""
+    from mezo_tune.replay import apply_records
+
+    data = read_trajectory(traj)
+    rebuilt = rebuild(traj, steps=0, device="cpu", progress=False)
+    apply_records(rebuilt.engine, data.steps[:steps])
+    return rebuilt.engine.digest().hex()
 
 
 def test_replay_refuses_a_different_base(small_run, tmp_path):
