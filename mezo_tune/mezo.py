@@ -103,8 +103,16 @@ def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float
 
 
 def update_scale(eta: float, g: float) -> float:
-    """c = fp32(η·g): computed once, the same way in train and replay."""
-    return float(np.float32(eta) * np.float32(g))
+    """c = fp32(η·g): computed once, the same way in train and replay (inf when the product overflows fp32)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.float32(eta) * np.float32(g))
+
+
+def applied_scale(eta: float, g: float, skipped: bool = False) -> float | None:
+    """The c a step applies, or None for a skipped step: one whose g (a loss) or c = fp32(η·g) is not finite.
+    Train and replay both decide with this, so they skip the same steps."""
+    c = update_scale(eta, g)
+    return None if skipped or not math.isfinite(c) else c
 
 
 def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", min_lr: float = 0.0) -> float:
@@ -338,12 +346,14 @@ class Mezo:
                     w.copy_(flat.view_as(w))
 
     def step(self, step: int, eta: float, loss_fn) -> dict:
-        """One MeZO step. Returns the record to append to the trajectory (skipped when a loss is not finite)."""
+        """One MeZO step. Returns the record to append to the trajectory (skipped when a loss is not finite, or
+        when c = fp32(η·g) overflows)."""
         lp, lm = self.loss_pair(step, loss_fn)
         g = projected_gradient(lp, lm, self.eps)
-        skipped = not math.isfinite(g)
+        c = applied_scale(eta, g)
+        skipped = c is None
         if not skipped:
-            self.apply_update(step, update_scale(eta, g))
+            self.apply_update(step, c)
         return {"step": step, "g": g, "eta": eta, "loss_plus": lp, "loss_minus": lm, "skipped": skipped}
 
     def digest(self) -> bytes:

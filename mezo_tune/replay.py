@@ -24,12 +24,13 @@ def apply_records(engine, records, keyframes: dict | None = None, verify: bool =
     """Apply recorded steps in order. With verify, compare each keyframe digest and stop at the first divergence."""
     from tqdm.auto import tqdm
 
-    from .mezo import update_scale
+    from .mezo import applied_scale
 
     last_match = None  # the last keyframe step that matched
     for rec in tqdm(records, desc="replay", unit="step", disable=not progress or len(records) < 2, leave=False):
-        if not rec.skipped:
-            engine.apply_update(rec.step, update_scale(rec.eta, rec.g))
+        c = applied_scale(rec.eta, rec.g, rec.skipped)
+        if c is not None:
+            engine.apply_update(rec.step, c)
         if verify and keyframes and rec.step in keyframes:
             if engine.digest() != keyframes[rec.step]:
                 since = "the start" if last_match is None else f"step {last_match + 1}"

@@ -351,7 +351,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
                             refresh=False)
             bar.update(1)
             if rec["skipped"]:
-                log(f"step {t}: non-finite loss (L+={rec['loss_plus']}, L-={rec['loss_minus']}); step skipped")
+                log(f"step {t}: {skip_reason(rec)}; step skipped")
             if (t + 1) % r.output.log_every == 0 or rec["skipped"]:
                 metrics.write(step=t, loss=loss, loss_plus=rec["loss_plus"], loss_minus=rec["loss_minus"],
                               g=rec["g"], lr=eta, skipped=rec["skipped"], s_per_step=round(dt, 4))
@@ -373,6 +373,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     summary.update(steps=r.mezo.steps, digest=final_digest.hex())
     return summary
+
+
+def skip_reason(rec: dict) -> str:
+    """Why a recorded step was skipped: a loss that is not finite, or an update scale c = fp32(η·g) that overflowed."""
+    if math.isfinite(rec["loss_plus"]) and math.isfinite(rec["loss_minus"]):
+        return f"update scale c = lr * g overflows float32 (lr={rec['eta']:.3g}, g={rec['g']:.3g})"
+    return f"non-finite loss (L+={rec['loss_plus']}, L-={rec['loss_minus']})"
 
 
 def check_resumable(recorded: dict, now: dict) -> None:

@@ -541,7 +541,7 @@ def test_non_finite_steps_are_skipped_and_replay_is_bit_equal(lm_recipe, tmp_pat
     assert not data.steps[0].skipped and skipped, [(r.loss_plus, r.loss_minus, r.g) for r in data.steps]
     for r in data.steps:
         finite = np.isfinite(r.loss_plus) and np.isfinite(r.loss_minus) and np.isfinite(r.g)
-        assert r.skipped == (not finite)
+        assert r.skipped == (not finite or not np.isfinite(np.float32(r.eta) * np.float32(r.g)))
     inspect = cli("inspect", tmp_path / "runs/x/trajectory.mezo").output
     assert f"steps       6 recorded, {len(skipped)} skipped (steps {', '.join(map(str, skipped))})" in inspect
     cli("replay", tmp_path / "runs/x/trajectory.mezo", "--out", tmp_path / "rep", "--verify", "-q")
@@ -576,6 +576,28 @@ def test_skipped_step_recorded_by_the_engine(tmp_path):
     replayed = Mezo(fresh, trainable_set(fresh), seed=3, eps=1e-3)
     apply_records(replayed, records)
     assert replayed.digest() == engine.digest()
+
+
+def test_overflowing_update_scale_is_skipped_in_train_and_replay():
+    """Finite losses whose c = fp32(η·g) overflows: the step is skipped and recorded so, the weights keep every bit,
+    and replay skips it too, even from a record that does not say skipped."""
+    from conftest import build_model
+
+    from mezo_tune.mezo import Mezo, trainable_set
+    from mezo_tune.replay import apply_records
+
+    model = build_model("llama")
+    engine = Mezo(model, trainable_set(model), seed=3, eps=1e-3)
+    losses = iter([1000.0, -1000.0])  # g = fp32(2000 / fp32(2e-3)) = 999999.9375
+    eta = float(np.float32(1e33))  # c = 1e39 > float32's max
+    before = engine.digest()
+    rec = engine.step(0, eta, lambda: next(losses))
+    assert rec == {"step": 0, "g": 999999.9375, "eta": eta, "loss_plus": 1000.0, "loss_minus": -1000.0, "skipped": True}
+    assert engine.digest() == before
+    assert train_mod.skip_reason(rec) == "update scale c = lr * g overflows float32 (lr=1e+33, g=1e+06)"
+    assert train_mod.skip_reason({**rec, "loss_plus": float("nan")}) == "non-finite loss (L+=nan, L-=-1000.0)"
+    apply_records(engine, [StepRecord(**{**rec, "skipped": False})])
+    assert engine.digest() == before
 
 
 # ---- compile --------------------------------------------------------------------------------------------------------
