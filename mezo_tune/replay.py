@@ -92,7 +92,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     from . import models
     from .mezo import Mezo, trainable_set, weights_digest
     from .recipe import parse_recipe
-    from .train import check_base, use_compile
+    from .train import check_base, check_recorded_data, use_compile
     from .trajectory import read_trajectory
 
     data = read_trajectory(trajectory_path)
@@ -103,6 +103,8 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     model_cfg = recipe.model.model_copy(update={"device": device, **({"path": base} if base else {})})
     model, tokenizer, source = models.load(model_cfg, progress)
     check_base(header, models.state_digests(model), model_cfg.path)
+    if verify:
+        check_recorded_data(header, recipe, tokenizer, log)
     adapter = header.get("adapter")
     if adapter:
         model = _attach_recorded_adapter(model, recipe, adapter)

@@ -147,7 +147,50 @@ def build_header(run: Run) -> dict:
         "keyframe_every": r.mezo.keyframe_every,
         "initial_digest": weights_digest(run.trainable.params).hex(),
         "recipe": recipe_to_toml(r),
+        "data": data_header(run.train_rows, run.eval_rows),
     }
+
+
+def rows_digest(rows: list[dict] | None) -> str | None:
+    """blake2b-128 of rows (after loading and sampling) as JSON: what a run trained or evaluated on."""
+    if rows is None:
+        return None
+    import hashlib
+
+    text = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def data_header(train_rows: list[dict], eval_rows: list[dict] | None) -> dict:
+    return {"train_rows_digest": rows_digest(train_rows), "eval_rows_digest": rows_digest(eval_rows)}
+
+
+def check_same_data(recorded: dict, train_rows: list[dict], eval_rows: list[dict] | None, data_cfg) -> None:
+    """Refuse rows that differ from the ones a run recorded, naming the file. A trajectory written before data
+    digests were recorded has none, and is not checked."""
+    if "data" not in recorded:
+        return
+    now = data_header(train_rows, eval_rows)
+    for key, what, path in (("train_rows_digest", "training", data_cfg.train),
+                            ("eval_rows_digest", "eval", data_cfg.eval or data_cfg.train)):
+        if recorded["data"].get(key) != now[key]:
+            raise RunError(f"the {what} rows read from {path} are not the ones this run was recorded with (rows "
+                           f"digest {now[key]}, recorded {recorded['data'].get(key)}): the data changed since the "
+                           f"run started. Put back the data the run used, or start a new run in a new output.dir")
+
+
+def check_recorded_data(header: dict, recipe: Recipe, tokenizer, log) -> None:
+    """`replay --verify`: the data files the recorded recipe names, when they can be read here, against the digests
+    in the header."""
+    if "data" not in header:
+        return
+    paths = [p for p in (recipe.data.train, recipe.data.eval) if p]
+    unreadable = [p for p in paths if not Path(p).is_file()]
+    if unreadable:
+        log(f"note: the run's data was not checked ({', '.join(unreadable)} cannot be read here)")
+        return
+    train_rows, eval_rows = load_data(recipe, make_task(recipe, tokenizer))
+    check_same_data(header, train_rows, eval_rows, recipe.data)
 
 
 def adapter_header(run: Run) -> dict | None:
@@ -292,6 +335,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     if resume:
         writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=FLUSH_EVERY)
         check_resumable(data.header, header)
+        check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
         done = len(data.steps)
         from_ckpt = load_checkpoint(out, run, done - 1)

@@ -6,6 +6,7 @@ compile. Runs go through the click CLI in-process (CliRunner) except the one tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -308,6 +309,80 @@ def test_resume_before_the_end_block_writes_no_duplicate_final_keyframe(lm_recip
     assert sorted(read_trajectory(traj).keyframes) == [-1, 3, 7, 9]
     assert [b[1] for b in blocks(traj)] == [b[1] for b in blocks(ref)]
     assert block_bytes(traj) == block_bytes(ref)
+
+
+def _unfinished_run(recipe: Path, tmp_path: Path) -> Path:
+    """Train the recipe to the end, then cut the end block off (as a kill just before it would)."""
+    train_cli(recipe)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    last = blocks(traj)[-1]
+    with open(traj, "r+b") as f:
+        f.truncate(last[0])
+    shutil.rmtree(tmp_path / "runs/x/final")
+    return traj
+
+
+def test_resume_refuses_changed_data_naming_the_file(lm_recipe, tmp_path, lm_files):
+    recipe = lm_recipe(steps=4)
+    traj = _unfinished_run(recipe, tmp_path)
+    train, ev = lm_files
+    recorded = read_trajectory(traj).header["data"]
+    assert recorded == {"train_rows_digest": train_mod.rows_digest(_rows(train)),
+                        "eval_rows_digest": train_mod.rows_digest(_rows(ev))}
+    original = train.read_text()
+    train.write_text(original.replace("fox", "cat"))
+    result = train_cli(recipe, "--resume", ok=False)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"error: the training rows read from {train} are not the ones this run was recorded with (rows digest "
+        f"{train_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
+        f"the run started. Put back the data the run used, or start a new run in a new output.dir\n")
+    train.write_text(original)
+    ev.write_text(ev.read_text() + json.dumps({"text": "one more row"}) + "\n")
+    result = train_cli(recipe, "--resume", ok=False)
+    assert result.output.startswith(f"error: the eval rows read from {ev} are not the ones this run was recorded "
+                                    f"with (rows digest ")
+    assert read_trajectory(traj).end is None  # nothing was appended
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_and_replay_of_a_trajectory_without_data_digests(lm_recipe, tmp_path, lm_files):
+    """Trajectories written before the data digests existed still resume and replay (and are not checked)."""
+    recipe = lm_recipe(steps=4)
+    traj = _unfinished_run(recipe, tmp_path)
+    data = read_trajectory(traj)
+    header = {k: v for k, v in data.header.items() if k != "data"}
+    buf = traj.read_bytes()
+    traj.write_bytes(trajectory._encode_header(header, str(traj)) + buf[data.header_bytes:])
+    train, _ = lm_files
+    train.write_text(train.read_text().replace("fox", "cat"))  # not noticed: nothing to compare with
+    train_cli(recipe, "--resume")
+    assert "data" not in read_trajectory(traj).header and read_trajectory(traj).end is not None
+    result = cli("replay", traj, "--out", tmp_path / "rep", "--verify", "-q")
+    assert result.output == f"replayed 4 steps (every keyframe verified); wrote {tmp_path}/rep\n"
+
+
+def test_replay_verify_checks_the_data_when_it_can_read_it(lm_recipe, tmp_path, lm_files):
+    recipe = lm_recipe(steps=4)
+    train_cli(recipe)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    train, ev = lm_files
+    recorded = read_trajectory(traj).header["data"]
+    train.write_text(train.read_text().replace("fox", "cat"))
+    result = cli("replay", traj, "--out", tmp_path / "rep", "--verify", "-q", ok=False)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"error: the training rows read from {train} are not the ones this run was recorded with (rows digest "
+        f"{train_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
+        f"the run started. Put back the data the run used, or start a new run in a new output.dir\n")
+    assert not (tmp_path / "rep").exists()
+    cli("replay", traj, "--out", tmp_path / "rep", "-q")  # without --verify the data is not read
+    ev.unlink()
+    result = cli("replay", traj, "--out", tmp_path / "rep2", "--verify", "-q")
+    assert result.stderr.splitlines() == [f"note: the run's data was not checked ({ev} cannot be read here)"]
 
 
 def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one(lm_recipe, tmp_path, monkeypatch):
