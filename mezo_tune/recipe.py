@@ -253,6 +253,7 @@ class MezoConfig(_Section):
     min_lr: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = 0.0
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"
+    max_consecutive_skips: NonNegativeInt = 10
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:

@@ -373,6 +373,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     bar = tqdm(total=r.mezo.steps, initial=start, disable=not progress, desc="mezo", unit="step",
                dynamic_ncols=True)
     recent: list[float] = []
+    skipped_in_a_row: list[dict] = []
     last_keyframe = (-1, b"")  # (step, digest): the end reuses it when the last step had a keyframe
     try:
         for t in range(start, r.mezo.steps):
@@ -399,6 +400,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             if (t + 1) % r.output.log_every == 0 or rec["skipped"]:
                 metrics.write(step=t, loss=loss, loss_plus=rec["loss_plus"], loss_minus=rec["loss_minus"],
                               g=rec["g"], lr=eta, skipped=rec["skipped"], s_per_step=round(dt, 4))
+            skipped_in_a_row = skipped_in_a_row + [rec] if rec["skipped"] else []
+            if skipped_in_a_row and len(skipped_in_a_row) == r.mezo.max_consecutive_skips:
+                raise RunError(skip_diagnosis(skipped_in_a_row, traj_path))  # `finally` flushes the trajectory
             if r.output.eval_every and (t + 1) % r.output.eval_every == 0 and t + 1 < r.mezo.steps:
                 evaluate(t, f"at step {t + 1}")
         bar.close()
@@ -426,6 +430,19 @@ def skip_reason(rec: dict) -> str:
     return f"non-finite loss (L+={rec['loss_plus']}, L-={rec['loss_minus']})"
 
 
+def skip_diagnosis(skipped: list[dict], traj_path: Path, shown: int = 5) -> str:
+    """Why a run stopped after mezo.max_consecutive_skips skipped steps in a row, and what to do."""
+    lines = [f"step {rec['step']}: {skip_reason(rec)}" for rec in skipped[-shown:]]
+    if len(skipped) > shown:
+        lines.insert(0, f"({len(skipped) - shown} earlier skipped steps not shown)")
+    return (f"stopped after {len(skipped)} skipped steps in a row (steps {skipped[0]['step']}-{skipped[-1]['step']}; "
+            f"mezo.max_consecutive_skips = {len(skipped)}):\n  " + "\n  ".join(lines) + "\n"
+            f"The weights have probably overflowed, or the batches hold rows the model cannot score: try a smaller "
+            f"mezo.lr or mezo.eps, check the training data, or set mezo.max_consecutive_skips = 0 to never stop. "
+            f"{traj_path} is intact up to step {skipped[-1]['step']}: `mezo-tune inspect` shows it, and "
+            f"`mezo-tune train --resume` continues it.")
+
+
 def check_resumable(recorded: dict, now: dict) -> None:
     """A resumed run must be the same run: same training recipe (steps may grow), trainable set and generator."""
     from .recipe import parse_recipe
@@ -445,7 +462,7 @@ def check_resumable(recorded: dict, now: dict) -> None:
     old_m, new_m = old.mezo.model_dump(), new.mezo.model_dump()
     if old.mezo.schedule == "constant":
         old_m.pop("steps"), new_m.pop("steps")
-    diff = [k for k in old_m if old_m[k] != new_m[k] and k != "compile"]
+    diff = [k for k in old_m if old_m[k] != new_m[k] and k not in ("compile", "max_consecutive_skips")]
     if diff:
         problems.append(f"[mezo] {', '.join(diff)} differ")
     for key in ("trainable", "z_generator", "adapter"):

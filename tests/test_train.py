@@ -40,7 +40,8 @@ VERBALIZER = {"positive": " positive", "negative": " negative"}  # one token eac
 def write_recipe(path: Path, model_dir, train, eval=None, *, out, task: str = "lm", dtype: str = "float32",
                  steps: int = 10, lr: float = 1e-3, eps: float = 1e-3, batch_size: int = 2, seed: int = 7,
                  schedule: str = "constant", keyframe_every: int = 4, compile: str = "off",
-                 checkpoint_every: int = 0, max_length: int = 32, **output) -> Path:
+                 checkpoint_every: int = 0, max_length: int = 32, max_consecutive_skips: int = 10,
+                 **output) -> Path:
     """A recipe TOML with absolute paths (so it works from any cwd)."""
     recipe = {
         "model": {"path": str(model_dir), "dtype": dtype, "device": "cpu"},
@@ -48,7 +49,8 @@ def write_recipe(path: Path, model_dir, train, eval=None, *, out, task: str = "l
         "task": ({"type": "classification", "template": TEMPLATE, "verbalizer": VERBALIZER}
                  if task == "classification" else {"type": "lm"}),
         "mezo": {"lr": lr, "eps": eps, "steps": steps, "batch_size": batch_size, "seed": seed,
-                 "schedule": schedule, "keyframe_every": keyframe_every, "compile": compile},
+                 "schedule": schedule, "keyframe_every": keyframe_every, "compile": compile,
+                 "max_consecutive_skips": max_consecutive_skips},
         "output": {"dir": str(out), "checkpoint_every": checkpoint_every, **output},
     }
     path.write_text(tomli_w.dumps(recipe))
@@ -623,6 +625,46 @@ def test_non_finite_steps_are_skipped_and_replay_is_bit_equal(lm_recipe, tmp_pat
     assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
     metrics = (tmp_path / "runs/x/metrics.jsonl").read_text()
     assert metrics.count('"skipped": true') == len(skipped)
+
+
+def test_consecutive_skips_stop_the_run_and_resume_continues(lm_recipe, tmp_path, tiny_model_dirs):
+    """The fp16 run above skips every step after step 0: with max_consecutive_skips = 3 it stops after step 3 (exit
+    code 1, a diagnosis), with an intact trajectory that --resume continues as it is, or with the key changed."""
+    recipe = lm_recipe(steps=20, lr=1e30, keyframe_every=2, dtype="float16", model=tiny_model_dirs("llama", "float16"),
+                       max_consecutive_skips=3)
+    result = train_cli(recipe, ok=False)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    data = read_trajectory(traj)
+    assert result.exit_code == 1
+    assert [r.skipped for r in data.steps] == [False, True, True, True]
+    assert data.problem is None and data.end is None
+    reasons = [train_mod.skip_reason(vars(r)) for r in data.steps[1:]]
+    assert result.output.splitlines()[-6:-5] == ["step 3: non-finite loss (L+=nan, L-=nan); step skipped"]
+    assert result.output[result.output.index("error: "):] == (
+        "error: stopped after 3 skipped steps in a row (steps 1-3; mezo.max_consecutive_skips = 3):\n"
+        + "".join(f"  step {i + 1}: {reason}\n" for i, reason in enumerate(reasons))
+        + "The weights have probably overflowed, or the batches hold rows the model cannot score: try a smaller "
+        "mezo.lr or mezo.eps, check the training data, or set mezo.max_consecutive_skips = 0 to never stop. "
+        f"{traj} is intact up to step 3: `mezo-tune inspect` shows it, and `mezo-tune train --resume` continues it.\n")
+    assert reasons[0].startswith("non-finite loss (L+=")
+    assert cli("inspect", traj).exit_code == 0
+
+    result = train_cli(recipe, "--resume", ok=False)  # nothing changed: three more skipped steps, then stop again
+    assert "\nerror: stopped after 3 skipped steps in a row (steps 4-6; " in result.output
+    assert len(read_trajectory(traj).steps) == 7 and read_trajectory(traj).problem is None
+    train_cli(recipe, "--resume", "--set", "mezo.max_consecutive_skips=0")
+    data = read_trajectory(traj)
+    assert data.end == {"digest": data.end["digest"], "steps": 20} and all(r.skipped for r in data.steps[1:])
+
+
+def test_skip_diagnosis_shows_the_last_five():
+    recs = [{"step": s, "g": float("nan"), "eta": 1e-3, "loss_plus": float("nan"), "loss_minus": 2.5,
+             "skipped": True} for s in range(10, 17)]
+    text = train_mod.skip_diagnosis(recs, Path("runs/x/trajectory.mezo"))
+    assert text.splitlines()[:3] == [
+        "stopped after 7 skipped steps in a row (steps 10-16; mezo.max_consecutive_skips = 7):",
+        "  (2 earlier skipped steps not shown)",
+        "  step 12: non-finite loss (L+=nan, L-=2.5)"]
 
 
 def test_skipped_step_recorded_by_the_engine(tmp_path):
