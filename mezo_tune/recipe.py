@@ -101,6 +101,7 @@ class ModelConfig(_Section):
     revision: StrictStr | None = None
     device: StrictStr = "auto"
     freeze: tuple[StrictStr, ...] = ()
+    trust_remote_code: StrictBool = False
 
     @field_validator("revision")
     @classmethod
