@@ -424,7 +424,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
 
 def skip_reason(rec: dict) -> str:
-    """Why a recorded step was skipped: a loss that is not finite, or an update scale c = fp32(η·g) that overflowed."""
+    """Why a recorded step was skipped: a loss that is not finite, or an update scale c = fp32(η·g) that
+    overflowed."""
     if math.isfinite(rec["loss_plus"]) and math.isfinite(rec["loss_minus"]):
         return f"update scale c = lr * g overflows float32 (lr={rec['eta']:.3g}, g={rec['g']:.3g})"
     return f"non-finite loss (L+={rec['loss_plus']}, L-={rec['loss_minus']})"

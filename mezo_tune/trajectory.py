@@ -341,7 +341,8 @@ class TrajectoryWriter:
 
     def __init__(self, path: str, fd: int, intact_bytes: int, next_step: int, flush_every: int):
         if not 1 <= flush_every <= MAX_STEPS_PER_BLOCK:
-            raise TrajectoryError(f"{path}: flush_every must be between 1 and {MAX_STEPS_PER_BLOCK}, got {flush_every}.")
+            raise TrajectoryError(f"{path}: flush_every must be between 1 and {MAX_STEPS_PER_BLOCK}, "
+                                  f"got {flush_every}.")
         self.path = path
         self.flush_every = flush_every
         self._fd: int | None = fd

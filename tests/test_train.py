@@ -172,6 +172,25 @@ def test_replay_steps_equals_a_shorter_run(lm_recipe, tmp_path):
 RESUME_STEPS = 100
 
 
+def kill_train_when(recipe: Path, cwd: Path, ready, *args: str, delay: float = 0.0, timeout: float = 120) -> None:
+    """Run `mezo-tune train RECIPE -q ARGS` in a subprocess and SIGKILL it `delay` seconds after ready() is true."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "mezo_tune.cli", "train", str(recipe), "-q", *args], cwd=cwd,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
+        if proc.poll() is not None or not ready():
+            pytest.fail(f"the run ended or stalled before it was killed: {proc.stderr.read().decode()[-2000:]}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="module")
 def crashed_run(tmp_path_factory, tiny_model_dirs):
     """A run killed with SIGKILL after >= 48 steps (checkpoint_every=20, keyframe_every=25), and the same recipe
@@ -190,28 +209,16 @@ def crashed_run(tmp_path_factory, tiny_model_dirs):
     killed = write_recipe(tmp / "killed.toml", model, train, ev, out=tmp / "killed", **kw)
     ref = write_recipe(tmp / "ref.toml", model, train, ev, out=tmp / "ref", **kw)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "mezo_tune.cli", "train", str(killed), "-q"], cwd=tmp, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     traj = tmp / "killed" / "trajectory.mezo"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if traj.exists():
-                try:
-                    n = len(read_trajectory(traj).steps)
-                    if n >= 48 and n % 20:  # n % 20 == 0: that block came with a checkpoint being written now
-                        break
-                except trajectory.TrajectoryError:  # header not written yet
-                    pass
-            time.sleep(0.01)
-        else:
-            pytest.fail(f"the run ended or stalled before 48 steps: {proc.stderr.read().decode()[-2000:]}")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+
+    def ready() -> bool:
+        try:
+            n = len(read_trajectory(traj).steps)
+        except trajectory.TrajectoryError:  # not created yet, or its header not written yet
+            return False
+        return n >= 48 and n % 20 != 0  # n % 20 == 0: that block came with a checkpoint being written now
+
+    kill_train_when(killed, tmp, ready, timeout=240)
     data = read_trajectory(traj)
     assert data.end is None, "the run finished before it was killed; make it longer"
     assert 48 <= len(data.steps) < RESUME_STEPS
