@@ -26,7 +26,8 @@ Block types:
                    column, then all byte-1s, byte-2s, byte-3s (of the little-endian float32). flags is u8,
                    bit0 = skipped (other bits are 0). A constant eta column and the flags then compress to
                    almost nothing. Steps are contiguous: a block's first_step is the previous block's last
-                   step + 1 (the first S block starts at 0); a gap is treated as corruption.
+                   step + 1 (the first S block starts at 0); a gap is treated as corruption. 1 <= count <= 65536
+                   (MAX_STEPS_PER_BLOCK): a reader never inflates more than count * 17 bytes.
     b"K" keyframe  payload := step:i64 digest (32 raw bytes)
                    digest of the trainable tensors AFTER the update of `step` was applied (steps are 0-based);
                    step = -1 means "before any step" (the starting weights). `step` never exceeds the last
