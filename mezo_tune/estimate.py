@@ -45,9 +45,10 @@ def meta_model(model_cfg, adapter_cfg=None):
         load_path = str(cached)
     else:
         load_path = models.resolve_source(spec, model_cfg.revision, progress=False).load_path
-    config = AutoConfig.from_pretrained(load_path, revision=model_cfg.revision)
+    remote_code = models.remote_code_kw(getattr(model_cfg, "trust_remote_code", False))
+    config = AutoConfig.from_pretrained(load_path, revision=model_cfg.revision, **remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=models.torch_dtype(model_cfg.dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=models.torch_dtype(model_cfg.dtype), **remote_code)
     if adapter_cfg is not None and adapter_cfg.type != "none":
         from .adapters import attach
 

@@ -103,8 +103,16 @@ def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float
 
 
 def update_scale(eta: float, g: float) -> float:
-    """c = fp32(η·g): computed once, the same way in train and replay."""
-    return float(np.float32(eta) * np.float32(g))
+    """c = fp32(η·g): computed once, the same way in train and replay (inf when the product overflows fp32)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.float32(eta) * np.float32(g))
+
+
+def applied_scale(eta: float, g: float, skipped: bool = False) -> float | None:
+    """The c a step applies, or None for a skipped step: one whose g (a loss) or c = fp32(η·g) is not finite.
+    Train and replay both decide with this, so they skip the same steps."""
+    c = update_scale(eta, g)
+    return None if skipped or not math.isfinite(c) else c
 
 
 def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", min_lr: float = 0.0,
@@ -355,7 +363,7 @@ class Mezo:
         for r in range(step * directions + len(records), (step + 1) * directions):
             lp, lm = self.loss_pair(r, loss_fn)
             g = projected_gradient(lp, lm, self.eps)
-            skipped = not (math.isfinite(g) and math.isfinite(update_scale(eta_k, g)))
+            skipped = applied_scale(eta_k, g) is None
             records.append({"step": r, "g": g, "eta": eta_k, "loss_plus": lp, "loss_minus": lm, "skipped": skipped})
         for rec in records:
             self.apply_record(rec)
@@ -364,8 +372,9 @@ class Mezo:
     def apply_record(self, rec) -> None:
         """The update one trajectory record stands for (train, resume and replay all apply records through this)."""
         get = rec.get if isinstance(rec, dict) else lambda k: getattr(rec, k)
-        if not get("skipped"):
-            self.apply_update(get("step"), update_scale(get("eta"), get("g")))
+        c = applied_scale(get("eta"), get("g"), get("skipped"))
+        if c is not None:
+            self.apply_update(get("step"), c)
 
     def digest(self) -> bytes:
         return weights_digest(self.trainable.params)

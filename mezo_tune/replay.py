@@ -36,6 +36,22 @@ def apply_records(engine, records, keyframes: dict | None = None, verify: bool =
             last_match = rec.step
 
 
+def check_final_digest(engine, n_steps: int, keyframes: dict, end: dict | None) -> None:
+    """The weights after the first n_steps steps against the digest the run recorded for them: the end block's
+    when n_steps is the whole of a finished run, else the keyframe at step n_steps - 1 if there is one."""
+    if end is not None and n_steps == end.get("steps"):
+        recorded, where = str(end.get("digest")), f"the end block's digest after all {n_steps} steps"
+    elif n_steps - 1 in keyframes:
+        recorded, where = keyframes[n_steps - 1].hex(), f"the keyframe digest after step {n_steps - 1}"
+    else:
+        return
+    got = engine.digest().hex()
+    if got != recorded:
+        raise ReplayError(f"replay diverged: the weights rebuilt from {n_steps} steps have digest {got}, but "
+                          f"{where} is {recorded}; nothing was written. Run `mezo-tune replay --verify` to find "
+                          f"the step range where the rebuild first diverges")
+
+
 def _attach_recorded_adapter(model, recipe, adapter: dict):
     """The adapter the header describes, with its initial values rebuilt as it says."""
     from .adapters import INIT_SCHEME, INIT_STREAM, AdapterError, attach, config_dict
@@ -86,7 +102,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     from . import models
     from .mezo import Mezo, trainable_set, weights_digest
     from .recipe import parse_recipe
-    from .train import check_base, use_compile
+    from .train import check_base, check_recorded_data, use_compile
     from .trajectory import read_trajectory
 
     data = read_trajectory(trajectory_path)
@@ -105,6 +121,8 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     model_cfg = recipe.model.model_copy(update={"device": device, **({"path": base} if base else {})})
     model, tokenizer, source = models.load(model_cfg, progress)
     check_base(header, models.state_digests(model), model_cfg.path)
+    if verify:
+        check_recorded_data(header, recipe, tokenizer, log)
     adapter = header.get("adapter")
     if adapter:
         model = _attach_recorded_adapter(model, recipe, adapter)
@@ -129,6 +147,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
             raise ReplayError(f"--steps {steps}: the trajectory holds {len(records)} steps")
         records = records[:steps]
     apply_records(engine, records, data.keyframes, verify=verify, progress=progress)
+    check_final_digest(engine, len(records), data.keyframes, data.end)
     return Rebuilt(model, tokenizer, engine, header, len(records))
 
 

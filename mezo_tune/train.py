@@ -151,7 +151,50 @@ def build_header(run: Run) -> dict:
         "select": selection(r.task.type, r.output.select),
         "initial_digest": weights_digest(run.trainable.params).hex(),
         "recipe": recipe_to_toml(r),
+        "data": data_header(run.train_rows, run.eval_rows),
     }
+
+
+def rows_digest(rows: list[dict] | None) -> str | None:
+    """blake2b-128 of rows (after loading and sampling) as JSON: what a run trained or evaluated on."""
+    if rows is None:
+        return None
+    import hashlib
+
+    text = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def data_header(train_rows: list[dict], eval_rows: list[dict] | None) -> dict:
+    return {"train_rows_digest": rows_digest(train_rows), "eval_rows_digest": rows_digest(eval_rows)}
+
+
+def check_same_data(recorded: dict, train_rows: list[dict], eval_rows: list[dict] | None, data_cfg) -> None:
+    """Refuse rows that differ from the ones a run recorded, naming the file. A trajectory written before data
+    digests were recorded has none, and is not checked."""
+    if "data" not in recorded:
+        return
+    now = data_header(train_rows, eval_rows)
+    for key, what, path in (("train_rows_digest", "training", data_cfg.train),
+                            ("eval_rows_digest", "eval", data_cfg.eval or data_cfg.train)):
+        if recorded["data"].get(key) != now[key]:
+            raise RunError(f"the {what} rows read from {path} are not the ones this run was recorded with (rows "
+                           f"digest {now[key]}, recorded {recorded['data'].get(key)}): the data changed since the "
+                           f"run started. Put back the data the run used, or start a new run in a new output.dir")
+
+
+def check_recorded_data(header: dict, recipe: Recipe, tokenizer, log) -> None:
+    """`replay --verify`: the data files the recorded recipe names, when they can be read here, against the digests
+    in the header."""
+    if "data" not in header:
+        return
+    paths = [p for p in (recipe.data.train, recipe.data.eval) if p]
+    unreadable = [p for p in paths if not Path(p).is_file()]
+    if unreadable:
+        log(f"note: the run's data was not checked ({', '.join(unreadable)} cannot be read here)")
+        return
+    train_rows, eval_rows = load_data(recipe, make_task(recipe, tokenizer))
+    check_same_data(header, train_rows, eval_rows, recipe.data)
 
 
 def adapter_header(run: Run) -> dict | None:
@@ -314,6 +357,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     if resume:
         writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=FLUSH_EVERY)
         check_resumable(data.header, header)
+        check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
         start, partial = divmod(len(data.steps), K)
         whole = start * K  # records of whole steps: applied now; a partial step's are reused by Mezo.step
@@ -360,6 +404,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     bar = tqdm(total=r.mezo.steps, initial=start, disable=not progress, desc="mezo", unit="step",
                dynamic_ncols=True)
     recent: list[float] = []
+    skipped_in_a_row: list[dict] = []  # the latest records, all skipped
     last_keyframe = (-1, b"")  # (record, digest): the end reuses it when the last step had a keyframe
     stopped = r.mezo.steps
     try:
@@ -387,12 +432,15 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             bar.update(1)
             skipped = [rec for rec in recs if rec["skipped"]]
             for rec in skipped:
-                log(f"step {t}: record {rec['step']} skipped: not finite (L+={rec['loss_plus']}, "
-                    f"L-={rec['loss_minus']}, g={rec['g']})")
+                log(f"step {t}: {skip_reason(rec)}; " + ("step skipped" if K == 1 else f"record {rec['step']} skipped"))
             if (t + 1) % r.output.log_every == 0 or skipped:
                 g = recs[0]["g"] if K == 1 else [rec["g"] for rec in recs]
                 metrics.write(step=t, loss=loss, loss_plus=recs[0]["loss_plus"], loss_minus=recs[0]["loss_minus"],
                               g=g, lr=eta, skipped=bool(skipped), s_per_step=round(dt, 4))
+            for rec in recs:
+                skipped_in_a_row = skipped_in_a_row + [rec] if rec["skipped"] else []
+            if r.mezo.max_consecutive_skips and len(skipped_in_a_row) >= r.mezo.max_consecutive_skips:
+                raise RunError(skip_diagnosis(skipped_in_a_row, traj_path))  # `finally` flushes the trajectory
             if eval_due(t):
                 evaluate(t, f"at step {t + 1}")
                 if r.output.patience and _evals_since_best(evals, select) >= r.output.patience:
@@ -444,6 +492,27 @@ def _evals_since_best(evals: list[dict], select: dict) -> int:
     return len(evals) - 1 - evals.index(best)
 
 
+def skip_reason(rec: dict) -> str:
+    """Why a recorded step was skipped: a loss that is not finite, or an update scale c = fp32(η·g) that
+    overflowed."""
+    if math.isfinite(rec["loss_plus"]) and math.isfinite(rec["loss_minus"]):
+        return f"update scale c = lr * g overflows float32 (lr={rec['eta']:.3g}, g={rec['g']:.3g})"
+    return f"non-finite loss (L+={rec['loss_plus']}, L-={rec['loss_minus']})"
+
+
+def skip_diagnosis(skipped: list[dict], traj_path: Path, shown: int = 5) -> str:
+    """Why a run stopped after mezo.max_consecutive_skips skipped steps in a row, and what to do."""
+    lines = [f"step {rec['step']}: {skip_reason(rec)}" for rec in skipped[-shown:]]
+    if len(skipped) > shown:
+        lines.insert(0, f"({len(skipped) - shown} earlier skipped steps not shown)")
+    return (f"stopped after {len(skipped)} skipped steps in a row (steps {skipped[0]['step']}-{skipped[-1]['step']}; "
+            f"mezo.max_consecutive_skips = {len(skipped)}):\n  " + "\n  ".join(lines) + "\n"
+            f"The weights have probably overflowed, or the batches hold rows the model cannot score: try a smaller "
+            f"mezo.lr or mezo.eps, check the training data, or set mezo.max_consecutive_skips = 0 to never stop. "
+            f"{traj_path} is intact up to step {skipped[-1]['step']}: `mezo-tune inspect` shows it, and "
+            f"`mezo-tune train --resume` continues it.")
+
+
 def check_resumable(recorded: dict, now: dict) -> None:
     """A resumed run must be the same run: same training recipe (steps may grow), trainable set and generator."""
     from .recipe import parse_recipe
@@ -463,7 +532,7 @@ def check_resumable(recorded: dict, now: dict) -> None:
     old_m, new_m = old.mezo.model_dump(), new.mezo.model_dump()
     if old.mezo.schedule == "constant":
         old_m.pop("steps"), new_m.pop("steps")
-    diff = [k for k in old_m if old_m[k] != new_m[k] and k != "compile"]
+    diff = [k for k in old_m if old_m[k] != new_m[k] and k not in ("compile", "max_consecutive_skips")]
     if diff:
         problems.append(f"[mezo] {', '.join(diff)} differ")
     for key in ("trainable", "z_generator", "adapter"):

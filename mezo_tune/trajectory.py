@@ -26,7 +26,8 @@ Block types:
                    column, then all byte-1s, byte-2s, byte-3s (of the little-endian float32). flags is u8,
                    bit0 = skipped (other bits are 0). A constant eta column and the flags then compress to
                    almost nothing. Steps are contiguous: a block's first_step is the previous block's last
-                   step + 1 (the first S block starts at 0); a gap is treated as corruption.
+                   step + 1 (the first S block starts at 0); a gap is treated as corruption. 1 <= count <= 65536
+                   (MAX_STEPS_PER_BLOCK): a reader never inflates more than count * 17 bytes.
     b"K" keyframe  payload := step:i64 digest (32 raw bytes)
                    digest of the trainable tensors AFTER the update of `step` was applied (steps are 0-based);
                    step = -1 means "before any step" (the starting weights). `step` never exceeds the last
@@ -73,6 +74,7 @@ _TYPE_STEPS, _TYPE_KEYFRAME, _TYPE_EVAL, _TYPE_END = ord("S"), ord("K"), ord("V"
 _FLAG_SKIPPED = 0x01
 _BYTES_PER_STEP_RAW = 4 * 4 + 1  # four float32 columns and the flags byte
 _RESUME_HINT = "run `mezo-tune train --resume` to continue from there"
+MAX_STEPS_PER_BLOCK = 1 << 16  # the writer writes flush_every (<= this) steps per block; a reader never inflates more
 
 
 class TrajectoryError(Exception):
@@ -168,12 +170,17 @@ def _decode_steps(payload: bytes) -> dict:
     first, count = _STEPS_HEAD.unpack_from(payload)
     if count == 0:
         raise ValueError("steps block with zero steps")
-    try:
-        raw = zlib.decompress(payload[_STEPS_HEAD.size :])
+    if count > MAX_STEPS_PER_BLOCK:
+        raise ValueError(f"steps block claims {count} steps, more than the {MAX_STEPS_PER_BLOCK} a block may hold")
+    inflate = zlib.decompressobj()
+    try:  # never inflate past the size the count implies (a corrupt or hostile block cannot make us allocate more)
+        raw = inflate.decompress(payload[_STEPS_HEAD.size :], count * _BYTES_PER_STEP_RAW + 1)
     except zlib.error as exc:
         raise ValueError(f"steps block does not decompress ({exc})") from None
     if len(raw) != count * _BYTES_PER_STEP_RAW:
         raise ValueError(f"steps block holds {len(raw)} column bytes, expected {count * _BYTES_PER_STEP_RAW}")
+    if not inflate.eof or inflate.unused_data:
+        raise ValueError("steps block's compressed columns are cut short or followed by stray bytes")
     cols = {}
     for i, name in enumerate(("g", "eta", "loss_plus", "loss_minus")):
         cols[name] = _unshuffle_f32(raw[i * 4 * count : (i + 1) * 4 * count], count)
@@ -246,7 +253,7 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
                               f"after it was written, restore it from a copy.")
     try:
         header = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TrajectoryError(f"{path}: the trajectory header is not valid JSON ({exc}).") from None
     if not isinstance(header, dict):
         raise TrajectoryError(f"{path}: the trajectory header is not a JSON object.")
@@ -309,7 +316,7 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
                 end = end_payload
             else:
                 raise ValueError(f"unknown block type {btype:#04x}")
-        except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
             problem = f"malformed block at byte {pos}: {exc}"
             break
         pos = stop
@@ -354,8 +361,9 @@ class TrajectoryWriter:
     """Appends steps, keyframes and the end block to a trajectory. Use create() or open_for_resume()."""
 
     def __init__(self, path: str, fd: int, intact_bytes: int, next_step: int, flush_every: int):
-        if flush_every < 1:
-            raise TrajectoryError(f"{path}: flush_every must be >= 1, got {flush_every}.")
+        if not 1 <= flush_every <= MAX_STEPS_PER_BLOCK:
+            raise TrajectoryError(f"{path}: flush_every must be between 1 and {MAX_STEPS_PER_BLOCK}, "
+                                  f"got {flush_every}.")
         self.path = path
         self.flush_every = flush_every
         self._fd: int | None = fd

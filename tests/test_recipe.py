@@ -74,6 +74,7 @@ def test_minimal_lm_recipe_fills_defaults():
             "revision": None,
             "device": "auto",
             "freeze": [],
+            "trust_remote_code": False,
         },
         "adapter": {"type": "none", "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto",
                     "num_virtual_tokens": 5, "init": "auto"},
@@ -97,6 +98,7 @@ def test_minimal_lm_recipe_fills_defaults():
             "directions": 1,
             "keyframe_every": 100,
             "compile": "auto",
+            "max_consecutive_skips": 10,
         },
         "output": {
             "dir": "runs/demo",

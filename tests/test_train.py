@@ -6,6 +6,7 @@ compile. Runs go through the click CLI in-process (CliRunner) except the one tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -39,7 +40,8 @@ VERBALIZER = {"positive": " positive", "negative": " negative"}  # one token eac
 def write_recipe(path: Path, model_dir, train, eval=None, *, out, task: str = "lm", dtype: str = "float32",
                  steps: int = 10, lr: float = 1e-3, eps: float = 1e-3, batch_size: int = 2, seed: int = 7,
                  schedule: str = "constant", keyframe_every: int = 4, compile: str = "off",
-                 checkpoint_every: int = 0, max_length: int = 32, **output) -> Path:
+                 checkpoint_every: int = 0, max_length: int = 32, max_consecutive_skips: int = 10,
+                 **output) -> Path:
     """A recipe TOML with absolute paths (so it works from any cwd)."""
     recipe = {
         "model": {"path": str(model_dir), "dtype": dtype, "device": "cpu"},
@@ -47,7 +49,8 @@ def write_recipe(path: Path, model_dir, train, eval=None, *, out, task: str = "l
         "task": ({"type": "classification", "template": TEMPLATE, "verbalizer": VERBALIZER}
                  if task == "classification" else {"type": "lm"}),
         "mezo": {"lr": lr, "eps": eps, "steps": steps, "batch_size": batch_size, "seed": seed,
-                 "schedule": schedule, "keyframe_every": keyframe_every, "compile": compile},
+                 "schedule": schedule, "keyframe_every": keyframe_every, "compile": compile,
+                 "max_consecutive_skips": max_consecutive_skips},
         "output": {"dir": str(out), "checkpoint_every": checkpoint_every, **output},
     }
     path.write_text(tomli_w.dumps(recipe))
@@ -169,6 +172,25 @@ def test_replay_steps_equals_a_shorter_run(lm_recipe, tmp_path):
 RESUME_STEPS = 100
 
 
+def kill_train_when(recipe: Path, cwd: Path, ready, *args: str, delay: float = 0.0, timeout: float = 120) -> None:
+    """Run `mezo-tune train RECIPE -q ARGS` in a subprocess and SIGKILL it `delay` seconds after ready() is true."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "mezo_tune.cli", "train", str(recipe), "-q", *args], cwd=cwd,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
+        if proc.poll() is not None or not ready():
+            pytest.fail(f"the run ended or stalled before it was killed: {proc.stderr.read().decode()[-2000:]}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="module")
 def crashed_run(tmp_path_factory, tiny_model_dirs):
     """A run killed with SIGKILL after >= 48 steps (checkpoint_every=20, keyframe_every=25), and the same recipe
@@ -187,28 +209,16 @@ def crashed_run(tmp_path_factory, tiny_model_dirs):
     killed = write_recipe(tmp / "killed.toml", model, train, ev, out=tmp / "killed", **kw)
     ref = write_recipe(tmp / "ref.toml", model, train, ev, out=tmp / "ref", **kw)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "mezo_tune.cli", "train", str(killed), "-q"], cwd=tmp, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     traj = tmp / "killed" / "trajectory.mezo"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if traj.exists():
-                try:
-                    n = len(read_trajectory(traj).steps)
-                    if n >= 48 and n % 20:  # n % 20 == 0: that block came with a checkpoint being written now
-                        break
-                except trajectory.TrajectoryError:  # header not written yet
-                    pass
-            time.sleep(0.01)
-        else:
-            pytest.fail(f"the run ended or stalled before 48 steps: {proc.stderr.read().decode()[-2000:]}")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+
+    def ready() -> bool:
+        try:
+            n = len(read_trajectory(traj).steps)
+        except trajectory.TrajectoryError:  # not created yet, or its header not written yet
+            return False
+        return n >= 48 and n % 20 != 0  # n % 20 == 0: that block came with a checkpoint being written now
+
+    kill_train_when(killed, tmp, ready, timeout=240)
     data = read_trajectory(traj)
     assert data.end is None, "the run finished before it was killed; make it longer"
     assert 48 <= len(data.steps) < RESUME_STEPS
@@ -310,6 +320,80 @@ def test_resume_before_the_end_block_writes_no_duplicate_final_keyframe(lm_recip
     assert block_bytes(traj) == block_bytes(ref)
 
 
+def _unfinished_run(recipe: Path, tmp_path: Path) -> Path:
+    """Train the recipe to the end, then cut the end block off (as a kill just before it would)."""
+    train_cli(recipe)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    last = blocks(traj)[-1]
+    with open(traj, "r+b") as f:
+        f.truncate(last[0])
+    shutil.rmtree(tmp_path / "runs/x/final")
+    return traj
+
+
+def test_resume_refuses_changed_data_naming_the_file(lm_recipe, tmp_path, lm_files):
+    recipe = lm_recipe(steps=4)
+    traj = _unfinished_run(recipe, tmp_path)
+    train, ev = lm_files
+    recorded = read_trajectory(traj).header["data"]
+    assert recorded == {"train_rows_digest": train_mod.rows_digest(_rows(train)),
+                        "eval_rows_digest": train_mod.rows_digest(_rows(ev))}
+    original = train.read_text()
+    train.write_text(original.replace("fox", "cat"))
+    result = train_cli(recipe, "--resume", ok=False)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"error: the training rows read from {train} are not the ones this run was recorded with (rows digest "
+        f"{train_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
+        f"the run started. Put back the data the run used, or start a new run in a new output.dir\n")
+    train.write_text(original)
+    ev.write_text(ev.read_text() + json.dumps({"text": "one more row"}) + "\n")
+    result = train_cli(recipe, "--resume", ok=False)
+    assert result.output.startswith(f"error: the eval rows read from {ev} are not the ones this run was recorded "
+                                    f"with (rows digest ")
+    assert read_trajectory(traj).end is None  # nothing was appended
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_and_replay_of_a_trajectory_without_data_digests(lm_recipe, tmp_path, lm_files):
+    """Trajectories written before the data digests existed still resume and replay (and are not checked)."""
+    recipe = lm_recipe(steps=4)
+    traj = _unfinished_run(recipe, tmp_path)
+    data = read_trajectory(traj)
+    header = {k: v for k, v in data.header.items() if k != "data"}
+    buf = traj.read_bytes()
+    traj.write_bytes(trajectory._encode_header(header, str(traj)) + buf[data.header_bytes:])
+    train, _ = lm_files
+    train.write_text(train.read_text().replace("fox", "cat"))  # not noticed: nothing to compare with
+    train_cli(recipe, "--resume")
+    assert "data" not in read_trajectory(traj).header and read_trajectory(traj).end is not None
+    result = cli("replay", traj, "--out", tmp_path / "rep", "--verify", "-q")
+    assert result.output == f"replayed 4 steps (every keyframe verified); wrote {tmp_path}/rep\n"
+
+
+def test_replay_verify_checks_the_data_when_it_can_read_it(lm_recipe, tmp_path, lm_files):
+    recipe = lm_recipe(steps=4)
+    train_cli(recipe)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    train, ev = lm_files
+    recorded = read_trajectory(traj).header["data"]
+    train.write_text(train.read_text().replace("fox", "cat"))
+    result = cli("replay", traj, "--out", tmp_path / "rep", "--verify", "-q", ok=False)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"error: the training rows read from {train} are not the ones this run was recorded with (rows digest "
+        f"{train_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
+        f"the run started. Put back the data the run used, or start a new run in a new output.dir\n")
+    assert not (tmp_path / "rep").exists()
+    cli("replay", traj, "--out", tmp_path / "rep", "-q")  # without --verify the data is not read
+    ev.unlink()
+    result = cli("replay", traj, "--out", tmp_path / "rep2", "--verify", "-q")
+    assert result.stderr.splitlines() == [f"note: the run's data was not checked ({ev} cannot be read here)"]
+
+
 def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one(lm_recipe, tmp_path, monkeypatch):
     from mezo_tune.train import build_run, load_checkpoint, save_checkpoint
 
@@ -409,11 +493,38 @@ def test_replay_verify_names_the_diverging_keyframe_range(small_run, tmp_path):
                              "there; the first diverging step lies between the start and step 3 (the previous "
                              "keyframe matched)\n")
 
-    # without --verify the altered run replays (to different weights)
-    cli("replay", altered, "--out", tmp_path / "rep2", "-q")
-    a = load_file(tmp_path / "rep2/model.safetensors")
-    b = load_file(tmp_path / "runs/x/final/model.safetensors")
+    # without --verify the end block's digest is still checked, before anything is written
+    end = read_trajectory(traj).end
+    result = cli("replay", altered, "--out", tmp_path / "rep2", "-q", ok=False)
+    assert result.exit_code == 1
+    got = _replayed_digest(altered, 12)
+    assert got != end["digest"]
+    assert result.output == (f"error: replay diverged: the weights rebuilt from 12 steps have digest {got}, but the "
+                             f"end block's digest after all 12 steps is {end['digest']}; nothing was written. Run "
+                             f"`mezo-tune replay --verify` to find the step range where the rebuild first "
+                             f"diverges\n")
+    assert not (tmp_path / "rep2").exists()
+    # --steps N checks the keyframe at step N - 1 when there is one (7), and nothing else (6: no keyframe at 5)
+    result = cli("replay", altered, "--out", tmp_path / "rep8", "--steps", 8, "-q", ok=False)
+    assert result.output == (f"error: replay diverged: the weights rebuilt from 8 steps have digest "
+                             f"{_replayed_digest(altered, 8)}, but the keyframe digest after step 7 is "
+                             f"{read_trajectory(traj).keyframes[7].hex()}; nothing was written. Run `mezo-tune "
+                             f"replay --verify` to find the step range where the rebuild first diverges\n")
+    cli("replay", altered, "--out", tmp_path / "rep6", "--steps", 6, "-q")
+    cli("replay", traj, "--out", tmp_path / "clean6", "--steps", 6, "-q")
+    a = load_file(tmp_path / "rep6/model.safetensors")
+    b = load_file(tmp_path / "clean6/model.safetensors")
     assert any(not torch.equal(a[n], b[n]) for n in a)
+
+
+def _replayed_digest(traj: Path, steps: int) -> str:
+    """The digest of the trainable tensors after replaying the first `steps` records (no checks)."""
+    from mezo_tune.replay import apply_records
+
+    data = read_trajectory(traj)
+    rebuilt = rebuild(traj, steps=0, device="cpu", progress=False)
+    apply_records(rebuilt.engine, data.steps[:steps])
+    return rebuilt.engine.digest().hex()
 
 
 def test_replay_refuses_a_different_base(small_run, tmp_path):
@@ -523,13 +634,53 @@ def test_non_finite_steps_are_skipped_and_replay_is_bit_equal(lm_recipe, tmp_pat
     assert not data.steps[0].skipped and skipped, [(r.loss_plus, r.loss_minus, r.g) for r in data.steps]
     for r in data.steps:
         finite = np.isfinite(r.loss_plus) and np.isfinite(r.loss_minus) and np.isfinite(r.g)
-        assert r.skipped == (not finite)
+        assert r.skipped == (not finite or not np.isfinite(np.float32(r.eta) * np.float32(r.g)))
     inspect = cli("inspect", tmp_path / "runs/x/trajectory.mezo").output
     assert f"steps       6 recorded, {len(skipped)} skipped (steps {', '.join(map(str, skipped))})" in inspect
     cli("replay", tmp_path / "runs/x/trajectory.mezo", "--out", tmp_path / "rep", "--verify", "-q")
     assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
     metrics = (tmp_path / "runs/x/metrics.jsonl").read_text()
     assert metrics.count('"skipped": true') == len(skipped)
+
+
+def test_consecutive_skips_stop_the_run_and_resume_continues(lm_recipe, tmp_path, tiny_model_dirs):
+    """The fp16 run above skips every step after step 0: with max_consecutive_skips = 3 it stops after step 3 (exit
+    code 1, a diagnosis), with an intact trajectory that --resume continues as it is, or with the key changed."""
+    recipe = lm_recipe(steps=20, lr=1e30, keyframe_every=2, dtype="float16", model=tiny_model_dirs("llama", "float16"),
+                       max_consecutive_skips=3)
+    result = train_cli(recipe, ok=False)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    data = read_trajectory(traj)
+    assert result.exit_code == 1
+    assert [r.skipped for r in data.steps] == [False, True, True, True]
+    assert data.problem is None and data.end is None
+    reasons = [train_mod.skip_reason(vars(r)) for r in data.steps[1:]]
+    assert result.output.splitlines()[-6:-5] == ["step 3: non-finite loss (L+=nan, L-=nan); step skipped"]
+    assert result.output[result.output.index("error: "):] == (
+        "error: stopped after 3 skipped steps in a row (steps 1-3; mezo.max_consecutive_skips = 3):\n"
+        + "".join(f"  step {i + 1}: {reason}\n" for i, reason in enumerate(reasons))
+        + "The weights have probably overflowed, or the batches hold rows the model cannot score: try a smaller "
+        "mezo.lr or mezo.eps, check the training data, or set mezo.max_consecutive_skips = 0 to never stop. "
+        f"{traj} is intact up to step 3: `mezo-tune inspect` shows it, and `mezo-tune train --resume` continues it.\n")
+    assert reasons[0].startswith("non-finite loss (L+=")
+    assert cli("inspect", traj).exit_code == 0
+
+    result = train_cli(recipe, "--resume", ok=False)  # nothing changed: three more skipped steps, then stop again
+    assert "\nerror: stopped after 3 skipped steps in a row (steps 4-6; " in result.output
+    assert len(read_trajectory(traj).steps) == 7 and read_trajectory(traj).problem is None
+    train_cli(recipe, "--resume", "--set", "mezo.max_consecutive_skips=0")
+    data = read_trajectory(traj)
+    assert data.end == {"digest": data.end["digest"], "steps": 20} and all(r.skipped for r in data.steps[1:])
+
+
+def test_skip_diagnosis_shows_the_last_five():
+    recs = [{"step": s, "g": float("nan"), "eta": 1e-3, "loss_plus": float("nan"), "loss_minus": 2.5,
+             "skipped": True} for s in range(10, 17)]
+    text = train_mod.skip_diagnosis(recs, Path("runs/x/trajectory.mezo"))
+    assert text.splitlines()[:3] == [
+        "stopped after 7 skipped steps in a row (steps 10-16; mezo.max_consecutive_skips = 7):",
+        "  (2 earlier skipped steps not shown)",
+        "  step 12: non-finite loss (L+=nan, L-=2.5)"]
 
 
 def test_skipped_step_recorded_by_the_engine(tmp_path):
@@ -558,6 +709,28 @@ def test_skipped_step_recorded_by_the_engine(tmp_path):
     replayed = Mezo(fresh, trainable_set(fresh), seed=3, eps=1e-3)
     apply_records(replayed, records)
     assert replayed.digest() == engine.digest()
+
+
+def test_overflowing_update_scale_is_skipped_in_train_and_replay():
+    """Finite losses whose c = fp32(η·g) overflows: the step is skipped and recorded so, the weights keep every bit,
+    and replay skips it too, even from a record that does not say skipped."""
+    from conftest import build_model
+
+    from mezo_tune.mezo import Mezo, trainable_set
+    from mezo_tune.replay import apply_records
+
+    model = build_model("llama")
+    engine = Mezo(model, trainable_set(model), seed=3, eps=1e-3)
+    losses = iter([1000.0, -1000.0])  # g = fp32(2000 / fp32(2e-3)) = 999999.9375
+    eta = float(np.float32(1e33))  # c = 1e39 > float32's max
+    before = engine.digest()
+    (rec,) = engine.step(0, eta, lambda: next(losses))
+    assert rec == {"step": 0, "g": 999999.9375, "eta": eta, "loss_plus": 1000.0, "loss_minus": -1000.0, "skipped": True}
+    assert engine.digest() == before
+    assert train_mod.skip_reason(rec) == "update scale c = lr * g overflows float32 (lr=1e+33, g=1e+06)"
+    assert train_mod.skip_reason({**rec, "loss_plus": float("nan")}) == "non-finite loss (L+=nan, L-=-1000.0)"
+    apply_records(engine, [StepRecord(**{**rec, "skipped": False})])
+    assert engine.digest() == before
 
 
 # ---- compile --------------------------------------------------------------------------------------------------------
