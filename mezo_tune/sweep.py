@@ -259,21 +259,22 @@ class LoadedBase:
         self.saved = ({n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                        if p.is_floating_point()} if keep_copy else None)
         self.load_s = time.perf_counter() - t0
-        self.fresh = True
+        self.adapter_attached = False  # set by the caller when a run attaches one
 
     def restore(self) -> float:
         """Bring the base back to the loaded bits and check its digests; returns the seconds it took."""
         import torch
 
         from . import models
-        from .adapters import detach
         from .train import RunError
 
-        if self.fresh:
-            self.fresh = False
-            return 0.0
         t0 = time.perf_counter()
-        model = detach(self.loaded[0])
+        model = self.loaded[0]
+        if self.adapter_attached:
+            from .adapters import detach
+
+            detach(model)
+            self.adapter_attached = False
         if self.saved is not None:
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -398,6 +399,7 @@ def run_sweep(plan: Plan, *, overwrite: bool = False, progress: bool = True, max
             timing["loads"].append(round(base.load_s, 3))
         else:
             timing["restores"].append(round(base.restore(), 3))
+        base.adapter_attached = point.recipe.adapter.type != "none"
         t0 = time.perf_counter()
         summary = train(point.recipe, resume=status == "resume", progress=progress, loaded=base.loaded, log=log)
         wall = time.perf_counter() - t0
