@@ -162,7 +162,7 @@ def plan_sweep(recipe_path, grid_specs, sets=(), steps: int | None = None, out: 
     plan = Plan(str(recipe_path), Path(out or base.output.dir.rstrip("/\\") + "-sweep"), grid, sets, steps)
     steps_override = [f"mezo.steps={steps}"] if steps is not None else []
     seen = set(problems)
-    if not problems:
+    if grid:  # the keys that parsed are checked too: every problem at once
         for index, combo in enumerate(itertools.product(*(values for _, values in grid))):
             overrides = sets + [f"{key}={text}" for (key, _), text in zip(grid, combo)] + steps_override
             try:
@@ -179,6 +179,8 @@ def plan_sweep(recipe_path, grid_specs, sets=(), steps: int | None = None, out: 
                 if text not in seen:
                     seen.add(text)
                     problems.append(text)
+                continue
+            if problems:
                 continue
             values = {key: value_at(recipe, key) for key, _ in grid}
             name = run_name(index, values)
