@@ -5,6 +5,7 @@ Tiny models of conftest.py on CPU, a few steps each; recipes from test_train's `
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 from test_train import blocks, cli, lm_recipe, train_cli, write_recipe  # noqa: F401 (lm_recipe is a fixture)
 
-from mezo_tune import sweep as sweep_mod
+from mezo_tune import sweep as sweep_mod, trajectory
 from mezo_tune.replay import rebuild
 from mezo_tune.trajectory import read_trajectory
+
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def end_digest(traj) -> str:
@@ -42,7 +46,8 @@ def test_sweep_2x2_rows_best_and_bit_equal_runs(cls_recipe, tmp_path):
     out = tmp_path / "runs" / "cls-sweep"  # <output.dir>-sweep
     names = ["run-000-lr0.001-eps0.001", "run-001-lr0.001-eps0.01", "run-002-lr0.01-eps0.001",
              "run-003-lr0.01-eps0.01"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["best.toml", "sweep.json", "sweep.png"])
+    chart = ["sweep.png"] if HAVE_MATPLOTLIB else []  # optional: without it, no chart (and a note)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["best.toml", "sweep.json", *chart])
     for k, label in enumerate(["mezo.lr=0.001 mezo.eps=0.001", "mezo.lr=0.001 mezo.eps=0.01",
                                "mezo.lr=0.01 mezo.eps=0.001", "mezo.lr=0.01 mezo.eps=0.01"], 1):
         assert f"run {k}/4: {label}\n" in result.output
@@ -78,7 +83,10 @@ def test_sweep_2x2_rows_best_and_bit_equal_runs(cls_recipe, tmp_path):
     assert (out / "best.toml").read_text() == (out / expected_best["name"] / "recipe.toml").read_text()
     assert f"best: {expected_best['name']} by final dev accuracy (ties: lower dev loss); its recipe: " \
            f"{out / 'best.toml'}\n" in result.output
-    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if HAVE_MATPLOTLIB:
+        assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib is not installed: no sweep.png (pip install matplotlib)\n" in result.output
 
     # each run replays bit-equal, and equals an ordinary train of the same overrides (the reused model was restored)
     for r in rows:
@@ -141,7 +149,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(lm_recipe, tmp_
     traj0, traj1 = (tmp_path / "sw" / n / "trajectory.mezo" for n in ("run-000-lr0.001", "run-001-lr0.01"))
     digest1 = end_digest(traj1)
     # run 1 was killed before its last steps block: cut the file there (the end block and keyframe go with it)
-    last_steps = [off for off, btype, _ in blocks(traj1) if btype == blocks(traj1)[1][1]][-1]
+    last_steps = [off for off, btype, _ in blocks(traj1) if btype == trajectory._TYPE_STEPS][-1]
     os.truncate(traj1, last_steps)
     assert read_trajectory(traj1).end is None
     mtime0 = traj0.stat().st_mtime_ns
@@ -176,4 +184,18 @@ def test_another_grid_in_the_same_directory_is_refused_unless_overwrite(lm_recip
     assert "holds the same grid over a different recipe (the recipe file, --set or --steps changed)" in result.output
     cli("sweep", recipe, "--grid", "mezo.lr=1e-3,3e-2", "--out", tmp_path / "sw", "-q", "--overwrite")
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == [
-        "best.toml", "run-000-lr0.001", "run-001-lr0.03", "sweep.json", "sweep.png"]
+        "best.toml", "run-000-lr0.001", "run-001-lr0.03", "sweep.json", *(["sweep.png"] if HAVE_MATPLOTLIB else [])]
+
+
+def test_a_run_that_did_not_start_from_the_loaded_base_is_refused(lm_recipe, tmp_path, monkeypatch):
+    """Without the restore, run 1 starts from run 0's trained weights: its header's base digests say so."""
+    recipe = lm_recipe(steps=2)
+    monkeypatch.setattr(sweep_mod.LoadedBase, "restore", lambda self: 0.0)
+    result = cli("sweep", recipe, "--grid", "mezo.lr=1e-2,1e-3", "--out", tmp_path / "sw", "-q", ok=False)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert [line for line in lines if line.startswith("run ")] == ["run 1/2: mezo.lr=0.01", "run 2/2: mezo.lr=0.001"]
+    assert lines[-1].startswith("error: run run-001-lr0.001 did not start from the loaded base (")
+    assert lines[-1].endswith("the reused model was not brought back; its directory was removed. This is a bug: "
+                              "please report it")
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["run-000-lr0.01", "sweep.json"]
