@@ -33,8 +33,11 @@ from .recipe import Recipe, RecipeError, load_recipe, recipe_to_dict, recipe_to_
 STATE = "sweep.json"
 CHART = "sweep.png"
 BEST = "best.toml"
-# Keys a grid may not vary: the sweep sets each run's output.dir; --steps sets mezo.steps.
+# Keys a grid may not vary: the sweep sets each run's output.dir.
 SET_BY_SWEEP = ("output.dir",)
+# Each run keeps its trajectory (KBs; `replay` rebuilds the model), not a final/ model directory, unless --set or
+# --grid says output.save_final=true.
+RUN_DEFAULTS = ["output.save_final=false"]
 
 
 @dataclass
@@ -168,7 +171,8 @@ def plan_sweep(recipe_path, grid_specs, sets=(), steps: int | None = None, out: 
     seen = set(problems)
     if grid:  # the keys that parsed are checked too: every problem at once
         for index, combo in enumerate(itertools.product(*(values for _, values in grid))):
-            overrides = sets + [f"{key}={text}" for (key, _), text in zip(grid, combo)] + steps_override
+            overrides = (RUN_DEFAULTS + sets + [f"{key}={text}" for (key, _), text in zip(grid, combo)]
+                         + steps_override)
             try:
                 recipe = load_recipe(recipe_path, overrides)
             except RecipeError as e:
@@ -348,22 +352,19 @@ def make_row(point: Point, evals: list[dict], wall_s: float | None, resumed: boo
            "final": kept[-1][metric] if metric else None, "best": None, "best_step": None,
            "train_loss": train_loss_at_end(point), "wall_s": None if wall_s is None else round(wall_s, 3),
            "resumed": resumed, "trajectory": str(Path(point.recipe.output.dir) / TRAJECTORY), "evals": kept}
-    if metric:
-        pick = max if metric == "accuracy" else min
-        best = pick(kept, key=lambda e: e[metric] if math.isfinite(e[metric]) else (-math.inf if pick is max
-                                                                                      else math.inf))
+    finite = [e for e in kept if metric and math.isfinite(e[metric])]
+    if finite:  # the first of the best
+        best = (max if metric == "accuracy" else min)(finite, key=lambda e: e[metric])
         row["best"], row["best_step"] = best[metric], best["step"]
     return row
 
 
-def pick_best(rows: list[dict]) -> tuple[dict | None, str]:
+def pick_best(rows: list[dict]) -> tuple[dict, str]:
     """(the best row, what it was picked by): final dev accuracy (ties: lower dev loss), else lowest final dev loss;
-    runs without eval data by their train loss at the end."""
+    runs without eval data by their train loss at the end. Ties go to the first run."""
     def finite(x, bad):
         return x if x is not None and math.isfinite(x) else bad
 
-    if not rows:
-        return None, ""
     if all(r["metric"] == "accuracy" for r in rows):
         return (min(rows, key=lambda r: (-finite(r["final"], -math.inf), finite(r["evals"][-1]["loss"], math.inf),
                                          r["run"])), "final dev accuracy (ties: lower dev loss)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ from mezo_tune.trajectory import read_trajectory
 
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def progress_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if re.match(r"run \d+/\d+: ", line)]
 
 
 def end_digest(traj) -> str:
@@ -194,8 +199,25 @@ def test_a_run_that_did_not_start_from_the_loaded_base_is_refused(lm_recipe, tmp
     result = cli("sweep", recipe, "--grid", "mezo.lr=1e-2,1e-3", "--out", tmp_path / "sw", "-q", ok=False)
     assert result.exit_code == 1
     lines = result.output.splitlines()
-    assert [line for line in lines if line.startswith("run ")] == ["run 1/2: mezo.lr=0.01", "run 2/2: mezo.lr=0.001"]
+    assert progress_lines(result.output) == ["run 1/2: mezo.lr=0.01", "run 2/2: mezo.lr=0.001"]
     assert lines[-1].startswith("error: run run-001-lr0.001 did not start from the loaded base (")
     assert lines[-1].endswith("the reused model was not brought back; its directory was removed. This is a bug: "
                               "please report it")
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["run-000-lr0.01", "sweep.json"]
+
+
+def test_a_grid_over_the_model_loads_each_model_once(lm_recipe, tmp_path):
+    """model.dtype changes what is loaded: the runs go grouped by model (numbered in grid order), two loads."""
+    recipe = lm_recipe(steps=2)
+    result = cli("sweep", recipe, "--grid", "mezo.lr=1e-3,1e-2", "--grid", "model.dtype=float32,bfloat16", "--out",
+                 tmp_path / "sw", "-q")
+    assert progress_lines(result.output) == [
+        "run 1/4: mezo.lr=0.001 model.dtype=float32", "run 2/4: mezo.lr=0.01 model.dtype=float32",
+        "run 3/4: mezo.lr=0.001 model.dtype=bfloat16", "run 4/4: mezo.lr=0.01 model.dtype=bfloat16"]
+    state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert len(state["model_seconds"]["loads"]) == 2 and len(state["model_seconds"]["restores"]) == 2
+    assert [r["name"] for r in state["rows"]] == ["run-000-lr0.001-dtypefloat32", "run-001-lr0.001-dtypebfloat16",
+                                                  "run-002-lr0.01-dtypefloat32", "run-003-lr0.01-dtypebfloat16"]
+    last = state["rows"][3]  # trained on the reloaded model, after a reuse of it
+    assert independent_digest(recipe, tmp_path, last["name"], "mezo.lr=0.01", "model.dtype=bfloat16") == \
+        end_digest(last["trajectory"])
