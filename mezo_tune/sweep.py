@@ -309,14 +309,19 @@ class LoadedBase:
 # ---- running -------------------------------------------------------------------------------------------------------
 
 def run_status(point: Point) -> str:
-    """"done" (the trajectory has its end block), "resume" (a trajectory without one) or "new"."""
-    from .train import TRAJECTORY
+    """"done" (the trajectory has its end block), "resume" (a trajectory without one) or "new"; a trajectory of
+    another recipe (a run directory that sweep.json does not account for) is refused."""
+    from .train import TRAJECTORY, RunError
     from .trajectory import read_trajectory
 
     traj = Path(point.recipe.output.dir) / TRAJECTORY
     if not traj.exists():
         return "new"
-    return "done" if read_trajectory(traj).end is not None else "resume"
+    data = read_trajectory(traj)
+    if data.header.get("recipe") != recipe_to_toml(point.recipe):
+        raise RunError(f"{traj} is a run of another recipe than this sweep's {point.label}; pass --overwrite to "
+                       "replace it, or --out DIR to sweep into another directory")
+    return "done" if data.end is not None else "resume"
 
 
 def evals_from_metrics(run_dir: Path) -> list[dict]:

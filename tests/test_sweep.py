@@ -187,6 +187,12 @@ def test_another_grid_in_the_same_directory_is_refused_unless_overwrite(lm_recip
     result = cli("sweep", recipe, "--grid", "mezo.lr=1e-3,1e-2", "--steps", "1", "--out", tmp_path / "sw", "-q",
                  ok=False)
     assert "holds the same grid over a different recipe (the recipe file, --set or --steps changed)" in result.output
+    (tmp_path / "sw" / "sweep.json").rename(tmp_path / "sweep.json.away")  # its runs, but no record of the sweep
+    result = cli("sweep", recipe, "--grid", "mezo.lr=1e-3,1e-2", "--steps", "1", "--out", tmp_path / "sw", "-q",
+                 ok=False)
+    assert result.output.splitlines()[-1] == (
+        f"error: {tmp_path / 'sw' / 'run-000-lr0.001' / 'trajectory.mezo'} is a run of another recipe than this "
+        "sweep's mezo.lr=0.001; pass --overwrite to replace it, or --out DIR to sweep into another directory")
     cli("sweep", recipe, "--grid", "mezo.lr=1e-3,3e-2", "--out", tmp_path / "sw", "-q", "--overwrite")
     assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == [
         "best.toml", "run-000-lr0.001", "run-001-lr0.03", "sweep.json", *(["sweep.png"] if HAVE_MATPLOTLIB else [])]
