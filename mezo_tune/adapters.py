@@ -62,6 +62,22 @@ def attach(model, adapter_cfg, seed: int, init: bool = True):
     return peft_model
 
 
+def detach(model):
+    """`model` as it was before `attach` (in place; returned too): peft injected LoRA layers into it, each wrapping
+    the layer it replaced, and each is swapped back for that layer, as peft's `unload()` does without merging; peft's
+    config attribute goes. Prefix tuning injected nothing (its PeftModel only wraps the model). The base weights are
+    never written by an adapter run, so they come back as they were (sweep checks their digests)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
 def adapter_params(peft_model):
     """(name, parameter) of the adapter tensors (what peft marks trainable), in named_parameters order."""
     return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]

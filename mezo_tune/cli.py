@@ -256,6 +256,33 @@ def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setti
     click.echo(json.dumps(res, indent=2) if as_json else format_bench(res))
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--grid", "grid", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+              help="A recipe key and its values (repeatable); the runs are every combination, e.g. "
+                   "--grid mezo.lr=1e-6,1e-5 --grid mezo.eps=1e-3,1e-2")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="mezo.steps of every run (short runs).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="The sweep's directory (default: the recipe's output.dir + \"-sweep\").")
+@set_option
+@click.option("--overwrite", is_flag=True, help="Replace a different sweep already in the directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@friendly
+def sweep(recipe, grid, steps, out_dir, overrides, overwrite, quiet):
+    """Short MeZO runs of RECIPE over a grid of overrides, one loaded model reused; a table, sweep.json, sweep.png
+    and the best run's recipe (best.toml). Run the same command again to resume an interrupted sweep."""
+    from .sweep import format_table, plan_sweep, run_sweep
+
+    plan = plan_sweep(recipe, grid, overrides, steps, out_dir)
+    try:
+        state = run_sweep(plan, overwrite=overwrite, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo("interrupted; run the same command again to resume the sweep (finished runs are kept, the "
+                   "interrupted one continues from its trajectory)", err=True)
+        sys.exit(130)
+    click.echo(format_table(state))
+
+
 @main.group()
 def data():
     """Build datasets."""

@@ -94,11 +94,12 @@ def make_task(recipe: Recipe, tokenizer):
         raise RunError(f"[task] {e}") from None
 
 
-def build_run(recipe: Recipe, progress: bool = True) -> Run:
+def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None) -> Run:
+    """loaded: (model, tokenizer, source) of recipe.model already in memory (sweep), used instead of loading it."""
     from . import models
     from .mezo import Mezo, trainable_set
 
-    model, tokenizer, source = models.load(recipe.model, progress)
+    model, tokenizer, source = loaded or models.load(recipe.model, progress)
     base_digests = models.state_digests(model)
     if recipe.adapter.type != "none":
         model = attach_adapter(model, recipe.adapter, recipe.mezo.seed)
@@ -314,12 +315,14 @@ def fmt_eval(result: dict) -> str:
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          log=lambda msg: print(msg, file=sys.stderr)) -> dict:
+          log=lambda msg: print(msg, file=sys.stderr), loaded: tuple | None = None) -> dict:
     """Train with MeZO as the recipe says. Returns a summary (steps, losses, evals, paths).
 
     Step t (0-based) runs `mezo.directions` = K two-point estimates and writes K trajectory records, numbered
     t·K .. t·K + K - 1 (Mezo.step); keyframes, checkpoints and evals after step t name its last record, t·K + K - 1.
-    With K = 1 (the default) records and steps are the same thing."""
+    With K = 1 (the default) records and steps are the same thing.
+
+    loaded: see build_run; the caller restores the base weights afterwards (an adapter is attached to it in place)."""
     if recipe.optim.type == "adamw":  # the backprop baseline: no trajectory, a normal checkpoint
         from .backprop import train_backprop
 
@@ -337,7 +340,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     r = recipe
     out = Path(r.output.dir)
     prepare_dir(out, resume, overwrite)
-    run = build_run(r, progress)
+    run = build_run(r, progress, loaded)
     header = build_header(run)
     traj_path = out / TRAJECTORY
     summary: dict = {"output_dir": str(out), "trajectory": str(traj_path)}

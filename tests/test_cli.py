@@ -72,7 +72,7 @@ def test_help_of_every_command(command):
 
 
 def test_every_command_has_help_text():
-    assert {c for c in main.commands} == {"train", "replay", "eval", "inspect", "bench", "data"}
+    assert {c for c in main.commands} == {"train", "replay", "eval", "inspect", "bench", "sweep", "data"}
     assert {("data", c) for c in main.commands["data"].commands} == {("data", "rotten-tomatoes")}
 
 
