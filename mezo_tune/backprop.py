@@ -26,7 +26,7 @@ def train_backprop(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fa
     from . import models
     from .data import batch_indices
     from .mezo import learning_rate, trainable_set
-    from .train import Metrics, RunError, attach_adapter, fmt_eval, load_data, make_task, prepare_dir
+    from .run import Metrics, RunError, attach_adapter, fmt_eval, load_data, make_task, prepare_dir
 
     r = recipe
     if resume:

@@ -194,7 +194,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
 
     from . import models
     from .mezo import Mezo, trainable_set
-    from .train import use_compile
+    from .run import use_compile
 
     device = models.resolve_device(device)
     if model_spec.startswith("config:"):

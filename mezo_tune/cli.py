@@ -21,7 +21,7 @@ def _known_errors():
     from .data import DataError
     from .models import ModelError
     from .replay import ReplayError
-    from .train import RunError
+    from .run import RunError
     from .trajectory import TrajectoryError
 
     return (AdapterError, DataError, ModelError, ReplayError, RunError, TrajectoryError)
@@ -157,7 +157,7 @@ def replay(trajectory, out_dir, base, steps, best, verify, device, merge, quiet)
 def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_tasks, lm_eval_include, as_json, quiet):
     """Score a model on RECIPE's task: accuracy (classification) or loss (lm); or on lm-eval tasks."""
     from .evaluate import evaluate
-    from .train import fmt_eval
+    from .run import fmt_eval
 
     if lm_eval_include and not lm_eval_tasks:
         raise click.UsageError("--lm-eval-include needs --lm-eval-tasks")

@@ -141,7 +141,7 @@ def measure_step_peak_bytes(recipe: Recipe) -> int:
     from torch.utils._pytree import tree_flatten
 
     from .data import batch_indices
-    from .train import build_run
+    from .run import build_run
 
     run = build_run(recipe, progress=False)
     held = {}

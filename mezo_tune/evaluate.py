@@ -40,7 +40,7 @@ def evaluate(recipe: Recipe, model_spec: str | None = None, data_path: str | Non
     """Score a model on the recipe's task. `icl_shots` k > 0 puts k training rows (sampled by data.seed, the same
     for every eval row), each with its gold answer and joined by task.icl_separator, before every prompt."""
     from .data import sample_demonstrations
-    from .train import RunError, load_data, load_rows, make_task
+    from .run import RunError, load_data, load_rows, make_task
 
     path = data_path or recipe.data.eval or (f"{recipe.data.train} (dev_from_train = {recipe.data.dev_from_train})"
                                              if recipe.data.dev_from_train else None)
@@ -66,7 +66,7 @@ def evaluate(recipe: Recipe, model_spec: str | None = None, data_path: str | Non
 
 def check_icl_room(task, rows, shots: int) -> None:
     """Refuse an ICL evaluation whose prompts data.max_length would cut (from the left: demonstrations lost)."""
-    from .train import RunError
+    from .run import RunError
 
     longest = max(len(task.tokenizer(task.format(r), add_special_tokens=True).input_ids) for r in rows)
     if longest >= task.max_length:

@@ -25,7 +25,7 @@ INSTALL_HINT = "pip install 'mezo-tune[lm-eval]'"
 
 def import_lm_eval():
     """(lm_eval, HFLM, TaskManager), or a RunError saying how to install them."""
-    from .train import RunError
+    from .run import RunError
 
     try:
         import lm_eval
@@ -67,7 +67,7 @@ def evaluate_lm_eval(recipe: Recipe, tasks: str | Iterable[str], model_spec: str
     "tasks": {name: {"n": documents scored, "metrics": {"acc": ..., "acc_stderr": ..., ...}}}}; a metric computed
     through an lm-eval filter other than "none" is named "metric,filter"."""
     from .evaluate import load_for_eval
-    from .train import RunError
+    from .run import RunError
 
     lm_eval, HFLM, TaskManager = import_lm_eval()
     names = split_names(tasks)
@@ -133,7 +133,7 @@ def _silenced(logger_name: str):
 def _quiet(quiet: bool):
     """quiet: lm-eval's and datasets' progress bars and log lines (all on stderr) are held back, and shown only if
     the evaluation fails unexpectedly (not with a RunError, which says what is wrong in one line)."""
-    from .train import RunError
+    from .run import RunError
 
     if not quiet:
         yield
@@ -152,7 +152,7 @@ def _quiet(quiet: bool):
 def resolve_names(names: list[str], task_manager, include_dirs: list[Path]) -> list[str]:
     """Each name as lm-eval knows it (a task, group or tag), a glob pattern over those ("mmlu_*"), or a task YAML
     file; a RunError naming every one that is none of these."""
-    from .train import RunError
+    from .run import RunError
 
     resolved: list[str] = []
     for name in names:

@@ -37,7 +37,7 @@ def read_evals(metrics_path: Path) -> list[dict]:
 
 def plot_trajectory(data, out_path) -> Path:
     """Write a PNG (or any format matplotlib infers from the name) of the run's curves; returns its path."""
-    from .train import RunError
+    from .run import RunError
 
     try:
         import matplotlib

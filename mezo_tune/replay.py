@@ -102,7 +102,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     from . import models
     from .mezo import Mezo, trainable_set, weights_digest
     from .recipe import parse_recipe
-    from .train import check_base, check_recorded_data, use_compile
+    from .run import check_base, check_recorded_data, use_compile
     from .trajectory import read_trajectory
 
     data = read_trajectory(trajectory_path)

@@ -208,7 +208,7 @@ def read_state(out: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        from .train import RunError
+        from .run import RunError
 
         raise RunError(f"{out / STATE} cannot be read ({e}); pass --overwrite to start the sweep again") from None
 
@@ -224,7 +224,7 @@ def prepare_sweep_dir(plan: Plan, overwrite: bool) -> dict:
     refused, or removed with overwrite (its run directories, sweep.json, sweep.png, best.toml)."""
     import shutil
 
-    from .train import RunError
+    from .run import RunError
 
     old = read_state(plan.out)
     spec = plan.spec()
@@ -293,7 +293,7 @@ class LoadedBase:
         """Refuse (and remove) a run whose trajectory header records a base other than the one loaded."""
         import shutil
 
-        from .train import TRAJECTORY, RunError
+        from .run import TRAJECTORY, RunError
         from .trajectory import read_trajectory
 
         run_dir = Path(point.recipe.output.dir)
@@ -311,7 +311,7 @@ class LoadedBase:
 def run_status(point: Point) -> str:
     """"done" (the trajectory has its end block), "resume" (a trajectory without one) or "new"; a trajectory of
     another recipe (a run directory that sweep.json does not account for) is refused."""
-    from .train import TRAJECTORY, RunError
+    from .run import TRAJECTORY, RunError
     from .trajectory import read_trajectory
 
     traj = Path(point.recipe.output.dir) / TRAJECTORY
@@ -338,7 +338,7 @@ def train_loss_at_end(point: Point) -> float | None:
     """Mean of (L+ + L-)/2 over the run's last output.log_every finite steps."""
     import numpy as np
 
-    from .train import TRAJECTORY
+    from .run import TRAJECTORY
     from .trajectory import read_trajectory
 
     arr = read_trajectory(Path(point.recipe.output.dir) / TRAJECTORY).as_arrays()
@@ -348,7 +348,7 @@ def train_loss_at_end(point: Point) -> float | None:
 
 
 def make_row(point: Point, evals: list[dict], wall_s: float | None, resumed: bool) -> dict:
-    from .train import TRAJECTORY
+    from .run import TRAJECTORY
 
     metric = "accuracy" if evals and "accuracy" in evals[0] else ("loss" if evals else None)
     kept = [{"step": e["step"], "loss": e["loss"], **({"accuracy": e["accuracy"]} if "accuracy" in e else {})}

@@ -1,12 +1,7 @@
 """The training loop: recipe in, trajectory (and final weights) out; `--resume` continues a run bit for bit.
 
-A run directory holds:
-    trajectory.mezo   the run itself (header + one record per step; trajectory.py)
-    recipe.toml       the resolved recipe, for people (the trajectory header holds the same text)
-    metrics.jsonl     one JSON object per logged step / eval
-    checkpoint/       the trainable tensors at a recent step (fast resume; optional)
-    final/            the trained model as a Hugging Face directory, or the PEFT adapter directory of an adapter
-                      run (optional)
+What a run is made of (model, task, data, engine, header) is assembled in run.py; this module is the loop, its
+checkpoints and the resume checks.
 """
 
 from __future__ import annotations
@@ -16,238 +11,13 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
 from .recipe import Recipe, recipe_to_toml
+from .run import (TRAJECTORY, Metrics, Run, RunError, build_header, build_run, check_base, check_same_data, fmt_eval,
+                  prepare_dir)
 
-TRAJECTORY = "trajectory.mezo"
 FLUSH_EVERY = 16
-
-
-class RunError(Exception):
-    """A run that cannot start or go on, said for people."""
-
-
-@dataclass
-class Run:
-    """Everything a recipe builds before the first step: model, tokenizer, task, data, engine."""
-
-    recipe: Recipe
-    model: object
-    tokenizer: object
-    source: object
-    task: object
-    train_rows: list
-    eval_rows: list | None
-    trainable: object
-    engine: object
-    base_digests: dict  # name -> digest of every base tensor, taken before any adapter is attached
-
-
-def use_compile(setting: str, device: str) -> bool:
-    """`auto` compiles the kernels wherever torch.compile has a backend: CUDA, or CPU with a C++ compiler."""
-    if setting in ("on", "off"):
-        return setting == "on"
-    if device.startswith("cuda"):
-        return True
-    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
-
-
-def load_rows(path, task, limit: int = 0, columns: dict | None = None) -> list[dict]:
-    """Rows of a JSONL/CSV file or "hf:..." dataset, columns mapped, checked by the task (errors name file:line)."""
-    from .data import read_rows
-
-    rows, where = read_rows(path, columns, task.required_fields)
-    task.check_rows(rows, str(path), where)
-    return rows[:limit] if limit else rows
-
-
-def load_data(recipe: Recipe, task) -> tuple[list[dict], list[dict] | None]:
-    """(train rows, eval rows or None) as [data] says: a dev set taken out of train by seed (dev_from_train), then
-    k rows per class sampled by seed (train_k; k rows in all for tasks without classes)."""
-    from .data import sample_per_class, split_dev
-
-    d = recipe.data
-    train_rows = load_rows(d.train, task, columns=d.columns)
-    eval_rows = load_rows(d.eval, task, d.eval_limit, d.columns) if d.eval else None
-    if d.dev_from_train:
-        keep, dev = split_dev(len(train_rows), d.dev_from_train, d.seed)
-        eval_rows = [train_rows[i] for i in dev]
-        eval_rows = eval_rows[: d.eval_limit] if d.eval_limit else eval_rows
-        train_rows = [train_rows[i] for i in keep]
-    if d.train_k:
-        label_of = getattr(task, "label_of", None)
-        labels = [label_of(r) if label_of else None for r in train_rows]
-        train_rows = [train_rows[i] for i in sample_per_class(labels, d.train_k, d.seed, str(d.train))]
-    return train_rows, eval_rows
-
-
-def make_task(recipe: Recipe, tokenizer):
-    """The recipe's task over this tokenizer; a verbalizer the tokenizer cannot tell apart is a RunError."""
-    from .tasks import build_task
-
-    try:
-        return build_task(recipe.task, tokenizer, recipe.data.max_length)
-    except ValueError as e:
-        raise RunError(f"[task] {e}") from None
-
-
-def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None) -> Run:
-    """loaded: (model, tokenizer, source) of recipe.model already in memory (sweep), used instead of loading it."""
-    from . import models
-    from .mezo import Mezo, trainable_set
-
-    model, tokenizer, source = loaded or models.load(recipe.model, progress)
-    base_digests = models.state_digests(model)
-    if recipe.adapter.type != "none":
-        model = attach_adapter(model, recipe.adapter, recipe.mezo.seed)
-    task = make_task(recipe, tokenizer)
-    train_rows, eval_rows = load_data(recipe, task)
-    trainable = trainable_set(model, recipe.model.freeze, adapter=recipe.adapter.type != "none")
-    device = str(next(model.parameters()).device)
-    engine = Mezo(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
-                  distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
-                  use_compile=use_compile(recipe.mezo.compile, device))
-    return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
-
-
-def attach_adapter(model, adapter_cfg, seed: int):
-    """The peft model for a recipe's [adapter], its initial values rebuilt from zrng (adapters.py)."""
-    from .adapters import AdapterError, attach
-
-    try:
-        return attach(model, adapter_cfg, seed)
-    except AdapterError as e:
-        raise RunError(str(e)) from None
-
-
-def build_header(run: Run) -> dict:
-    from . import zrng
-    from .mezo import weights_digest
-    from .recipe import selection
-
-    r = run.recipe
-    return {
-        "tool": {"name": "mezo-tune", "version": __version__},
-        "base_model": {
-            **run.source.identity(),
-            "digest": combined_digest(run.base_digests),
-            "tensors": run.base_digests,
-        },
-        "dtype": r.model.dtype,
-        "quantization": None if r.model.quantization == "none" else r.model.quantization,
-        "trainable": run.trainable.header(),
-        "freeze": list(r.model.freeze),
-        "adapter": adapter_header(run),
-        "z_generator": {"name": zrng.GENERATOR, "version": zrng.GENERATOR_VERSION,
-                        "distribution": r.mezo.distribution},
-        "eps": r.mezo.eps,
-        "rounding": r.mezo.rounding,
-        "seed": r.mezo.seed,
-        "keyframe_every": r.mezo.keyframe_every,
-        "estimator": {"name": "spsa", "directions": r.mezo.directions},
-        "update_rule": {"name": "sgd"},
-        "select": selection(r.task.type, r.output.select),
-        "initial_digest": weights_digest(run.trainable.params).hex(),
-        "recipe": recipe_to_toml(r),
-        "data": data_header(run.train_rows, run.eval_rows),
-    }
-
-
-def rows_digest(rows: list[dict] | None) -> str | None:
-    """blake2b-128 of rows (after loading and sampling) as JSON: what a run trained or evaluated on."""
-    if rows is None:
-        return None
-    import hashlib
-
-    text = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def data_header(train_rows: list[dict], eval_rows: list[dict] | None) -> dict:
-    return {"train_rows_digest": rows_digest(train_rows), "eval_rows_digest": rows_digest(eval_rows)}
-
-
-def check_same_data(recorded: dict, train_rows: list[dict], eval_rows: list[dict] | None, data_cfg) -> None:
-    """Refuse rows that differ from the ones a run recorded, naming the file. A trajectory written before data
-    digests were recorded has none, and is not checked."""
-    if "data" not in recorded:
-        return
-    now = data_header(train_rows, eval_rows)
-    for key, what, path in (("train_rows_digest", "training", data_cfg.train),
-                            ("eval_rows_digest", "eval", data_cfg.eval or data_cfg.train)):
-        if recorded["data"].get(key) != now[key]:
-            raise RunError(f"the {what} rows read from {path} are not the ones this run was recorded with (rows "
-                           f"digest {now[key]}, recorded {recorded['data'].get(key)}): the data changed since the "
-                           f"run started. Put back the data the run used, or start a new run in a new output.dir")
-
-
-def check_recorded_data(header: dict, recipe: Recipe, tokenizer, log) -> None:
-    """`replay --verify`: the data files the recorded recipe names, when they can be read here, against the digests
-    in the header."""
-    if "data" not in header:
-        return
-    paths = [p for p in (recipe.data.train, recipe.data.eval) if p]
-    unreadable = [p for p in paths if not Path(p).is_file()]
-    if unreadable:
-        log(f"note: the run's data was not checked ({', '.join(unreadable)} cannot be read here)")
-        return
-    train_rows, eval_rows = load_data(recipe, make_task(recipe, tokenizer))
-    check_same_data(header, train_rows, eval_rows, recipe.data)
-
-
-def adapter_header(run: Run) -> dict | None:
-    if run.recipe.adapter.type == "none":
-        return None
-    from .adapters import header
-
-    return header(run.model, run.recipe.adapter.type, run.recipe.mezo.seed)
-
-
-def combined_digest(digests: dict[str, str]) -> str:
-    import hashlib
-
-    return hashlib.blake2b(json.dumps(digests, sort_keys=True).encode(), digest_size=16).hexdigest()
-
-
-def check_base(header: dict, base_digests: dict[str, str], what: str) -> None:
-    """Refuse a base model whose weights differ from the ones the run started from, naming what differs."""
-    recorded = header["base_model"]["tensors"]
-    if recorded == base_digests:
-        return
-    missing = [n for n in recorded if n not in base_digests]
-    extra = [n for n in base_digests if n not in recorded]
-    changed = [n for n in recorded if n in base_digests and recorded[n] != base_digests[n]]
-    parts = []
-    for label, names in (("differ", changed), ("are missing", missing), ("are unexpected", extra)):
-        if names:
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            parts.append(f"{len(names)} tensor{'s' if len(names) != 1 else ''} {label} ({shown})")
-    raise RunError(f"the base model {what} is not the one this run started from: {'; '.join(parts)}. "
-                   f"The trajectory was recorded on {header['base_model']['path']} "
-                   f"(revision {header['base_model'].get('revision')}, dtype {header['dtype']}, "
-                   f"digest {header['base_model']['digest']}).")
-
-
-# ---- run directory -------------------------------------------------------------------------------------------------
-
-def prepare_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    traj = out / TRAJECTORY
-    if resume:
-        if not traj.exists():
-            raise RunError(f"nothing to resume: {traj} does not exist (start the run without --resume)")
-        return
-    if traj.exists() or (out / "final").exists():
-        if not overwrite:
-            raise RunError(f"output dir {out} holds another run ({TRAJECTORY}); use --resume to continue it, "
-                           f"--overwrite to replace it, or set output.dir to a new directory")
-        for name in (TRAJECTORY, "metrics.jsonl", "recipe.toml"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("final", "checkpoint", "checkpoint.tmp", "checkpoint.old"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def save_checkpoint(out: Path, run: Run, step: int) -> None:
@@ -289,27 +59,6 @@ def load_checkpoint(out: Path, run: Run, last_step: int) -> int:
         raise RunError(f"{ckpt} is corrupt (its digest does not match); delete it and resume again "
                        "(the run is rebuilt from the base model and the trajectory)")
     return meta["step"]
-
-
-class Metrics:
-    """metrics.jsonl: appended line by line and flushed, so a crash loses at most the current line."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
-
-    def write(self, **row) -> None:
-        self.file.write(json.dumps(row, allow_nan=True) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def fmt_eval(result: dict) -> str:
-    if "accuracy" in result:
-        return f"accuracy {result['accuracy']:.2%} ({result['correct']}/{result['n']}), loss {result['loss']:.4f}"
-    if "exact_match" in result:
-        return f"exact match {result['exact_match']:.2%}, F1 {result['f1']:.2%}, loss {result['loss']:.4f}"
-    return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------------

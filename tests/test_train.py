@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from mezo_tune import models, train as train_mod, trajectory
+from mezo_tune import models, run as run_mod, train as train_mod, trajectory
 from mezo_tune.cli import main
 from mezo_tune.recipe import load_recipe
 from mezo_tune.replay import rebuild
@@ -336,15 +336,15 @@ def test_resume_refuses_changed_data_naming_the_file(lm_recipe, tmp_path, lm_fil
     traj = _unfinished_run(recipe, tmp_path)
     train, ev = lm_files
     recorded = read_trajectory(traj).header["data"]
-    assert recorded == {"train_rows_digest": train_mod.rows_digest(_rows(train)),
-                        "eval_rows_digest": train_mod.rows_digest(_rows(ev))}
+    assert recorded == {"train_rows_digest": run_mod.rows_digest(_rows(train)),
+                        "eval_rows_digest": run_mod.rows_digest(_rows(ev))}
     original = train.read_text()
     train.write_text(original.replace("fox", "cat"))
     result = train_cli(recipe, "--resume", ok=False)
     assert result.exit_code == 1
     assert result.output == (
         f"error: the training rows read from {train} are not the ones this run was recorded with (rows digest "
-        f"{train_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
+        f"{run_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
         f"the run started. Put back the data the run used, or start a new run in a new output.dir\n")
     train.write_text(original)
     ev.write_text(ev.read_text() + json.dumps({"text": "one more row"}) + "\n")
@@ -385,7 +385,7 @@ def test_replay_verify_checks_the_data_when_it_can_read_it(lm_recipe, tmp_path, 
     assert result.exit_code == 1
     assert result.output == (
         f"error: the training rows read from {train} are not the ones this run was recorded with (rows digest "
-        f"{train_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
+        f"{run_mod.rows_digest(_rows(train))}, recorded {recorded['train_rows_digest']}): the data changed since "
         f"the run started. Put back the data the run used, or start a new run in a new output.dir\n")
     assert not (tmp_path / "rep").exists()
     cli("replay", traj, "--out", tmp_path / "rep", "-q")  # without --verify the data is not read
@@ -395,7 +395,8 @@ def test_replay_verify_checks_the_data_when_it_can_read_it(lm_recipe, tmp_path, 
 
 
 def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one(lm_recipe, tmp_path, monkeypatch):
-    from mezo_tune.train import build_run, load_checkpoint, save_checkpoint
+    from mezo_tune.run import build_run
+    from mezo_tune.train import load_checkpoint, save_checkpoint
 
     out = tmp_path / "ckpt"
     out.mkdir()
@@ -745,7 +746,7 @@ def test_compiled_run_replays_bit_equal_without_compile(lm_recipe, tmp_path, mon
         calls.append(setting)
         return False
 
-    monkeypatch.setattr(train_mod, "use_compile", no_compile)
+    monkeypatch.setattr(run_mod, "use_compile", no_compile)
     rebuilt = rebuild(traj, verify=True, progress=False, log=lambda m: None)
     assert calls == ["on"] and rebuilt.engine.use_compile is False
     models.save_model(rebuilt.model, rebuilt.tokenizer, tmp_path / "rep")
