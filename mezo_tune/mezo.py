@@ -21,7 +21,7 @@ import fnmatch
 import functools
 import hashlib
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +134,47 @@ def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", 
     return float(np.float32(eta))
 
 
+@dataclass(frozen=True)
+class UpdateRule:
+    """How a record's scalar becomes an update (DESIGN.md contract 7). beta = 0: SGD, θ ← θ - c_r·z_r. beta > 0:
+    momentum rebuilt from the seeds, with no state but the last `window` records: at record r
+
+        θ ← θ - Σ_{k=0}^{W-1} fp32(η_r·w_k)·g_{r-k}·z_{r-k},   w_k = β^k / Σ_{i<W} β^i
+
+    (oldest term first; records before 0 and skipped records contribute nothing; a skipped record r applies nothing).
+    The weights sum to 1, so lr keeps its meaning: a steady gradient moves θ as fast as SGD does. z_{r-k} is generated
+    again from the seed, so the rule costs W update passes per record and no memory; replay and resume rebuild the
+    window from the trajectory's records."""
+
+    beta: float = 0.0
+    window: int = 1
+
+    @classmethod
+    def from_header(cls, entry: dict | None) -> "UpdateRule":
+        entry = entry or {"name": "sgd"}
+        if entry.get("name") == "sgd":
+            return cls()
+        if entry.get("name") == "momentum" and entry.get("version") == 1:
+            return cls(entry["beta"], entry["window"])
+        raise ValueError(f"update rule {entry!r}: this mezo-tune knows sgd and momentum v1")
+
+    def header(self) -> dict:
+        if not self.beta:
+            return {"name": "sgd"}
+        return {"name": "momentum", "version": 1, "beta": self.beta, "window": self.window}
+
+    @functools.cached_property
+    def weights(self) -> tuple[float, ...]:
+        """w_0 .. w_{W-1} as fp32 values, by plain IEEE arithmetic in a fixed order (no pow: the same everywhere)."""
+        powers = [1.0]
+        for _ in range(self.window - 1):
+            powers.append(powers[-1] * self.beta)
+        total = 0.0
+        for p in powers:
+            total += p
+        return tuple(float(np.float32(p / total)) for p in powers)
+
+
 def _is_plain_embedding(module: torch.nn.Module) -> bool:
     """An nn.Embedding itself (not a subclass with its own forward), whose forward reads only the looked-up rows."""
     return type(module) is torch.nn.Embedding and module.max_norm is None
@@ -146,7 +187,7 @@ class Mezo:
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
-                 large_linear: int = 1 << 23):
+                 rule: UpdateRule = UpdateRule(), large_linear: int = 1 << 23):
         """large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row blocks."""
         if distribution not in zrng.DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}")
@@ -155,6 +196,8 @@ class Mezo:
         self.model, self.trainable = model, trainable
         self.seed, self.eps, self.distribution, self.rounding = seed, eps, distribution, rounding
         self.use_compile = use_compile
+        self.rule = rule
+        self._window: deque = deque(maxlen=rule.window)  # the latest records (the momentum rule's only state)
         self._name_of = {id(p): n for n, p in zip(trainable.names, trainable.params)}
         # Modules that own trainable parameters directly (a tied tensor has two owners). Plain embeddings and large
         # linear layers get a forward of their own inside `perturbed` (see there); the others get swap hooks.
@@ -370,11 +413,34 @@ class Mezo:
         return records[len(recorded or []):]
 
     def apply_record(self, rec) -> None:
-        """The update one trajectory record stands for (train, resume and replay all apply records through this)."""
-        get = rec.get if isinstance(rec, dict) else lambda k: getattr(rec, k)
-        c = applied_scale(get("eta"), get("g"), get("skipped"))
-        if c is not None:
-            self.apply_update(get("step"), c)
+        """The update one trajectory record stands for, by the run's update rule (train, resume and replay all apply
+        records through this, in order)."""
+        step, eta, g, skipped = _fields(rec)
+        self._window.append((step, g, skipped))
+        if skipped:
+            return
+        if not self.rule.beta:
+            c = applied_scale(eta, g)
+            if c is not None:
+                self.apply_update(step, c)
+            return
+        for past_step, past_g, past_skipped in self._window:  # oldest first
+            c = applied_scale(float(np.float32(eta * self.rule.weights[step - past_step])), past_g, past_skipped)
+            if c is not None:
+                self.apply_update(past_step, c)
+
+    def remember(self, records) -> None:
+        """Records already applied to the weights (a resume from a checkpoint): the window the rule reads, not
+        applied again."""
+        for rec in records:
+            step, _, g, skipped = _fields(rec)
+            self._window.append((step, g, skipped))
 
     def digest(self) -> bytes:
         return weights_digest(self.trainable.params)
+
+
+def _fields(rec) -> tuple[int, float, float, bool]:
+    """(step, eta, g, skipped) of a record: a trajectory StepRecord or the dict Mezo.step returns."""
+    get = rec.get if isinstance(rec, dict) else functools.partial(getattr, rec)
+    return get("step"), get("eta"), get("g"), get("skipped")

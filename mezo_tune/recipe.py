@@ -242,10 +242,15 @@ def _mezo_problems(lr: float, min_lr: float) -> list[tuple[str, str]]:
     return []
 
 
-def _warmup_problems(warmup_steps: int, steps: int) -> list[tuple[str, str]]:
+def _warmup_problems(warmup_steps: int, steps: int, momentum: float = 0.0, window: int = 1,
+                     directions: int = 1) -> list[tuple[str, str]]:
+    found = []
     if warmup_steps >= steps:
-        return [("warmup_steps", f"must be < steps (got warmup_steps = {warmup_steps}, steps = {steps})")]
-    return []
+        found.append(("warmup_steps", f"must be < steps (got warmup_steps = {warmup_steps}, steps = {steps})"))
+    if momentum and window > steps * directions:
+        found.append(("momentum_window", f"must not be longer than the run (got momentum_window = {window}, "
+                                         f"steps × directions = {steps * directions})"))
+    return found
 
 
 class MezoConfig(_Section):
@@ -260,6 +265,8 @@ class MezoConfig(_Section):
     min_lr: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = 0.0
     warmup_steps: NonNegativeInt = 0
     directions: PositiveInt = 1
+    momentum: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    momentum_window: PositiveInt = 10
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"
     max_consecutive_skips: NonNegativeInt = 10
@@ -267,7 +274,9 @@ class MezoConfig(_Section):
     @model_validator(mode="after")
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:
         if not _from_loader(info):
-            _raise_problems(_mezo_problems(self.lr, self.min_lr) + _warmup_problems(self.warmup_steps, self.steps))
+            _raise_problems(_mezo_problems(self.lr, self.min_lr)
+                            + _warmup_problems(self.warmup_steps, self.steps, self.momentum, self.momentum_window,
+                                               self.directions))
         return self
 
 
@@ -678,9 +687,9 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     lr, min_lr = good("mezo", "lr"), good("mezo", "min_lr")
     if _MISSING_VALUE not in (lr, min_lr):
         found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
-    warmup_steps, steps = good("mezo", "warmup_steps"), good("mezo", "steps")
-    if _MISSING_VALUE not in (warmup_steps, steps):
-        found += [("mezo", k, t) for k, t in _warmup_problems(warmup_steps, steps)]
+    schedule_keys = [good("mezo", k) for k in ("warmup_steps", "steps", "momentum", "momentum_window", "directions")]
+    if _MISSING_VALUE not in schedule_keys:
+        found += [("mezo", k, t) for k, t in _warmup_problems(*schedule_keys)]
 
     quantization, adapter_type = good("model", "quantization"), good("adapter", "type")
     if _MISSING_VALUE not in (quantization, adapter_type):

@@ -109,10 +109,13 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     header = data.header
     if data.problem:
         log(f"warning: {trajectory_path}: {data.problem}; replaying the {len(data.steps)} intact steps")
-    rule = header.get("update_rule", {"name": "sgd"})
-    if rule.get("name") != "sgd":
-        raise ReplayError(f"the trajectory's update rule {rule!r} is not one this mezo-tune replays (sgd); install "
-                          f"the version that recorded it ({header['tool']['version']})")
+    from .mezo import UpdateRule
+
+    try:
+        rule = UpdateRule.from_header(header.get("update_rule"))
+    except ValueError as e:
+        raise ReplayError(f"the trajectory's {e}: install the version that recorded it "
+                          f"({header['tool']['version']})") from None
     if best:
         if steps is not None:
             raise ReplayError("--best and --steps both say which step to rebuild: give one of them")
@@ -140,7 +143,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
                           f"({header['tool']['version']})")
     device_name = str(next(model.parameters()).device)
     engine = Mezo(model, trainable, seed=header["seed"], eps=header["eps"], distribution=zgen["distribution"],
-                  rounding=header["rounding"], use_compile=use_compile(recipe.mezo.compile, device_name))
+                  rounding=header["rounding"], use_compile=use_compile(recipe.mezo.compile, device_name), rule=rule)
     records = data.steps
     if steps is not None:
         if not 0 <= steps <= len(records):

@@ -96,7 +96,7 @@ def make_task(recipe: Recipe, tokenizer):
 def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None) -> Run:
     """loaded: (model, tokenizer, source) of recipe.model already in memory (sweep), used instead of loading it."""
     from . import models
-    from .mezo import Mezo, trainable_set
+    from .mezo import Mezo, UpdateRule, trainable_set
 
     model, tokenizer, source = loaded or models.load(recipe.model, progress)
     base_digests = models.state_digests(model)
@@ -108,7 +108,8 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     device = str(next(model.parameters()).device)
     engine = Mezo(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
                   distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
-                  use_compile=use_compile(recipe.mezo.compile, device))
+                  use_compile=use_compile(recipe.mezo.compile, device),
+                  rule=UpdateRule(recipe.mezo.momentum, recipe.mezo.momentum_window if recipe.mezo.momentum else 1))
     return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
 
 
@@ -147,7 +148,7 @@ def build_header(run: Run) -> dict:
         "seed": r.mezo.seed,
         "keyframe_every": r.mezo.keyframe_every,
         "estimator": {"name": "spsa", "directions": r.mezo.directions},
-        "update_rule": {"name": "sgd"},
+        "update_rule": run.engine.rule.header(),
         "select": selection(r.task.type, r.output.select),
         "initial_digest": weights_digest(run.trainable.params).hex(),
         "recipe": recipe_to_toml(r),

@@ -121,6 +121,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             + (f" (checkpoint at {unit} {from_ckpt}, replaying {len(todo)} {unit}s)" if from_ckpt >= 0
                else f" (replaying {len(todo)} {unit}s from the base model)")
             + (f"; cut off a damaged tail: {data.problem}" if data.problem else ""))
+        run.engine.remember(data.steps[: from_ckpt + 1][-run.engine.rule.window:])  # the momentum window before them
         apply_records(run.engine, todo, data.keyframes, verify=True, progress=progress)
         recorded = [asdict(rec) for rec in data.steps[whole:]]
         evals = list(data.evals)

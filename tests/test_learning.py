@@ -217,3 +217,73 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path, tiny_model_dirs)
     result = cli("train", recipe, "-q", "--resume", ok=False)
     assert "this run already finished (4 steps)" in result.output
     assert math.isfinite(data.evals[-1]["loss"])
+
+
+# ---- momentum rebuilt from the seeds -------------------------------------------------------------------------------
+
+def test_momentum_weights_sum_to_one_and_are_portable():
+    from mezo_tune.mezo import UpdateRule
+
+    rule = UpdateRule(0.9, 4)
+    total = 1 + 0.9 + 0.81 + 0.9 * 0.9 * 0.9
+    assert rule.weights == tuple(f32(p / total) for p in (1.0, 0.9, 0.9 * 0.9, 0.9 * 0.9 * 0.9))
+    assert UpdateRule().weights == (1.0,) and UpdateRule().header() == {"name": "sgd"}
+    assert UpdateRule.from_header(rule.header()) == rule
+    with pytest.raises(ValueError, match="this mezo-tune knows sgd and momentum v1"):
+        UpdateRule.from_header({"name": "adam"})
+
+
+def test_momentum_equals_its_formula_on_the_weights():
+    """Three records by hand: θ_3 = θ_0 - Σ_r Σ_k fp32(η_r·w_k)·g_{r-k}·z_{r-k}, applied oldest first."""
+    from conftest import build_model
+
+    from mezo_tune.mezo import Mezo, UpdateRule, applied_scale, trainable_set
+
+    records = [{"step": r, "eta": f32(1e-3), "g": g, "skipped": False} for r, g in enumerate((0.5, -2.0, 1.25))]
+    rule = UpdateRule(0.5, 2)
+    a, b = build_model("llama"), build_model("llama")
+    engine = Mezo(a, trainable_set(a), seed=4, eps=1e-3, rule=rule)
+    for rec in records:
+        engine.apply_record(rec)
+    by_hand = Mezo(b, trainable_set(b), seed=4, eps=1e-3)
+    for r, rec in enumerate(records):
+        for j in range(max(0, r - 1), r + 1):
+            by_hand.apply_update(j, applied_scale(f32(rec["eta"] * rule.weights[r - j]), records[j]["g"]))
+    assert engine.digest() == by_hand.digest()
+
+
+def test_momentum_replays_and_resumes_from_a_checkpoint_bit_for_bit(tmp_path, tiny_model_dirs):
+    from types import SimpleNamespace
+
+    from mezo_tune.replay import rebuild
+    from mezo_tune.train import save_checkpoint
+
+    mezo = {"steps": 8, "momentum": 0.9, "momentum_window": 4}
+    train_cli(recipe_file(tmp_path, tiny_model_dirs(), mezo=mezo))
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    data = read_trajectory(traj)
+    assert data.header["update_rule"] == {"name": "momentum", "version": 1, "beta": 0.9, "window": 4}
+    cli("replay", traj, "--out", tmp_path / "rep", "--verify", "-q")
+    assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
+
+    # A crash after record 5 with a checkpoint after record 3: resume loads the checkpoint, rebuilds the window of
+    # records 0..3 that momentum reads (without applying them again) and replays 4..5. Without that window record 4's
+    # update would miss three terms and the keyframe after step 6 would not match.
+    crashed = recipe_file(tmp_path, tiny_model_dirs(), out="runs/y", mezo=mezo, name="y.toml")
+    _copy_first_records(traj, tmp_path / "runs/y/trajectory.mezo", 6)
+    at_3 = rebuild(traj, steps=4, progress=False, log=lambda m: None)
+    save_checkpoint(tmp_path / "runs/y", SimpleNamespace(trainable=at_3.engine.trainable, engine=at_3.engine), 3)
+    out = cli("train", crashed, "-q", "--resume").output
+    assert "(checkpoint at step 3, replaying 2 steps)" in out
+    assert read_trajectory(tmp_path / "runs/y/trajectory.mezo").steps == data.steps
+    assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "runs/y/final/model.safetensors")
+
+
+def test_momentum_window_longer_than_the_run_is_refused():
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(BASE_RECIPE, "x.toml", check_files=False,
+                     overrides=["mezo.momentum=0.9", "mezo.momentum_window=11", "mezo.momentum_window=11"])
+    assert str(info.value) == ("recipe x.toml has 1 problem:\n  mezo.momentum_window: must not be longer than the run "
+                               "(got momentum_window = 11, steps × directions = 10)")
+    with pytest.raises(RecipeError, match=r"mezo.momentum: must be < 1 \(got 1.0\)"):
+        parse_recipe(BASE_RECIPE, "x.toml", check_files=False, overrides=["mezo.momentum=1.0"])
