@@ -103,7 +103,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     def eval_due(t: int) -> bool:
         return t == -1 or bool(r.output.eval_every and (t + 1) % r.output.eval_every == 0 and t + 1 < r.mezo.steps)
 
-    metrics = Metrics(out / "metrics.jsonl") if resume else None
     evals: list[dict] = []
     recorded: list[dict] = []  # records of the first step that a resumed trajectory already holds
     if resume:
@@ -136,7 +135,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         writer.append_keyframe(-1, bytes.fromhex(header["initial_digest"]))
         start = 0
         keyframes_done = {-1}
-        metrics = Metrics(out / "metrics.jsonl")
+    metrics = Metrics(out / "metrics.jsonl")
     summary["evals"] = evals
 
     def evaluate(t: int, label: str) -> None:
