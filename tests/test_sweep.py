@@ -15,6 +15,7 @@ import pytest
 from test_train import blocks, cli, lm_recipe, train_cli, write_recipe  # noqa: F401 (lm_recipe is a fixture)
 
 from mezo_tune import sweep as sweep_mod, trajectory
+from mezo_tune.recipe import load_recipe
 from mezo_tune.replay import rebuild
 from mezo_tune.trajectory import read_trajectory
 
@@ -47,7 +48,7 @@ def cls_recipe(tmp_path, sentiment_files, tiny_model_dirs):
 
 def test_sweep_2x2_rows_best_and_bit_equal_runs(cls_recipe, tmp_path):
     result = cli("sweep", cls_recipe, "--grid", "mezo.lr=1e-3,1e-2", "--grid", "mezo.eps=1e-3,1e-2",
-                 "--steps", "3", "-q")
+                 "--steps", "3", "--set", "mezo.seed=3", "-q")
     out = tmp_path / "runs" / "cls-sweep"  # <output.dir>-sweep
     names = ["run-000-lr0.001-eps0.001", "run-001-lr0.001-eps0.01", "run-002-lr0.01-eps0.001",
              "run-003-lr0.01-eps0.01"]
@@ -67,6 +68,10 @@ def test_sweep_2x2_rows_best_and_bit_equal_runs(cls_recipe, tmp_path):
     assert len(state["model_seconds"]["restores"]) == 3
     for r in rows:
         run_dir = out / r["name"]
+        recipe = load_recipe(run_dir / "recipe.toml")  # --set and --steps apply to every run; no final/ by default
+        assert (recipe.mezo.seed, recipe.mezo.steps, recipe.output.save_final) == (3, 3, False)
+        assert (recipe.mezo.lr, recipe.mezo.eps) == (r["values"]["mezo.lr"], r["values"]["mezo.eps"])
+        assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "recipe.toml", "trajectory.mezo"]
         # the row holds what the run's own files say
         assert r["trajectory"] == str(run_dir / "trajectory.mezo")
         assert read_trajectory(r["trajectory"]).end == {"digest": end_digest(r["trajectory"]), "steps": 3}
@@ -97,18 +102,19 @@ def test_sweep_2x2_rows_best_and_bit_equal_runs(cls_recipe, tmp_path):
     for r in rows:
         rebuilt = rebuild(r["trajectory"], device="cpu", progress=False, log=lambda m: None)
         assert rebuilt.engine.digest().hex() == end_digest(r["trajectory"]), r["name"]
-        assert independent_digest(cls_recipe, tmp_path, r["name"], "mezo.steps=3",
+        assert independent_digest(cls_recipe, tmp_path, r["name"], "mezo.steps=3", "mezo.seed=3",
                                   *(f"{k}={v}" for k, v in r["values"].items())) == end_digest(r["trajectory"])
 
 
 def test_sweep_over_adapter_type_reuses_the_model_bit_exactly(lm_recipe, tmp_path):
-    """Full-weight and LoRA runs alternate on one model: LoRA is detached and full-weight writes are copied back."""
+    """LoRA, full-weight and prefix runs follow each other on one model (each kind after each other kind): LoRA is
+    detached, full-weight writes are copied back, prefix tuning leaves the model as it was."""
     recipe = lm_recipe(steps=3)
-    cli("sweep", recipe, "--grid", "mezo.lr=1e-3,1e-2", "--grid", "adapter.type=lora,none", "--out",
+    cli("sweep", recipe, "--grid", "mezo.lr=1e-3,1e-2", "--grid", "adapter.type=lora,none,prefix", "--out",
         tmp_path / "sw", "-q")
     state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert [r["name"] for r in state["rows"]] == ["run-000-lr0.001-typelora", "run-001-lr0.001-typenone",
-                                                  "run-002-lr0.01-typelora", "run-003-lr0.01-typenone"]
+    assert [r["name"] for r in state["rows"]] == [f"run-00{i}-lr{lr}-type{kind}" for i, (lr, kind) in enumerate(
+        (lr, kind) for lr in ("0.001", "0.01") for kind in ("lora", "none", "prefix"))]
     assert len(state["model_seconds"]["loads"]) == 1
     assert state["best"]["by"] == "final dev loss"
     for r in state["rows"]:
