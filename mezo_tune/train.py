@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from .recipe import Recipe, recipe_to_toml
+from .recipe import OutputConfig, Recipe, recipe_to_toml
 from .run import (TRAJECTORY, Metrics, Run, RunError, build_header, build_run, check_base, check_same_data, fmt_eval,
                   prepare_dir)
 
-FLUSH_EVERY = 16
+FLUSH_EVERY = OutputConfig.model_fields["flush_every"].default  # steps per trajectory block unless the recipe says
 
 
 def save_checkpoint(out: Path, run: Run, step: int) -> None:
@@ -106,7 +106,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     evals: list[dict] = []
     recorded: list[dict] = []  # records of the first step that a resumed trajectory already holds
     if resume:
-        writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=FLUSH_EVERY)
+        writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
+                                                             flush_seconds=r.output.flush_seconds)
         check_resumable(data.header, header)
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
@@ -131,7 +132,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         keyframes_done = set(data.keyframes)
     else:
         (out / "recipe.toml").write_text(recipe_to_toml(r))
-        writer = TrajectoryWriter.create(traj_path, header, flush_every=FLUSH_EVERY)
+        writer = TrajectoryWriter.create(traj_path, header, flush_every=r.output.flush_every,
+                                         flush_seconds=r.output.flush_seconds)
         writer.append_keyframe(-1, bytes.fromhex(header["initial_digest"]))
         start = 0
         keyframes_done = {-1}

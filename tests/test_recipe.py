@@ -109,6 +109,8 @@ def test_minimal_lm_recipe_fills_defaults():
             "keep": "last",
             "select": "auto",
             "patience": 0,
+            "flush_every": 16,
+            "flush_seconds": 30.0,
         },
     }
 
