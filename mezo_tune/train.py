@@ -78,6 +78,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
     from dataclasses import asdict
 
+    import torch
     from tqdm.auto import tqdm
 
     from . import models
@@ -89,6 +90,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     r = recipe
     out = Path(r.output.dir)
     prepare_dir(out, resume, overwrite)
+    if loaded is None and models.resolve_device(r.model.device) == "cpu":
+        from .estimate import startup_memory_warning
+
+        warning = startup_memory_warning(r)
+        if warning:
+            log(warning)
     run = build_run(r, progress, loaded)
     header = build_header(run)
     traj_path = out / TRAJECTORY
@@ -166,7 +173,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             t0 = time.perf_counter()
             rows = [run.train_rows[i] for i in batch_indices(n, r.mezo.batch_size, r.mezo.seed, t)]
             eta = learning_rate(t, r.mezo.lr, r.mezo.steps, r.mezo.schedule, r.mezo.min_lr, r.mezo.warmup_steps)
-            new = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows), K, recorded)
+            try:
+                new = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows), K, recorded)
+            except torch.cuda.OutOfMemoryError:
+                from .estimate import cuda_oom_message
+
+                raise RunError(cuda_oom_message(r, t, str(next(run.model.parameters()).device), traj_path)) from None
             recs, recorded = recorded + new, []
             for rec in new:
                 writer.append_step(StepRecord(**rec))
