@@ -97,6 +97,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if warning:
             log(warning)
     run = build_run(r, progress, loaded)
+    if next(run.model.parameters()).device.type == "cpu":
+        models.keep_freed_memory()  # no page faults per step (models.py)
     header = build_header(run)
     traj_path = out / TRAJECTORY
     summary: dict = {"output_dir": str(out), "trajectory": str(traj_path)}
