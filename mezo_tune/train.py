@@ -85,7 +85,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     from .data import batch_indices
     from .mezo import learning_rate
     from .replay import apply_records
-    from .trajectory import StepRecord, TrajectoryWriter, best_eval
+    from .trajectory import StepRecord, TrajectoryError, TrajectoryWriter, best_eval
 
     r = recipe
     out = Path(r.output.dir)
@@ -227,7 +227,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         writer.finish(n_records, final_digest)
     finally:
         bar.close()
-        writer.close()
+        stopping = sys.exc_info()[1]
+        try:
+            writer.close()  # the pending steps: on a full disk this may fail too
+        except TrajectoryError as exc:
+            if stopping is None:
+                raise
+            log(f"error: {exc}")  # and the error that stopped the run follows
         metrics.close()
     summary.update(steps=stopped, records=n_records, digest=final_digest.hex())
     if stopped < r.mezo.steps:

@@ -68,3 +68,34 @@ def test_a_full_disk_stops_the_run_and_resume_finishes_it_bit_identical(small_di
     assert block_bytes(traj) == block_bytes(tmp_path / "ref/trajectory.mezo")
     assert step_columns(traj) == step_columns(tmp_path / "ref/trajectory.mezo")
     assert_same_weights(disk / "run/final/model.safetensors", tmp_path / "ref/final/model.safetensors")
+
+
+def test_a_disk_filled_by_the_metrics_stops_the_run_and_resume_finishes_it(small_disk, tmp_path, lm_files,
+                                                                           tiny_model_dirs):
+    """Here metrics.jsonl (a line per step) fills the disk while the steps wait in one trajectory block: the run stops
+    naming metrics.jsonl; the pending steps are written if they still fit (else that is reported too)."""
+    disk, grow = small_disk
+    train, _ = lm_files
+    model = tiny_model_dirs("llama", "float32")
+    kw = dict(steps=400, keyframe_every=1000, flush_every=65536, flush_seconds=0.0, log_every=1)
+    train_cli(write_recipe(tmp_path / "ref.toml", model, train, out=tmp_path / "ref", **kw))
+    recipe = write_recipe(tmp_path / "full.toml", model, train, out=disk / "run", save_final=False, **kw)
+    traj = disk / "run/trajectory.mezo"
+    result = train_cli(recipe, ok=False)
+    assert result.exit_code == 1
+    assert result.output.endswith(
+        f"error: {disk / 'run/metrics.jsonl'}: could not append to the metrics: the disk is full. The trajectory next "
+        f"to it keeps every step written so far; free space, then run `mezo-tune train --resume` to continue (the "
+        f"metrics may lose a line).\n")
+    data = read_trajectory(traj)
+    assert data.problem is None and data.end is None
+    if not data.steps:  # the pending steps did not fit either
+        assert (f"error: {traj}: could not append to the trajectory: the disk is full. The trajectory is intact but "
+                f"holds no steps yet; free space, then run `mezo-tune train --resume` to continue from there.\n"
+                ) in result.output
+    print(f"metrics full; trajectory holds {len(data.steps)} steps")
+    grow("8m")
+    train_cli(write_recipe(tmp_path / "resume.toml", model, train, out=disk / "run", **kw), "--resume")
+    assert step_columns(traj) == step_columns(tmp_path / "ref/trajectory.mezo")
+    assert read_trajectory(traj).keyframes == read_trajectory(tmp_path / "ref/trajectory.mezo").keyframes
+    assert_same_weights(disk / "run/final/model.safetensors", tmp_path / "ref/final/model.safetensors")
