@@ -264,11 +264,16 @@ def oom_message(step: int, device: str, capacity: int, peak: int | None, candida
 def startup_memory_warning(recipe: Recipe) -> str | None:
     """train's check before loading a CPU model: the warning of `memory_warning`, or None (fits, or cannot tell)."""
     available = available_memory_bytes()
-    model = meta_model(recipe.model, recipe.adapter) if available is not None else None
-    if model is None:
+    if available is None:
         return None
-    peak = estimate_peak_bytes(model, recipe)["peak_bytes"]
-    return memory_warning(peak, available, variants(recipe, cuda=False) if peak > available else [])
+    try:
+        model = meta_model(recipe.model, recipe.adapter)
+        if model is None:
+            return None
+        peak = estimate_peak_bytes(model, recipe)["peak_bytes"]
+        return memory_warning(peak, available, variants(recipe, cuda=False) if peak > available else [])
+    except Exception:  # noqa: BLE001 - advice only: a model the estimator cannot build is loaded and trained as before
+        return None
 
 
 def cuda_oom_message(recipe: Recipe, step: int, device: str, traj_path) -> str:
@@ -276,6 +281,10 @@ def cuda_oom_message(recipe: Recipe, step: int, device: str, traj_path) -> str:
     import torch
 
     capacity = torch.cuda.mem_get_info(torch.device(device))[1]
-    model = meta_model(recipe.model, recipe.adapter)
-    peak = estimate_peak_bytes(model, recipe)["peak_bytes"] if model is not None else None
-    return oom_message(step, device, capacity, peak, variants(recipe, cuda=True), traj_path)
+    try:
+        model = meta_model(recipe.model, recipe.adapter)
+        peak = estimate_peak_bytes(model, recipe)["peak_bytes"] if model is not None else None
+        candidates = variants(recipe, cuda=True)
+    except Exception:  # noqa: BLE001 - the out-of-memory message goes out even where the estimator fails
+        peak, candidates = None, []
+    return oom_message(step, device, capacity, peak, candidates, traj_path)
