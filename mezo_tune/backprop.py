@@ -37,6 +37,8 @@ def train_backprop(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fa
         (out / "metrics.jsonl").unlink()
     torch.manual_seed(r.mezo.seed)
     model, tokenizer, _ = models.load(r.model, progress)
+    if next(model.parameters()).device.type == "cpu":
+        models.keep_freed_memory()  # as the MeZO loop (train.py)
     adapter = r.adapter.type != "none"
     if adapter:
         model = attach_adapter(model, r.adapter, r.mezo.seed)

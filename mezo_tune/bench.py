@@ -2,7 +2,7 @@
 4-pass MeZO step, on the same model and batch, reported as ratios measured in one run.
 
 Each variant runs in its own subprocess so that peak memory is honest on CPU too: the child loads the model (on CPU
-with freed memory kept for reuse, as train, eval and replay run: models.keep_freed_memory), warms up (compiles),
+with freed memory kept for reuse, as train runs: models.keep_freed_memory), warms up (compiles),
 resets its peak (Linux: malloc_trim, then /proc/self/clear_refs resets VmHWM; CUDA: reset_peak_memory_stats), then
 times `repeats` calls and reports the median time and the peak (resident set on CPU, allocated bytes on CUDA). On
 CPU one more, untimed call measures the peak of live tensors (see tensor_peak_bytes), comparable to CUDA's figure.
@@ -202,7 +202,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     else:
         model = models.load_model(models.resolve_source(model_spec), dtype, device, quantization)
     if device == "cpu":
-        models.keep_freed_memory()  # as train, eval and replay run
+        models.keep_freed_memory()  # as train runs
     if adapter != "none":
         from .adapters import attach
         from .recipe import AdapterConfig

@@ -174,3 +174,117 @@ def measure_step_peak_bytes(recipe: Recipe) -> int:
     with LiveBytes() as mode:
         run.engine.step(1, 0.0, lambda: run.task.loss(run.model, rows))
     return sum(held.values()) + mode.peak
+
+
+# ---- does it fit? (train: a warning at start-up on CPU, advice after a CUDA out-of-memory error) -------------------
+
+GIB = 1 << 30
+
+
+def available_memory_bytes() -> int | None:
+    """What the kernel can hand out now without swapping: MemAvailable of /proc/meminfo, else psutil's `available`;
+    None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unsupported here
+        return None
+
+
+def variants(recipe: Recipe, cuda: bool) -> list[tuple[str, int]]:
+    """(change, estimated peak bytes) of the configurations nearest to the recipe that need less memory, nearest first:
+    mezo.batch_size halved down to 1, a LoRA adapter (if none), and on CUDA a 4bit base with LoRA (if unquantized).
+    Empty where the model cannot be built on the meta device (not converted yet)."""
+    from .recipe import AdapterConfig
+
+    model = meta_model(recipe.model, recipe.adapter)
+    if model is None:
+        return []
+    found = []
+    bs = recipe.mezo.batch_size // 2
+    while bs >= 1:
+        smaller = recipe.model_copy(update={"mezo": recipe.mezo.model_copy(update={"batch_size": bs})})
+        found.append((f"mezo.batch_size = {bs}", estimate_peak_bytes(model, smaller)["peak_bytes"]))
+        bs //= 2
+    lora = AdapterConfig(type="lora")
+    if recipe.adapter.type == "none":
+        with_lora = recipe.model_copy(update={"adapter": lora})
+        found.append(('adapter.type = "lora"',
+                      estimate_peak_bytes(meta_model(recipe.model, lora), with_lora)["peak_bytes"]))
+    if cuda and recipe.model.quantization == "none":
+        adapter = recipe.adapter if recipe.adapter.type != "none" else lora
+        q4 = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "4bit"}),
+                                       "adapter": adapter})
+        change = 'model.quantization = "4bit"' + (' with adapter.type = "lora"' if adapter is lora else "")
+        found.append((change, estimate_peak_bytes(meta_model(q4.model, adapter), q4)["peak_bytes"]))
+    return found
+
+
+def fit_advice(candidates: list[tuple[str, int]], available: int) -> str:
+    """What to change so that the run fits in `available` bytes: the largest batch size that fits and each other
+    change that fits, with their estimates (from `variants`)."""
+    fits = [(change, peak) for change, peak in candidates if peak <= available]
+    batch = [c for c in fits if c[0].startswith("mezo.batch_size")][:1]
+    chosen = batch + [c for c in fits if not c[0].startswith("mezo.batch_size")]
+    if not chosen:
+        tried = ", ".join(change for change, _ in candidates) or "no smaller configuration could be estimated"
+        return (f"No nearby configuration is estimated to fit ({tried}): use a smaller model or a machine with "
+                f"more memory.")
+    return "Estimated to fit: " + "; ".join(f"{change} ({peak / GIB:.2f} GiB)" for change, peak in chosen) + "."
+
+
+def memory_warning(peak: int, available: int, candidates: list[tuple[str, int]]) -> str | None:
+    """The start-up warning of a CPU run whose estimated peak exceeds the memory available now; None if it fits."""
+    if peak <= available:
+        return None
+    return (f"warning: this run's estimated peak memory, {peak / GIB:.2f} GiB (`mezo-tune train --dry-run` shows its "
+            f"parts), exceeds the memory available now, {available / GIB:.2f} GiB: it may swap or be killed. "
+            + fit_advice(candidates, available) + " Or free memory and start again.")
+
+
+def oom_message(step: int, device: str, capacity: int, peak: int | None, candidates: list[tuple[str, int]],
+                traj_path) -> str:
+    """Why a CUDA run stopped with an out-of-memory error in `step`, and the nearest configurations that fit."""
+    est = (f"; this recipe's estimated peak is {peak / GIB:.2f} GiB, `mezo-tune train --dry-run` shows its parts"
+           if peak is not None else "")
+    return (f"step {step}: out of memory on {device} ({capacity / GIB:.2f} GiB{est}). "
+            + fit_advice(candidates, capacity)
+            + f" These change the run, so start a new one with the change (another output.dir); {traj_path} keeps "
+              f"the steps before {step}.")
+
+
+def startup_memory_warning(recipe: Recipe) -> str | None:
+    """train's check before loading a CPU model: the warning of `memory_warning`, or None (fits, or cannot tell)."""
+    available = available_memory_bytes()
+    if available is None:
+        return None
+    try:
+        model = meta_model(recipe.model, recipe.adapter)
+        if model is None:
+            return None
+        peak = estimate_peak_bytes(model, recipe)["peak_bytes"]
+        return memory_warning(peak, available, variants(recipe, cuda=False) if peak > available else [])
+    except Exception:  # noqa: BLE001 - advice only: a model the estimator cannot build is loaded and trained as before
+        return None
+
+
+def cuda_oom_message(recipe: Recipe, step: int, device: str, traj_path) -> str:
+    """oom_message for this recipe on this CUDA device (its total memory as the capacity)."""
+    import torch
+
+    capacity = torch.cuda.mem_get_info(torch.device(device))[1]
+    try:
+        model = meta_model(recipe.model, recipe.adapter)
+        peak = estimate_peak_bytes(model, recipe)["peak_bytes"] if model is not None else None
+        candidates = variants(recipe, cuda=True)
+    except Exception:  # noqa: BLE001 - the out-of-memory message goes out even where the estimator fails
+        peak, candidates = None, []
+    return oom_message(step, device, capacity, peak, candidates, traj_path)

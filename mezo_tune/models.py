@@ -236,8 +236,6 @@ def load(model_cfg, progress: bool = True):
     device = resolve_device(getattr(model_cfg, "device", "auto"))
     tokenizer = load_tokenizer(source)
     model = load_model(source, model_cfg.dtype, device, getattr(model_cfg, "quantization", "none"))
-    if device == "cpu":
-        keep_freed_memory()
     return model, tokenizer, source
 
 
@@ -249,9 +247,16 @@ def keep_freed_memory() -> bool:
     forward and their log-softmax (100 MB each at batch 8 x 64 with SmolLM2's 49k-token vocabulary) are first-touched
     page by page on every forward, ~75k page faults, 10-25 % of a CPU forward measured here (`mezo-tune bench`).
     After this call nothing is mmapped or trimmed: the heap grows to a step's peak once and later steps reuse it,
-    as torch's caching allocator does on CUDA. The resident set then stays at that peak between steps."""
+    as torch's caching allocator does on CUDA. The resident set then stays at that peak between steps.
+
+    It switches the whole process for good, so only the commands that run many steps call it, once a CPU model is
+    loaded: train (train.py, also for each point of a sweep) and bench's children. eval, replay and models.load leave
+    glibc's defaults alone (a replay runs no forward; eval's are a one-off pass). A second call does nothing."""
     import ctypes
 
+    global _freed_memory_kept
+    if _freed_memory_kept:
+        return True
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
@@ -259,7 +264,11 @@ def keep_freed_memory() -> bool:
         return False
     malloc_trim(0)
     m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    _freed_memory_kept = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    return _freed_memory_kept
+
+
+_freed_memory_kept = False
 
 
 def save_model(model, tokenizer, out_dir: Path) -> None:

@@ -304,6 +304,8 @@ class OutputConfig(_Section):
     keep: Literal["last", "best"] = "last"
     select: StrictStr = "auto"
     patience: NonNegativeInt = 0
+    flush_every: Annotated[StrictInt, Field(ge=1, le=65536)] = 16
+    flush_seconds: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = 30.0
 
 
 # The dev metrics each task type reports (tasks.py), the first one being what `output.select = "auto"` means.

@@ -14,6 +14,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from dataclasses import dataclass
@@ -254,13 +255,23 @@ class Metrics:
     """metrics.jsonl: appended line by line and flushed, so a crash loses at most the current line."""
 
     def __init__(self, path: Path):
+        self.path = path
         self.file = open(path, "a", buffering=1)
 
     def write(self, **row) -> None:
-        self.file.write(json.dumps(row, allow_nan=True) + "\n")
+        try:
+            self.file.write(json.dumps(row, allow_nan=True) + "\n")
+        except OSError as exc:
+            what = "the disk is full" if exc.errno == errno.ENOSPC else f"the write failed ({exc.strerror or exc})"
+            raise RunError(f"{self.path}: could not append to the metrics: {what}. The trajectory next to it keeps "
+                           f"every step written so far; free space, then run `mezo-tune train --resume` to continue "
+                           f"(the metrics may lose a line).") from None
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the line write() already reported as lost
+            pass
 
 
 def fmt_eval(result: dict) -> str:

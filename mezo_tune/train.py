@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from .recipe import Recipe, recipe_to_toml
+from .recipe import OutputConfig, Recipe, recipe_to_toml
 from .run import (TRAJECTORY, Metrics, Run, RunError, build_header, build_run, check_base, check_same_data, fmt_eval,
                   prepare_dir)
 
-FLUSH_EVERY = 16
+FLUSH_EVERY = OutputConfig.model_fields["flush_every"].default  # steps per trajectory block unless the recipe says
 
 
 def save_checkpoint(out: Path, run: Run, step: int) -> None:
@@ -78,18 +78,27 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
     from dataclasses import asdict
 
+    import torch
     from tqdm.auto import tqdm
 
     from . import models
     from .data import batch_indices
     from .mezo import learning_rate
     from .replay import apply_records
-    from .trajectory import StepRecord, TrajectoryWriter, best_eval
+    from .trajectory import StepRecord, TrajectoryError, TrajectoryWriter, best_eval
 
     r = recipe
     out = Path(r.output.dir)
     prepare_dir(out, resume, overwrite)
+    if loaded is None and models.resolve_device(r.model.device) == "cpu":
+        from .estimate import startup_memory_warning
+
+        warning = startup_memory_warning(r)
+        if warning:
+            log(warning)
     run = build_run(r, progress, loaded)
+    if next(run.model.parameters()).device.type == "cpu":
+        models.keep_freed_memory()  # no page faults per step (models.py)
     header = build_header(run)
     traj_path = out / TRAJECTORY
     summary: dict = {"output_dir": str(out), "trajectory": str(traj_path)}
@@ -106,7 +115,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     evals: list[dict] = []
     recorded: list[dict] = []  # records of the first step that a resumed trajectory already holds
     if resume:
-        writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=FLUSH_EVERY)
+        writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
+                                                             flush_seconds=r.output.flush_seconds)
         check_resumable(data.header, header)
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
@@ -131,7 +141,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         keyframes_done = set(data.keyframes)
     else:
         (out / "recipe.toml").write_text(recipe_to_toml(r))
-        writer = TrajectoryWriter.create(traj_path, header, flush_every=FLUSH_EVERY)
+        writer = TrajectoryWriter.create(traj_path, header, flush_every=r.output.flush_every,
+                                         flush_seconds=r.output.flush_seconds)
         writer.append_keyframe(-1, bytes.fromhex(header["initial_digest"]))
         start = 0
         keyframes_done = {-1}
@@ -164,7 +175,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             t0 = time.perf_counter()
             rows = [run.train_rows[i] for i in batch_indices(n, r.mezo.batch_size, r.mezo.seed, t)]
             eta = learning_rate(t, r.mezo.lr, r.mezo.steps, r.mezo.schedule, r.mezo.min_lr, r.mezo.warmup_steps)
-            new = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows), K, recorded)
+            try:
+                new = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows), K, recorded)
+            except torch.cuda.OutOfMemoryError:
+                from .estimate import cuda_oom_message
+
+                raise RunError(cuda_oom_message(r, t, str(next(run.model.parameters()).device), traj_path)) from None
             recs, recorded = recorded + new, []
             for rec in new:
                 writer.append_step(StepRecord(**rec))
@@ -211,7 +227,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         writer.finish(n_records, final_digest)
     finally:
         bar.close()
-        writer.close()
+        stopping = sys.exc_info()[1]
+        try:
+            writer.close()  # the pending steps: on a full disk this may fail too
+        except TrajectoryError as exc:
+            if stopping is None:
+                raise
+            log(f"error: {exc}")  # and the error that stopped the run follows
         metrics.close()
     summary.update(steps=stopped, records=n_records, digest=final_digest.hex())
     if stopped < r.mezo.steps:

@@ -38,9 +38,17 @@ Block types:
     b"E" end       payload := UTF-8 JSON {"digest": hex, "steps": N}, written once when training completes;
                    nothing may follow it.
 
-Block boundaries are a function of the step numbers only: the writer closes an S block after a step s with
-(s + 1) % flush_every == 0, before a keyframe or an eval, and on close/finish. So a run resumed from its last intact block
-writes the same bytes an uninterrupted run writes.
+Block boundaries: the writer closes an S block after a step s with (s + 1) % flush_every == 0, before a keyframe or
+an eval, on close/finish, and (only with flush_seconds > 0) after the first step appended flush_seconds or more after
+the last flush. Decision (issue #13): a kill loses at most min(flush_every steps, flush_seconds of
+steps) rather than a whole block of slow steps, at the price of byte-identity of the FILE: with the time-based flush
+the boundaries also depend on the clock, so a resumed run may cut its S blocks elsewhere than an uninterrupted one.
+What a trajectory means does not change: the records (every g, eta, loss and flag), keyframes, evals, the end block
+and the weights rebuilt from it are identical either way, and after any block the step-numbered boundaries line up
+again. With flush_seconds = 0 boundaries are a function of the step numbers only, so a run resumed from its last
+intact block writes the same bytes an uninterrupted run writes. A time-based flush costs one extra block (~35 bytes
+of framing and zlib overhead, one write + fsync) per flush_seconds at most: at the 30 s default that is < 5 KB an
+hour, and it only fires when flush_every steps take longer than flush_seconds.
 
 Size (measured, see tests/test_trajectory.py::test_bytes_per_step_at_most_16): g ~ N(0, 1e-2), losses in
 [2, 3), constant eta, a keyframe every 100 steps: 15.1 bytes/step over 200 steps and 14.3 over 20k steps with
@@ -55,6 +63,7 @@ import json
 import math
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -360,12 +369,18 @@ def _concat(columns: list[dict]) -> dict:
 class TrajectoryWriter:
     """Appends steps, keyframes and the end block to a trajectory. Use create() or open_for_resume()."""
 
-    def __init__(self, path: str, fd: int, intact_bytes: int, next_step: int, flush_every: int):
+    def __init__(self, path: str, fd: int, intact_bytes: int, next_step: int, flush_every: int,
+                 flush_seconds: float = 0.0):
         if not 1 <= flush_every <= MAX_STEPS_PER_BLOCK:
             raise TrajectoryError(f"{path}: flush_every must be between 1 and {MAX_STEPS_PER_BLOCK}, "
                                   f"got {flush_every}.")
+        if not (flush_seconds >= 0 and math.isfinite(flush_seconds)):
+            raise TrajectoryError(f"{path}: flush_seconds must be a finite number >= 0 (0: no time-based flush), "
+                                  f"got {flush_seconds}.")
         self.path = path
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds  # 0: block boundaries by step number only (see the module docstring)
+        self._last_flush = time.monotonic()
         self._fd: int | None = fd
         self._intact = intact_bytes  # file length up to the last block known to be on disk
         self._next_step = next_step
@@ -376,7 +391,7 @@ class TrajectoryWriter:
     # -- construction
 
     @classmethod
-    def create(cls, path, header: dict, flush_every: int = 16) -> "TrajectoryWriter":
+    def create(cls, path, header: dict, flush_every: int = 16, flush_seconds: float = 0.0) -> "TrajectoryWriter":
         """Start a new trajectory; never overwrites. The header gains "format_version" and is fsynced."""
         path = os.fspath(path)
         data = _encode_header(header, path)
@@ -389,7 +404,7 @@ class TrajectoryWriter:
             ) from None
         except OSError as exc:
             raise TrajectoryError(f"{path}: cannot create the trajectory ({exc.strerror or exc}).") from None
-        writer = cls(path, fd, 0, 0, flush_every)
+        writer = cls(path, fd, 0, 0, flush_every, flush_seconds)
         try:
             writer._write_durably(data)
         except TrajectoryError:
@@ -400,7 +415,8 @@ class TrajectoryWriter:
         return writer
 
     @classmethod
-    def open_for_resume(cls, path, flush_every: int = 16) -> tuple["TrajectoryWriter", TrajectoryData]:
+    def open_for_resume(cls, path, flush_every: int = 16,
+                        flush_seconds: float = 0.0) -> tuple["TrajectoryWriter", TrajectoryData]:
         """Cut a torn/corrupt tail (reported in data.problem) and return a writer at data.intact_bytes.
 
         The caller continues at writer.next_step == len(data.steps). A crash can land between a keyframe's
@@ -423,7 +439,7 @@ class TrajectoryWriter:
             os.lseek(fd, data.intact_bytes, os.SEEK_SET)
         except OSError as exc:
             raise TrajectoryError(f"{path}: cannot open the trajectory to resume ({exc.strerror or exc}).") from None
-        return cls(path, fd, data.intact_bytes, len(data.steps), flush_every), data
+        return cls(path, fd, data.intact_bytes, len(data.steps), flush_every, flush_seconds), data
 
     # -- appending
 
@@ -449,7 +465,8 @@ class TrajectoryWriter:
         )
         self._pending.append(rec)
         self._next_step += 1
-        if self._next_step % self.flush_every == 0:
+        if self._next_step % self.flush_every == 0 or (
+                self.flush_seconds and time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
 
     def append_keyframe(self, step: int, digest: bytes) -> None:
@@ -480,12 +497,13 @@ class TrajectoryWriter:
         self._write_durably(_encode_block(_TYPE_EVAL, payload))
 
     def flush(self) -> None:
+        """Write the pending steps as one S block (write + fsync). Everything recorded is then on disk, so the
+        flush_seconds clock restarts here even when nothing was pending (a block boundary or an eval)."""
         self._check_open()
-        if not self._pending:
-            return
-        block = _encode_steps(self._pending)
-        self._write_durably(block, steps_after=self._pending[-1].step + 1)
-        self._pending = []
+        if self._pending:
+            self._write_durably(_encode_steps(self._pending), steps_after=self._pending[-1].step + 1)
+            self._pending = []
+        self._last_flush = time.monotonic()
 
     def finish(self, steps: int, digest: bytes) -> None:
         self._check_open()

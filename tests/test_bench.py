@@ -89,10 +89,13 @@ def test_sweep_chart_and_table_over_several_points(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_keep_freed_memory_reuses_freed_pages(tiny_model_dirs):
-    """After models.keep_freed_memory() (which models.load calls for a CPU model: train, eval, replay) a large block
-    freed and allocated again lands on pages already mapped: no page faults, where glibc's default (a fresh mmap for
-    every large allocation) faults on each of its pages again."""
+def test_keep_freed_memory_reuses_freed_pages(tiny_model_dirs, lm_files, tmp_path):
+    """After models.keep_freed_memory() (which train calls once a CPU model is loaded, as bench's children do) a large
+    block freed and allocated again lands on pages already mapped: no page faults, where glibc's default (a fresh mmap
+    for every large allocation) faults on each of its pages again. models.load alone (eval, replay) keeps the
+    default."""
+    from test_train import write_recipe
+
     code = """if True:
         import ctypes, resource, sys, types
         from mezo_tune import models
@@ -100,6 +103,10 @@ def test_keep_freed_memory_reuses_freed_pages(tiny_model_dirs):
             assert models.keep_freed_memory()
         elif sys.argv[1] == "load":
             models.load(types.SimpleNamespace(path=sys.argv[2], dtype="float32", device="cpu"), progress=False)
+        elif sys.argv[1] == "train":
+            from mezo_tune.recipe import load_recipe
+            from mezo_tune.train import train
+            train(load_recipe(sys.argv[3]), progress=False, log=lambda msg: None)
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc.restype = ctypes.c_void_p
         def touched(n):
@@ -112,7 +119,10 @@ def test_keep_freed_memory_reuses_freed_pages(tiny_model_dirs):
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """
     model_dir = str(tiny_model_dirs("llama"))
-    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode, model_dir], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("default", "keep", "load")}
-    assert faults["keep"] == faults["load"] == 0
+    recipe = write_recipe(tmp_path / "r.toml", model_dir, lm_files[0], out=tmp_path / "run", steps=2, save_final=False)
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode, model_dir, str(recipe)], capture_output=True,
+                                       text=True, check=True).stdout.split()[-1])
+              for mode in ("default", "keep", "load", "train")}
+    assert faults["keep"] == faults["train"] == 0
     assert faults["default"] > 0  # 16385 with 4 KiB pages; fewer where the kernel hands out huge pages
+    assert faults["load"] > 0

@@ -96,6 +96,8 @@ def test_minimal_lm_recipe_fills_defaults():
             "min_lr": 0.0,
             "warmup_steps": 0,
             "directions": 1,
+            "momentum": 0.0,
+            "momentum_window": 10,
             "keyframe_every": 100,
             "compile": "auto",
             "max_consecutive_skips": 10,
@@ -109,6 +111,8 @@ def test_minimal_lm_recipe_fills_defaults():
             "keep": "last",
             "select": "auto",
             "patience": 0,
+            "flush_every": 16,
+            "flush_seconds": 30.0,
         },
     }
 
@@ -268,8 +272,8 @@ def test_unknown_key_with_suggestion():
 
 
 def test_unknown_key_without_suggestion():
-    text = MINIMAL_LM.replace("lr = 1e-6", "lr = 1e-6\nmomentum = 0.9")
-    assert problems_of(text) == one_problem("mezo.momentum: unknown key")
+    text = MINIMAL_LM.replace("lr = 1e-6", "lr = 1e-6\nnesterov = true")
+    assert problems_of(text) == one_problem("mezo.nesterov: unknown key")
 
 
 def test_unknown_section():

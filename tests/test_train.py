@@ -425,6 +425,51 @@ def small_run(lm_recipe, tmp_path):
     return recipe, tmp_path / "runs/x/trajectory.mezo"
 
 
+def step_blocks(path) -> list[tuple[int, int]]:
+    """(first step, count) of every steps block of an intact trajectory."""
+    buf = Path(path).read_bytes()
+    return [struct.unpack_from("<QI", buf, pos + 7) for pos, btype, _ in blocks(path) if btype == ord("S")]
+
+
+def test_flush_every_and_flush_seconds_set_the_step_blocks(lm_recipe, tmp_path):
+    """output.flush_every cuts a steps block every N steps (and before each keyframe); output.flush_seconds cuts one
+    after the first step that ends that long after the last block, whichever comes first. Only the block boundaries
+    differ: records, keyframes, end block and final weights are the same as with the defaults."""
+    train_cli(lm_recipe("a.toml", out="runs/default", steps=12, keyframe_every=8))
+    train_cli(lm_recipe("b.toml", out="runs/every5", steps=12, keyframe_every=8, flush_every=5, flush_seconds=0.0))
+    train_cli(lm_recipe("c.toml", out="runs/seconds", steps=12, keyframe_every=8, flush_seconds=1e-9))
+    runs = tmp_path / "runs"
+    assert step_blocks(runs / "default/trajectory.mezo") == [(0, 8), (8, 4)]
+    assert step_blocks(runs / "every5/trajectory.mezo") == [(0, 5), (5, 3), (8, 2), (10, 2)]
+    assert step_blocks(runs / "seconds/trajectory.mezo") == [(t, 1) for t in range(12)]
+    ref = read_trajectory(runs / "default/trajectory.mezo")
+    for name in ("every5", "seconds"):
+        data = read_trajectory(runs / name / "trajectory.mezo")
+        assert step_columns(runs / name / "trajectory.mezo") == step_columns(runs / "default/trajectory.mezo")
+        assert (data.keyframes, data.end, data.problem) == (ref.keyframes, ref.end, None)
+        assert_same_weights(runs / name / "final/model.safetensors", runs / "default/final/model.safetensors")
+
+
+def test_a_time_flushed_run_resumes_to_the_same_records_and_weights(lm_recipe, tmp_path):
+    """A resumed run whose first part was cut into blocks by output.flush_seconds ends with the records, keyframes
+    and weights of an uninterrupted run with the defaults; the resumed part's blocks line up with flush_every."""
+    train_cli(lm_recipe("ref.toml", out="runs/ref", steps=12, keyframe_every=4))
+    part = lm_recipe("part.toml", out="runs/x", steps=12, keyframe_every=4, flush_seconds=1e-9)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    train_cli(part)
+    with open(traj, "r+b") as f:  # keep keyframe -1, eval -1, steps 0-3, keyframe 3, step 4; drop the rest
+        f.truncate(blocks(traj)[8][0])
+    assert step_blocks(traj) == [(t, 1) for t in range(5)]
+    resumed = lm_recipe("resume.toml", out="runs/x", steps=12, keyframe_every=4, flush_seconds=0.0)
+    train_cli(resumed, "--resume")
+    assert step_blocks(traj) == [(t, 1) for t in range(5)] + [(5, 3), (8, 4)]
+    ref = read_trajectory(tmp_path / "runs/ref/trajectory.mezo")
+    data = read_trajectory(traj)
+    assert step_columns(traj) == step_columns(tmp_path / "runs/ref/trajectory.mezo")
+    assert (data.keyframes, data.end, data.problem) == (ref.keyframes, ref.end, None)
+    assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "runs/ref/final/model.safetensors")
+
+
 def test_flipped_byte_in_a_step_block_is_reported_by_inspect(small_run, tmp_path):
     _, traj = small_run
     bad = tmp_path / "bad.mezo"
