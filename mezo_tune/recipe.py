@@ -242,15 +242,17 @@ def _mezo_problems(lr: float, min_lr: float) -> list[tuple[str, str]]:
     return []
 
 
-def _warmup_problems(warmup_steps: int, steps: int, momentum: float = 0.0, window: int = 1,
-                     directions: int = 1) -> list[tuple[str, str]]:
-    found = []
+def _warmup_problems(warmup_steps: int, steps: int) -> list[tuple[str, str]]:
     if warmup_steps >= steps:
-        found.append(("warmup_steps", f"must be < steps (got warmup_steps = {warmup_steps}, steps = {steps})"))
+        return [("warmup_steps", f"must be < steps (got warmup_steps = {warmup_steps}, steps = {steps})")]
+    return []
+
+
+def _momentum_problems(momentum: float, window: int, steps: int, directions: int) -> list[tuple[str, str]]:
     if momentum and window > steps * directions:
-        found.append(("momentum_window", f"must not be longer than the run (got momentum_window = {window}, "
-                                         f"steps × directions = {steps * directions})"))
-    return found
+        return [("momentum_window", f"must not be longer than the run (got momentum_window = {window}, "
+                                    f"steps × directions = {steps * directions})")]
+    return []
 
 
 class MezoConfig(_Section):
@@ -274,9 +276,8 @@ class MezoConfig(_Section):
     @model_validator(mode="after")
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:
         if not _from_loader(info):
-            _raise_problems(_mezo_problems(self.lr, self.min_lr)
-                            + _warmup_problems(self.warmup_steps, self.steps, self.momentum, self.momentum_window,
-                                               self.directions))
+            _raise_problems(_mezo_problems(self.lr, self.min_lr) + _warmup_problems(self.warmup_steps, self.steps)
+                            + _momentum_problems(self.momentum, self.momentum_window, self.steps, self.directions))
         return self
 
 
@@ -689,9 +690,11 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     lr, min_lr = good("mezo", "lr"), good("mezo", "min_lr")
     if _MISSING_VALUE not in (lr, min_lr):
         found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
-    schedule_keys = [good("mezo", k) for k in ("warmup_steps", "steps", "momentum", "momentum_window", "directions")]
-    if _MISSING_VALUE not in schedule_keys:
-        found += [("mezo", k, t) for k, t in _warmup_problems(*schedule_keys)]
+    for check, keys in ((_warmup_problems, ("warmup_steps", "steps")),
+                        (_momentum_problems, ("momentum", "momentum_window", "steps", "directions"))):
+        values = [good("mezo", k) for k in keys]
+        if _MISSING_VALUE not in values:
+            found += [("mezo", k, t) for k, t in check(*values)]
 
     quantization, adapter_type = good("model", "quantization"), good("adapter", "type")
     if _MISSING_VALUE not in (quantization, adapter_type):
