@@ -401,7 +401,8 @@ class Mezo:
         record), g and η/directions, so replay applies records one by one and knows nothing of K. `recorded`: records
         of this step already in the trajectory (a resume that stopped inside the step); their forwards are not redone.
         Returns the records to append (a record is skipped when a loss or its scale c is not finite)."""
-        records = list(recorded or [])
+        recorded = recorded or []
+        records = list(recorded)
         eta_k = float(np.float32(eta / directions))
         for r in range(step * directions + len(records), (step + 1) * directions):
             lp, lm = self.loss_pair(r, loss_fn)
@@ -410,7 +411,7 @@ class Mezo:
             records.append({"step": r, "g": g, "eta": eta_k, "loss_plus": lp, "loss_minus": lm, "skipped": skipped})
         for rec in records:
             self.apply_record(rec)
-        return records[len(recorded or []):]
+        return records[len(recorded):]
 
     def apply_record(self, rec) -> None:
         """The update one trajectory record stands for, by the run's update rule (train, resume and replay all apply
@@ -419,12 +420,7 @@ class Mezo:
         self._window.append((step, g, skipped))
         if skipped:
             return
-        if not self.rule.beta:
-            c = applied_scale(eta, g)
-            if c is not None:
-                self.apply_update(step, c)
-            return
-        for past_step, past_g, past_skipped in self._window:  # oldest first
+        for past_step, past_g, past_skipped in self._window:  # oldest first; SGD: the window is this record, w_0 = 1
             c = applied_scale(float(np.float32(eta * self.rule.weights[step - past_step])), past_g, past_skipped)
             if c is not None:
                 self.apply_update(past_step, c)

@@ -100,7 +100,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     """Load the base model named in the trajectory (or `base`), check it, and apply the recorded steps (the first
     `steps` of them, or with best those up to the dev-best eval)."""
     from . import models
-    from .mezo import Mezo, trainable_set, weights_digest
+    from .mezo import Mezo, UpdateRule, trainable_set, weights_digest
     from .recipe import parse_recipe
     from .run import check_base, check_recorded_data, use_compile
     from .trajectory import read_trajectory
@@ -109,8 +109,6 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     header = data.header
     if data.problem:
         log(f"warning: {trajectory_path}: {data.problem}; replaying the {len(data.steps)} intact steps")
-    from .mezo import UpdateRule
-
     try:
         rule = UpdateRule.from_header(header.get("update_rule"))
     except ValueError as e:

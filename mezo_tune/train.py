@@ -107,6 +107,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     metric = select["metric"]
 
     def last_record(t: int) -> int:
+        """The record that ends step t (-1 for t = -1: before any step)."""
         return (t + 1) * K - 1
 
     def eval_due(t: int) -> bool:
@@ -154,14 +155,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if run.eval_rows is None:
             return
         result = run.task.evaluate(run.model, run.eval_rows, batch_size=r.mezo.batch_size, progress=progress)
-        step = -1 if t < 0 else last_record(t)
+        step = last_record(t)
         writer.append_eval(step, result)
         evals.append({"step": step, **result})
         metrics.write(step=step, eval=result)
         log(f"eval {label}: {fmt_eval(result)}")
 
-    if not recorded and eval_due(start - 1) and not any(e["step"] == (-1 if start == 0 else last_record(start - 1))
-                                                       for e in evals):
+    if not recorded and eval_due(start - 1) and not any(e["step"] == last_record(start - 1) for e in evals):
         evaluate(start - 1, "before training" if start == 0 else f"at step {start}")
     n = len(run.train_rows)
     bar = tqdm(total=r.mezo.steps, initial=start, disable=not progress, desc="mezo", unit="step",
