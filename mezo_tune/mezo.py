@@ -29,6 +29,9 @@ import torch
 
 from . import zrng
 
+ESTIMATORS = ("spsa", "fzoo")
+ADAM_PREFIX = "mezo-tune/adam/"  # checkpoint tensor names of the Adam moments: "mezo-tune/adam/m/<tensor name>"
+
 
 # ---- contract 1: the trainable set -----------------------------------------------------------------------------------
 
@@ -115,6 +118,32 @@ def applied_scale(eta: float, g: float, skipped: bool = False) -> float | None:
     return None if skipped or not math.isfinite(c) else c
 
 
+def normalised_differences(losses: list[float], base: float) -> list[float]:
+    """FZOO's scalars (Dang et al. 2025), one per direction: g_i = fp32((l_i - l_0) / σ), l_i = loss(θ + εz_i),
+    l_0 = loss(θ), σ the sample standard deviation (N - 1 in the denominator) of the N losses l_i.
+
+    The update θ ← θ - (η/N)·Σ_i g_i·z_i is then the paper's θ - η/(N·σ)·Σ_i (l_i - l_0)·u_i: the normaliser is folded
+    into g, so a record holds exactly the fp32 g its update applies and replay needs neither the losses nor σ. σ is
+    computed here once, in fp64, in a fixed order (mean, then the sum of squared deviations, then one correctly
+    rounded sqrt), from the losses as fp32 values: the same bits wherever train runs. Folding σ into g rather than η
+    keeps η the schedule's η/N, so the momentum and Adam rules read normalised estimates with the lr they expect.
+
+    All NaN (the step is skipped) when a loss is not finite; all 0 when σ = 0 (every direction scored the same: there
+    is nothing to normalise by, and nothing to learn from this batch)."""
+    ls = [float(np.float32(loss)) for loss in losses]
+    l0 = float(np.float32(base))
+    if len(ls) < 2:
+        raise ValueError(f"the spread of the losses needs at least 2 directions (got {len(ls)})")
+    if not all(math.isfinite(x) for x in (*ls, l0)):
+        return [float("nan")] * len(ls)
+    mean = sum(ls) / len(ls)
+    sigma = math.sqrt(sum((x - mean) * (x - mean) for x in ls) / (len(ls) - 1))
+    if sigma == 0.0:
+        return [0.0] * len(ls)
+    with np.errstate(over="ignore"):
+        return [float(np.float32((x - l0) / sigma)) for x in ls]
+
+
 def learning_rate(step: int, lr: float, steps: int, schedule: str = "constant", min_lr: float = 0.0,
                   warmup_steps: int = 0) -> float:
     """η_t as an fp32 value. A linear warmup from lr/warmup_steps to lr over the first warmup_steps steps, then:
@@ -150,13 +179,16 @@ class UpdateRule:
     window: int = 1
 
     @classmethod
-    def from_header(cls, entry: dict | None) -> "UpdateRule":
+    def from_header(cls, entry: dict | None) -> "UpdateRule | AdamRule":
+        """The rule a trajectory header names (sgd when it names none: trajectories from before update rules)."""
         entry = entry or {"name": "sgd"}
         if entry.get("name") == "sgd":
             return cls()
         if entry.get("name") == "momentum" and entry.get("version") == 1:
             return cls(entry["beta"], entry["window"])
-        raise ValueError(f"update rule {entry!r}: this mezo-tune knows sgd and momentum v1")
+        if entry.get("name") == "adam" and entry.get("version") == AdamRule.VERSION:
+            return AdamRule(entry["beta1"], entry["beta2"], entry["eps"])
+        raise ValueError(f"update rule {entry!r}: this mezo-tune knows sgd, momentum v1 and adam v1")
 
     def header(self) -> dict:
         if not self.beta:
@@ -175,6 +207,85 @@ class UpdateRule:
         return tuple(float(np.float32(p / total)) for p in powers)
 
 
+@dataclass(frozen=True)
+class AdamRule:
+    """The stored-moment update rule (update rule `adam` v1), for runs that can afford two fp32 tensors the size of the
+    trainable set. Record r with scalar g_r and direction z_r (every non-skipped record is one Adam step, t = 1, 2, ..):
+
+        e = g_r·z_r
+        m ← β1·m + (1-β1)·e          v ← β2·v + (1-β2)·e²
+        θ ← R(θ - η_r·m̂ / (√v̂ + δ)),  m̂ = m / (1-β1^t),  v̂ = v / (1-β2^t)
+
+    Every operation is one eager fp32 torch op, so one IEEE rounding each (`adam_update` fixes their order; no FMA can
+    form between separate eager kernels; sqrt and division are correctly rounded on CPU and CUDA), and β^t is a running
+    fp64 product (no pow). The state (m, v, t) is rebuilt by running the rule over the records from the start (replay
+    needs the memory too) and is saved in checkpoints so that a resume continues it exactly."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    VERSION = 1
+    window = 1  # records a resume must remember: the rule's state comes from the checkpoint, not from records
+
+    def header(self) -> dict:
+        return {"name": "adam", "version": self.VERSION, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                "state": "rebuilt from the records (m, v: fp32 per trainable element; saved in checkpoints)"}
+
+
+@dataclass
+class AdamState:
+    """AdamRule's state: the moments m, v (fp32, shaped like the trainable tensors), the count t of records applied,
+    and the running products β1^t, β2^t (fp64)."""
+
+    m: list[torch.Tensor]
+    v: list[torch.Tensor]
+    count: int = 0
+    beta1_power: float = 1.0
+    beta2_power: float = 1.0
+
+    @classmethod
+    def zeros(cls, params) -> "AdamState":
+        return cls([torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params],
+                   [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params])
+
+    def advance(self, rule: AdamRule) -> tuple[float, float]:
+        """t ← t + 1; the bias corrections (1 - β1^t, 1 - β2^t) as fp32 values."""
+        self.count += 1
+        self.beta1_power *= rule.beta1
+        self.beta2_power *= rule.beta2
+        return float(np.float32(1.0 - self.beta1_power)), float(np.float32(1.0 - self.beta2_power))
+
+
+def adam_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, z: torch.Tensor, g: float, eta: float,
+                rule: AdamRule, corrections: tuple[float, float]) -> None:
+    """One Adam step on a flat chunk, in place: m, v (fp32) and w (any float dtype, rounded to nearest-even).
+
+    The op order is the contract (AdamRule's docstring); each line is separate eager ops on fp32 tensors whose scalar
+    operands are fp32 values, so every result is one correctly rounded IEEE operation on every device. Never add with
+    `alpha=` or use lerp/addcmul: those may fuse a multiply and an add into one rounding on one device and not another.
+    """
+    b1, b2 = float(np.float32(rule.beta1)), float(np.float32(rule.beta2))
+    c1, c2 = float(np.float32(1.0 - rule.beta1)), float(np.float32(1.0 - rule.beta2))
+    estimate = z * float(np.float32(g))
+    squared = estimate * estimate
+    m.mul_(b1)
+    m.add_(estimate.mul_(c1))
+    v.mul_(b2)
+    v.add_(squared.mul_(c2))
+    # Divisors as 0-dim tensors on w's device: CUDA divides by a CPU scalar as a multiply by its reciprocal (two
+    # roundings); by a device tensor it divides, correctly rounded, as the CPU does.
+    bc1, bc2 = (torch.tensor(c, dtype=torch.float32, device=w.device) for c in corrections)
+    denom = (v / bc2).sqrt_()
+    denom.add_(float(np.float32(rule.eps)))
+    step = m / bc1
+    step.div_(denom)
+    step.mul_(float(np.float32(eta)))
+    if w.dtype == torch.float32:
+        w.sub_(step)
+    else:
+        w.copy_((w.to(torch.float32) - step).to(w.dtype))
+
+
 def _is_plain_embedding(module: torch.nn.Module) -> bool:
     """An nn.Embedding itself (not a subclass with its own forward), whose forward reads only the looked-up rows."""
     return type(module) is torch.nn.Embedding and module.max_norm is None
@@ -187,17 +298,24 @@ class Mezo:
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
-                 rule: UpdateRule = UpdateRule(), large_linear: int = 1 << 23):
-        """large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row blocks."""
+                 rule: UpdateRule | AdamRule = UpdateRule(), estimator: str = "spsa", large_linear: int = 1 << 23):
+        """estimator: how `step` scores its directions, "spsa" (two-point) or "fzoo" (one-sided, normalised); replay
+        never needs it. large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row
+        blocks."""
         if distribution not in zrng.DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}")
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"unknown rounding {rounding!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}")
+        if isinstance(rule, AdamRule) and rounding != "nearest":
+            raise ValueError("the adam update rule rounds to nearest only")
         self.model, self.trainable = model, trainable
         self.seed, self.eps, self.distribution, self.rounding = seed, eps, distribution, rounding
         self.use_compile = use_compile
-        self.rule = rule
+        self.rule, self.estimator = rule, estimator
         self._window: deque = deque(maxlen=rule.window)  # the latest records (the momentum rule's only state)
+        self.adam = AdamState.zeros(trainable.params) if isinstance(rule, AdamRule) else None
         self._name_of = {id(p): n for n, p in zip(trainable.names, trainable.params)}
         # Modules that own trainable parameters directly (a tied tensor has two owners). Plain embeddings and large
         # linear layers get a forward of their own inside `perturbed` (see there); the others get swap hooks.
@@ -396,27 +514,54 @@ class Mezo:
                     w.copy_(flat.view_as(w))
 
     def step(self, step: int, eta: float, loss_fn, directions: int = 1, recorded: list | None = None) -> list[dict]:
-        """One optimizer step: `directions` two-point estimates at the same θ (n-SPSA; 1 is the paper's MeZO), then
-        their updates in order. Direction k is trajectory record `step·directions + k`, with its own z (keyed by the
-        record), g and η/directions, so replay applies records one by one and knows nothing of K. `recorded`: records
-        of this step already in the trajectory (a resume that stopped inside the step); their forwards are not redone.
-        Returns the records to append (a record is skipped when a loss or its scale c is not finite)."""
-        recorded = recorded or []
-        records = list(recorded)
+        """One optimizer step: `directions` = K estimates at the same θ, then their updates in order. Direction k is
+        trajectory record `step·K + k`, with its own z (keyed by the record), g and η/K, so replay applies records one
+        by one and knows nothing of K or of the estimator. `recorded`: records of this step already in the trajectory
+        (a resume that stopped inside the step); their forwards are not redone. Returns the records to append (a record
+        is skipped when a loss or its scale c is not finite).
+
+        The run's estimator scores the directions: "spsa" (n-SPSA; K = 1 is the paper's MeZO) two forwards each,
+        g_k = (L+ - L-)/2ε; "fzoo" one forward each at θ + εz_k plus one at θ, g_k from `normalised_differences`."""
+        recorded = list(recorded or [])
         eta_k = float(np.float32(eta / directions))
-        for r in range(step * directions + len(records), (step + 1) * directions):
-            lp, lm = self.loss_pair(r, loss_fn)
-            g = projected_gradient(lp, lm, self.eps)
-            skipped = applied_scale(eta_k, g) is None
-            records.append({"step": r, "g": g, "eta": eta_k, "loss_plus": lp, "loss_minus": lm, "skipped": skipped})
+        first = step * directions
+        if self.estimator == "fzoo":
+            records = self._score_fzoo(first, directions, eta_k, loss_fn, recorded)
+        else:
+            records = recorded + self._score_spsa(first + len(recorded), first + directions, eta_k, loss_fn)
         for rec in records:
             self.apply_record(rec)
         return records[len(recorded):]
+
+    def _score_spsa(self, start: int, stop: int, eta_k: float, loss_fn) -> list[dict]:
+        """Two-point records start .. stop - 1: L± = loss(θ ± εz_r), g = (L+ - L-)/2ε."""
+        records = []
+        for r in range(start, stop):
+            lp, lm = self.loss_pair(r, loss_fn)
+            records.append(_record(r, projected_gradient(lp, lm, self.eps), eta_k, lp, lm))
+        return records
+
+    def _score_fzoo(self, first: int, n: int, eta_k: float, loss_fn, recorded: list[dict]) -> list[dict]:
+        """FZOO's N one-sided records first .. first + N - 1 (loss_plus = l_i = loss(θ + εz_i), loss_minus = l_0 =
+        loss(θ), shared). g depends on all N losses, so a resume inside the step takes the recorded directions' l_i and
+        l_0 from their records and scores only the rest."""
+        with torch.no_grad():
+            base = recorded[0]["loss_minus"] if recorded else float(loss_fn())
+            losses = [rec["loss_plus"] for rec in recorded]
+            for r in range(first + len(recorded), first + n):
+                with self.perturbed(r, +1):
+                    losses.append(float(loss_fn()))
+        gs = normalised_differences(losses, base)
+        return [_record(first + i, g, eta_k, loss, base) for i, (g, loss) in enumerate(zip(gs, losses))]
 
     def apply_record(self, rec) -> None:
         """The update one trajectory record stands for, by the run's update rule (train, resume and replay all apply
         records through this, in order)."""
         step, eta, g, skipped = _fields(rec)
+        if self.adam is not None:
+            if not skipped:
+                self._apply_adam(step, eta, g)
+            return
         self._window.append((step, g, skipped))
         if skipped:
             return
@@ -424,6 +569,48 @@ class Mezo:
             c = applied_scale(float(np.float32(eta * self.rule.weights[step - past_step])), past_g, past_skipped)
             if c is not None:
                 self.apply_update(past_step, c)
+
+    def _apply_adam(self, step: int, eta: float, g: float) -> None:
+        """AdamRule for one record: z_step generated again chunk by chunk (the same keys and kernel as every other z),
+        and `adam_update` on each chunk of weights and moments."""
+        corrections = self.adam.advance(self.rule)
+        z_kernel = zrng.kernel(zrng.z_kernel, self.use_compile)
+        with torch.no_grad():
+            for name, p, m, v in zip(self.trainable.names, self.trainable.params, self.adam.m, self.adam.v):
+                w = p.data
+                flat = w.view(-1) if w.is_contiguous() else w.reshape(-1).clone()
+                z = torch.empty(min(w.numel(), zrng.CHUNK), dtype=torch.float32, device=w.device)
+                for a, b, key in self._chunk_keys(step, name, w.numel(), w.device):
+                    z_kernel(z[: b - a], key, self.distribution)
+                    adam_update(flat[a:b], m.view(-1)[a:b], v.view(-1)[a:b], z[: b - a], g, eta, self.rule,
+                                corrections)
+                if not w.is_contiguous():
+                    w.copy_(flat.view_as(w))
+
+    def rule_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The update rule's state for a checkpoint: (tensors by name, JSON-able scalars); empty for rules without
+        stored state (sgd, momentum: its window is rebuilt from the records)."""
+        if self.adam is None:
+            return {}, {}
+        tensors = {}
+        for name, m, v in zip(self.trainable.names, self.adam.m, self.adam.v):
+            tensors[f"{ADAM_PREFIX}m/{name}"], tensors[f"{ADAM_PREFIX}v/{name}"] = m, v
+        return tensors, {"count": self.adam.count, "beta1_power": self.adam.beta1_power,
+                         "beta2_power": self.adam.beta2_power}
+
+    def load_rule_state(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        """Put back what `rule_state` saved (KeyError when the checkpoint lacks it)."""
+        if self.adam is None:
+            return
+        if not isinstance(scalars, dict):
+            raise KeyError("rule_state")
+        count, powers = scalars["count"], (scalars["beta1_power"], scalars["beta2_power"])
+        saved = [(tensors[f"{ADAM_PREFIX}m/{n}"], tensors[f"{ADAM_PREFIX}v/{n}"]) for n in self.trainable.names]
+        with torch.no_grad():  # nothing is changed before everything was found
+            for (m_saved, v_saved), m, v in zip(saved, self.adam.m, self.adam.v):
+                m.copy_(m_saved)
+                v.copy_(v_saved)
+        self.adam.count, (self.adam.beta1_power, self.adam.beta2_power) = count, powers
 
     def remember(self, records) -> None:
         """Records already applied to the weights (a resume from a checkpoint): the window the rule reads, not
@@ -434,6 +621,12 @@ class Mezo:
 
     def digest(self) -> bytes:
         return weights_digest(self.trainable.params)
+
+
+def _record(r: int, g: float, eta: float, loss_plus: float, loss_minus: float) -> dict:
+    """A trajectory record as `step` returns it; skipped when g (a loss) or c = fp32(η·g) is not finite."""
+    return {"step": r, "g": g, "eta": eta, "loss_plus": loss_plus, "loss_minus": loss_minus,
+            "skipped": applied_scale(eta, g) is None}
 
 
 def _fields(rec) -> tuple[int, float, float, bool]:

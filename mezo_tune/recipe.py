@@ -255,6 +255,21 @@ def _momentum_problems(momentum: float, window: int, steps: int, directions: int
     return []
 
 
+def _optimizer_problems(estimator: str, directions: int, adam: bool, momentum: float,
+                        rounding: str) -> list[tuple[str, str]]:
+    """Estimator and update-rule choices that do not go together (DESIGN.md contract 7)."""
+    found = []
+    if estimator == "fzoo" and directions < 2:
+        found.append(("directions", f"the fzoo estimator divides by the spread of its N losses, which needs "
+                                    f"directions = N >= 2 (got {directions})"))
+    if adam and momentum:
+        found.append(("adam", f"adam keeps its own first moment: set momentum = 0 (got {_show(momentum)}) or "
+                              f"adam = false"))
+    if adam and rounding != "nearest":
+        found.append(("adam", f'adam rounds to nearest: set rounding = "nearest" (got {_show(rounding)}) or adam = false'))
+    return found
+
+
 class MezoConfig(_Section):
     lr: PositiveFloat
     eps: PositiveFloat
@@ -269,6 +284,11 @@ class MezoConfig(_Section):
     directions: PositiveInt = 1
     momentum: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
     momentum_window: PositiveInt = 10
+    estimator: Literal["spsa", "fzoo"] = "spsa"
+    adam: StrictBool = False
+    adam_beta1: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
+    adam_beta2: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.999
+    adam_eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 1e-8
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"
     max_consecutive_skips: NonNegativeInt = 10
@@ -277,7 +297,9 @@ class MezoConfig(_Section):
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:
         if not _from_loader(info):
             _raise_problems(_mezo_problems(self.lr, self.min_lr) + _warmup_problems(self.warmup_steps, self.steps)
-                            + _momentum_problems(self.momentum, self.momentum_window, self.steps, self.directions))
+                            + _momentum_problems(self.momentum, self.momentum_window, self.steps, self.directions)
+                            + _optimizer_problems(self.estimator, self.directions, self.adam, self.momentum,
+                                                  self.rounding))
         return self
 
 
@@ -691,7 +713,8 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     if _MISSING_VALUE not in (lr, min_lr):
         found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
     for check, keys in ((_warmup_problems, ("warmup_steps", "steps")),
-                        (_momentum_problems, ("momentum", "momentum_window", "steps", "directions"))):
+                        (_momentum_problems, ("momentum", "momentum_window", "steps", "directions")),
+                        (_optimizer_problems, ("estimator", "directions", "adam", "momentum", "rounding"))):
         values = [good("mezo", k) for k in keys]
         if _MISSING_VALUE not in values:
             found += [("mezo", k, t) for k, t in check(*values)]

@@ -97,7 +97,7 @@ def make_task(recipe: Recipe, tokenizer):
 def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None) -> Run:
     """loaded: (model, tokenizer, source) of recipe.model already in memory (sweep), used instead of loading it."""
     from . import models
-    from .mezo import Mezo, UpdateRule, trainable_set
+    from .mezo import Mezo, trainable_set
 
     model, tokenizer, source = loaded or models.load(recipe.model, progress)
     base_digests = models.state_digests(model)
@@ -110,8 +110,25 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     engine = Mezo(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
                   distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
                   use_compile=use_compile(recipe.mezo.compile, device),
-                  rule=UpdateRule(recipe.mezo.momentum, recipe.mezo.momentum_window if recipe.mezo.momentum else 1))
+                  rule=update_rule(recipe.mezo), estimator=recipe.mezo.estimator)
     return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
+
+
+def update_rule(mezo_cfg):
+    """The update rule [mezo] chooses: adam, momentum (momentum > 0) or sgd."""
+    from .mezo import AdamRule, UpdateRule
+
+    if mezo_cfg.adam:
+        return AdamRule(mezo_cfg.adam_beta1, mezo_cfg.adam_beta2, mezo_cfg.adam_eps)
+    return UpdateRule(mezo_cfg.momentum, mezo_cfg.momentum_window if mezo_cfg.momentum else 1)
+
+
+def estimator_header(mezo_cfg) -> dict:
+    """How g comes from forwards, as the header names it (replay needs none of it: the records hold every g)."""
+    if mezo_cfg.estimator == "fzoo":
+        return {"name": "fzoo", "version": 1, "directions": mezo_cfg.directions,
+                "g": "(l_i - l_0) / sample std of the N losses l_i, fp64, rounded to fp32", "eta": "lr / N"}
+    return {"name": "spsa", "directions": mezo_cfg.directions}
 
 
 def attach_adapter(model, adapter_cfg, seed: int):
@@ -148,7 +165,7 @@ def build_header(run: Run) -> dict:
         "rounding": r.mezo.rounding,
         "seed": r.mezo.seed,
         "keyframe_every": r.mezo.keyframe_every,
-        "estimator": {"name": "spsa", "directions": r.mezo.directions},
+        "estimator": estimator_header(r.mezo),
         "update_rule": run.engine.rule.header(),
         "select": selection(r.task.type, r.output.select),
         "initial_digest": weights_digest(run.trainable.params).hex(),

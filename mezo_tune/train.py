@@ -27,9 +27,12 @@ def save_checkpoint(out: Path, run: Run, step: int) -> None:
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in zip(run.trainable.names, run.trainable.params)}
+    state, scalars = run.engine.rule_state()  # the update rule's own state (Adam's moments), if it keeps one
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in
+               [*zip(run.trainable.names, run.trainable.params), *state.items()]}
     save_file(tensors, tmp / "trainable.safetensors", metadata={"step": str(step)})
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "digest": run.engine.digest().hex()}))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "digest": run.engine.digest().hex(),
+                                               **({"rule_state": scalars} if scalars else {})}))
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -50,7 +53,8 @@ def load_checkpoint(out: Path, run: Run, last_step: int) -> int:
         if meta["step"] > last_step:
             return -1
         tensors = load_file(ckpt / "trainable.safetensors")
-    except (OSError, ValueError, KeyError):
+        run.engine.load_rule_state(tensors, meta.get("rule_state"))
+    except (OSError, ValueError, KeyError):  # unreadable, or without the rule's state: replay from the base
         return -1
     with torch.no_grad():
         for n, p in zip(run.trainable.names, run.trainable.params):
