@@ -9,6 +9,7 @@ Estimate of MeZO's peak (the forward pass dominates; MeZO adds one module's pert
                                  logits need no copy: 8 bytes)
         activations              batch x seq x (4 x hidden + 2 x intermediate) x bytes(dtype)   (one layer's
                                  transients: residual, normed input, attention output, two MLP intermediates)
+    + adam moments               2 x trainable x 4 bytes (m and v in fp32; only with mezo.adam = true)
 Positions is seq for "lm" and 1 per row for single-token classification. The process's own runtime (the torch and
 transformers libraries, ~0.4 GB resident on CPU) is not included.
 
@@ -103,6 +104,8 @@ def estimate_peak_bytes(model, recipe: Recipe) -> dict:
     }
     if quantized:
         parts["dequantized"] = max(w.numel() for w in quantized) * b  # one layer's weight in the compute dtype
+    if getattr(recipe.mezo, "adam", False):
+        parts["adam_moments"] = 2 * trainable.numel * 4  # m and v, fp32 per trainable element, for the whole run
     peak = sum(parts.values()) - min(parts["logits"], parts["activations"])
     return {"trainable_params": trainable.numel, "trainable_tensors": len(trainable.names), "params": n_params,
             "parts": parts, "peak_bytes": peak}
