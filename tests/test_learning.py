@@ -229,8 +229,8 @@ def test_momentum_weights_sum_to_one_and_are_portable():
     assert rule.weights == tuple(f32(p / total) for p in (1.0, 0.9, 0.9 * 0.9, 0.9 * 0.9 * 0.9))
     assert UpdateRule().weights == (1.0,) and UpdateRule().header() == {"name": "sgd"}
     assert UpdateRule.from_header(rule.header()) == rule
-    with pytest.raises(ValueError, match="this mezo-tune knows sgd and momentum v1"):
-        UpdateRule.from_header({"name": "adam"})
+    with pytest.raises(ValueError, match="this mezo-tune knows sgd, momentum v1 and adam v1"):
+        UpdateRule.from_header({"name": "lion"})
 
 
 def test_momentum_equals_its_formula_on_the_weights():
