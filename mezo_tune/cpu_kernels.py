@@ -37,6 +37,7 @@ from mezo_tune import zrng
 
 SOURCE = r"""
 #include <stdint.h>
+#include <math.h>
 
 /* zrng's generator "mezo-tune/lowbias32x2" v1: h(i) = mix(mix(lo(i) ^ k0) ^ hi(i) ^ k1) on uint32. */
 static inline uint32_t mix(uint32_t x) {
@@ -130,6 +131,26 @@ void update_f32(float *w, int64_t n, const int64_t *key, double c, int dist, int
     BLOCKS(if (dist == 0) update_(w, b, e, key[2], key[0], key[1], c, 0);
         else update_(w, b, e, key[2], key[0], key[1], c, 1))
 }
+
+/* One Adam step (mezo.adam_update), in its order, every operation one fp32 rounding (sqrtf: IEEE, correctly
+   rounded; -fno-math-errno lets it vectorize). k = {g, eta, beta1, beta2, 1 - beta1, 1 - beta2, 1 - beta1^t,
+   1 - beta2^t, eps}, fp32 values; m1, m2 are the moments m, v (STRETCHES uses the name m). */
+static inline void adam_(float *w, float *m1, float *m2, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
+                         uint32_t k1, const float *k, int dist) {
+    float g = k[0], eta = k[1], b1 = k[2], b2 = k[3], c1 = k[4], c2 = k[5], bc1 = k[6], bc2 = k[7], eps = k[8];
+    STRETCHES(
+        float est = z32(bits(lo, hk, k0), dist) * g;
+        float sq = est * est;
+        float mm = m1[s] * b1; mm = mm + est * c1;
+        float vv = m2[s] * b2; vv = vv + sq * c2;
+        float den = sqrtf(vv / bc2) + eps;
+        float step = mm / bc1; step = step / den; step = step * eta;
+        m1[s] = mm; m2[s] = vv; w[s] = w[s] - step)
+}
+void adam_f32(float *w, float *m1, float *m2, int64_t n, const int64_t *key, const float *k, int dist, int threads) {
+    BLOCKS(if (dist == 0) adam_(w, m1, m2, b, e, key[2], key[0], key[1], k, 0);
+        else adam_(w, m1, m2, b, e, key[2], key[0], key[1], k, 1))
+}
 """
 
 _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -139,6 +160,7 @@ _SIGNATURES = {
     "perturb_f32": [_P, _P, _I64, _P, _DBL, _INT, _INT],
     "perturb_rows_f32": [_P, _P, _P, _I64, _P, _DBL, _INT, _INT],
     "update_f32": [_P, _I64, _P, _DBL, _INT, _INT],
+    "adam_f32": [_P, _P, _P, _I64, _P, _P, _INT, _INT],
 }
 # what torch.compile's CPU backend passes for the same capability; -ffp-contract=off is what keeps the bits
 _ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
@@ -176,7 +198,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MEZO_TUNE_CPU_KERNELS", "1") == "0":
         return None
     cc = _compiler()
-    base = ["-O3", "-shared", "-fPIC", "-ffp-contract=off",
+    base = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno",
             *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
     problems = []
     if cc is None:
@@ -205,6 +227,18 @@ def _on_cpu(*tensors: torch.Tensor, dtypes=(torch.float32,)) -> bool:
 
 def _key_ok(key: torch.Tensor) -> bool:
     return key.dtype == torch.int64 and key.is_contiguous() and key.device.type == "cpu"
+
+
+def adam(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, key: torch.Tensor, scalars: torch.Tensor,
+         distribution: str) -> bool:
+    """mezo.adam_update over a whole fp32 tensor with z generated inline (scalars: adam_f32's k, fp32); False, doing
+    nothing, where the C kernels do not cover it (the caller runs the torch ops then)."""
+    lib = library()
+    if lib is None or not (_on_cpu(w, m, v) and _key_ok(key) and _on_cpu(scalars)):
+        return False
+    lib.adam_f32(w.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(), key.data_ptr(), scalars.data_ptr(),
+                 zrng.distribution_code(distribution), torch.get_num_threads())
+    return True
 
 
 def twin(fn, fallback):

@@ -274,6 +274,13 @@ def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(below * below > x64, down, r)
 
 
+def adam_scalars(rule: AdamRule, g: float, eta: float, corrections: tuple[float, float]) -> list[float]:
+    """The fp32 scalars of one Adam step, in the order the C twin takes them (cpu_kernels.adam_f32): g, η, β1, β2,
+    1-β1, 1-β2, the two bias corrections, δ."""
+    values = (g, eta, rule.beta1, rule.beta2, 1.0 - rule.beta1, 1.0 - rule.beta2, *corrections, rule.eps)
+    return [float(np.float32(x)) for x in values]
+
+
 def adam_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, z: torch.Tensor, g: float, eta: float,
                 rule: AdamRule, corrections: tuple[float, float]) -> None:
     """One Adam step on a flat chunk, in place: m, v (fp32) and w (any float dtype, rounded to nearest-even).
@@ -282,9 +289,8 @@ def adam_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, z: torch.Tens
     operands are fp32 values, so every result is one correctly rounded IEEE operation on every device. Never add with
     `alpha=` or use lerp/addcmul: those may fuse a multiply and an add into one rounding on one device and not another.
     """
-    b1, b2 = float(np.float32(rule.beta1)), float(np.float32(rule.beta2))
-    c1, c2 = float(np.float32(1.0 - rule.beta1)), float(np.float32(1.0 - rule.beta2))
-    estimate = z * float(np.float32(g))
+    g, eta, b1, b2, c1, c2, bc1, bc2, eps = adam_scalars(rule, g, eta, corrections)
+    estimate = z * g
     squared = estimate * estimate
     m.mul_(b1)
     m.add_(estimate.mul_(c1))
@@ -292,12 +298,12 @@ def adam_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, z: torch.Tens
     v.add_(squared.mul_(c2))
     # Divisors as 0-dim tensors on w's device: CUDA divides by a CPU scalar as a multiply by its reciprocal (two
     # roundings); by a device tensor it divides, correctly rounded, as the CPU does.
-    bc1, bc2 = (torch.tensor(c, dtype=torch.float32, device=w.device) for c in corrections)
+    bc1, bc2 = (torch.tensor(c, dtype=torch.float32, device=w.device) for c in (bc1, bc2))
     denom = exact_sqrt(v / bc2)
-    denom.add_(float(np.float32(rule.eps)))
+    denom.add_(eps)
     step = m / bc1
     step.div_(denom)
-    step.mul_(float(np.float32(eta)))
+    step.mul_(eta)
     if w.dtype == torch.float32:
         w.sub_(step)
     else:
@@ -590,12 +596,22 @@ class Mezo:
 
     def _apply_adam(self, step: int, eta: float, g: float) -> None:
         """AdamRule for one record: z_step generated again chunk by chunk (the same keys and kernel as every other z),
-        and `adam_update` on each chunk of weights and moments."""
+        and `adam_update` on each chunk of weights and moments; with compiled kernels on CPU, fp32 weights go through
+        its C twin (cpu_kernels.adam_f32: the same bits in one pass, z generated inline by the C generator)."""
         corrections = self.adam.advance(self.rule)
         z_kernel = zrng.kernel(zrng.z_kernel, self.use_compile)
+        scalars = None
         with torch.no_grad():
             for name, p, m, v in zip(self.trainable.names, self.trainable.params, self.adam.m, self.adam.v):
                 w = p.data
+                if self.use_compile and w.device.type == "cpu":  # the C twin, one pass with z inline, if it covers w
+                    from . import cpu_kernels
+
+                    if scalars is None:
+                        scalars = torch.tensor(adam_scalars(self.rule, g, eta, corrections), dtype=torch.float32)
+                    key = zrng.key_tensor(*zrng.stream_key(self.seed, step, name))
+                    if cpu_kernels.adam(w, m, v, key, scalars, self.distribution):
+                        continue
                 flat = w.view(-1) if w.is_contiguous() else w.reshape(-1).clone()
                 z = torch.empty(min(w.numel(), zrng.CHUNK), dtype=torch.float32, device=w.device)
                 for a, b, key in self._chunk_keys(step, name, w.numel(), w.device):
