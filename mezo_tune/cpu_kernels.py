@@ -11,7 +11,8 @@ What keeps the bits equal to eager torch:
   - every float operation is one IEEE operation in zrng's order and precision, compiled with -ffp-contract=off (no
     multiply-add contraction: `w + eps * z` rounds the product, then the sum, as eager torch does) and without any
     fast-math flag; conversions double -> float round to nearest even, as torch's do.
-Covered: contiguous fp32 weights and outputs (z_kernel also fills fp64), both distributions. Anything else (fp16 /
+Covered: contiguous fp32 weights and outputs (z_kernel also fills fp64), both distributions; also one Adam step
+(`adam`, the twin of mezo.adam_update with z generated inline; sqrtf is IEEE, so -fno-math-errno only lets it vectorize). Anything else (fp16 /
 bf16 storage, stochastic rounding, strided tensors) goes to the torch kernel the dispatcher would otherwise run.
 
 The library is built on first use with the system C compiler (`CC`, else gcc / cc / clang: the toolchain

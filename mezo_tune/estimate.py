@@ -204,7 +204,8 @@ def available_memory_bytes() -> int | None:
 
 def variants(recipe: Recipe, cuda: bool) -> list[tuple[str, int]]:
     """(change, estimated peak bytes) of the configurations nearest to the recipe that need less memory, nearest first:
-    mezo.batch_size halved down to 1, a LoRA adapter (if none), and on CUDA a 4bit base with LoRA (if unquantized).
+    mezo.batch_size halved down to 1, the update rule without Adam's moments (if adam), a LoRA adapter (if none), and on
+    CUDA a 4bit base with LoRA (if unquantized).
     Empty where the model cannot be built on the meta device (not converted yet)."""
     from .recipe import AdapterConfig
 
@@ -217,6 +218,9 @@ def variants(recipe: Recipe, cuda: bool) -> list[tuple[str, int]]:
         smaller = recipe.model_copy(update={"mezo": recipe.mezo.model_copy(update={"batch_size": bs})})
         found.append((f"mezo.batch_size = {bs}", estimate_peak_bytes(model, smaller)["peak_bytes"]))
         bs //= 2
+    if getattr(recipe.mezo, "adam", False):
+        plain = recipe.model_copy(update={"mezo": recipe.mezo.model_copy(update={"adam": False})})
+        found.append(("mezo.adam = false", estimate_peak_bytes(model, plain)["peak_bytes"]))
     lora = AdapterConfig(type="lora")
     if recipe.adapter.type == "none":
         with_lora = recipe.model_copy(update={"adapter": lora})

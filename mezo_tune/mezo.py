@@ -8,6 +8,11 @@ One step on a batch B (Malladi et al. 2023, Algorithm 1), with z = Z(seed, t, na
 
 This module is shared by `train` and `replay`: replay is the same `apply_update` fed with recorded (η, g).
 
+Beyond the paper (DESIGN.md contract 7), each replayable from the records alone: n-SPSA (K directions per step) and
+the FZOO-style one-sided step normalised by the spread of its losses (`normalised_differences`) are estimators, they
+only decide the records' g; momentum rebuilt from the seeds (`UpdateRule`) and the stored-moment Adam rule
+(`AdamRule`, `adam_update`) are update rules, they decide what a record does to the weights (`Mezo.apply_record`).
+
 Contract 3: the stored weights are never written by a perturbed forward. Just before a module that owns trainable
 weights runs, a hook forms θ ± εz into a scratch buffer and points the parameter at it; right after, the parameter
 points back at the untouched original. Nothing is perturbed in place and "subtracted back" (in fp16/bf16 that does
@@ -259,8 +264,9 @@ class AdamState:
 def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
     """The correctly rounded fp32 square root of an fp32 tensor, on every device.
 
-    torch.sqrt is not that on CPU: its vectorised kernel (MKL's vsSqrt in torch 2.13, AVX-512) is 1 ulp off on ~18% of
-    fp32 inputs (measured against numpy, tests/test_rules.py). So: r = fp32(sqrt in fp64), within one fp32 ulp of the
+    torch.sqrt is not that on CPU: its vectorised fp32 kernel (torch 2.13, AVX-512; torch.pow(x, 0.5) too) is 1 ulp
+    off on ~17% of fp32 inputs, measured against numpy's IEEE sqrt (tests/test_rules.py checks exact_sqrt the same
+    way). So: r = fp32(sqrt in fp64), within one fp32 ulp of the
     true root whatever library computed it, then corrected exactly: the midpoints between r and its fp32 neighbours
     have at most 25 significant bits, so their squares are exact in fp64 and comparing them with x decides the right
     neighbour. A square root of an fp32 value is never exactly such a midpoint, so there are no ties."""

@@ -252,6 +252,10 @@ def test_dry_run_shows_the_adam_moments(tmp_path, tiny_model_dirs):
     assert "adam_moments" not in plain_est["parts"] and est["peak_bytes"] - plain_est["peak_bytes"] == 8 * n
     out = cli("train", path, "--dry-run").output
     assert f"  adam_moments    {8 * n / (1 << 30):7.3f} GiB" in out
+    # the memory advice (a CPU start-up warning, a CUDA out-of-memory error) names dropping the moments
+    from mezo_tune.estimate import variants
+
+    assert ("mezo.adam = false", plain_est["peak_bytes"]) in variants(recipe, cuda=False)
 
 
 # ---- recipe checks -------------------------------------------------------------------------------------------------
