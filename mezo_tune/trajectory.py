@@ -668,6 +668,20 @@ def _fmt_adapter(adapter: dict) -> str:
     return f"{adapter.get('type')} adapter{' ' + detail if detail else ''}, init {adapter.get('init')}"
 
 
+def _optimizer_line(h: dict) -> list[str]:
+    """The estimator and update rule the header names, as one line; none for the paper's MeZO (spsa with one
+    direction, sgd), which every trajectory without these entries is."""
+    parts = []
+    for entry in (h.get("estimator"), h.get("update_rule")):
+        if not isinstance(entry, dict) or entry in ({"name": "spsa", "directions": 1}, {"name": "sgd"}):
+            continue
+        params = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("name", "version")
+                           and isinstance(v, (int, float)))
+        parts.append(f"{entry.get('name')}" + (f" v{entry['version']}" if "version" in entry else "")
+                     + (f" ({params})" if params else ""))
+    return [f"optimizer   {'; '.join(parts)}"] if parts else []
+
+
 def format_summary(data: TrajectoryData) -> str:
     """The text `mezo-tune inspect` prints. Header keys that a run did not record show as '?'."""
     s = summarize(data)
@@ -699,6 +713,7 @@ def format_summary(data: TrajectoryData) -> str:
         + (f" ({_fmt_adapter(h['adapter'])})" if isinstance(h.get("adapter"), dict) else ""),
         f"seed        {_fmt(h.get('seed'))}   eps {_fmt(h.get('eps'))}   "
         f"z {_fmt(zgen)}   rounding {_fmt(h.get('rounding'))}",
+        *_optimizer_line(h),
         f"steps       {s['n_steps']} recorded, {s['n_skipped']} skipped"
         + (f" (steps {', '.join(map(str, s['skipped_steps'][:10]))}"
            f"{', …' if s['n_skipped'] > 10 else ''})" if s["n_skipped"] else "")

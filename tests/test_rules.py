@@ -236,6 +236,9 @@ def test_adam_with_fzoo_and_a_checkpoint_mid_run_replays_bit_equal(tmp_path, tin
     traj = tmp_path / "runs/x/trajectory.mezo"
     cli("replay", traj, "--out", tmp_path / "rep", "--verify", "-q")
     assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
+    # inspect names both (a plain MeZO run shows no optimizer line: tests/test_cli.py)
+    assert ("\noptimizer   fzoo v1 (directions 3); adam v1 (beta1 0.9, beta2 0.999, eps 1e-08)\n"
+            in cli("inspect", traj).output)
 
 
 def test_dry_run_shows_the_adam_moments(tmp_path, tiny_model_dirs):
