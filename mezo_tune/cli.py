@@ -203,6 +203,27 @@ def inspect(trajectory, as_json, plot_path):
 
 
 @main.command()
+@click.argument("trajectories", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A trajectory (e.g. plain MeZO): when did each run first reach its final dev value?")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw every run's dev curve against forward passes into this image (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def compare(trajectories, baseline, plot_path, as_json):
+    """Compare runs by the dev metric their trajectories recorded, against the forward passes they spent."""
+    from .compare import compare as compare_runs, format_comparison, plot_comparison
+
+    try:
+        result = compare_runs(trajectories, baseline)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if plot_path:
+        plot_comparison(result, plot_path)
+    click.echo(json.dumps(result, indent=2) if as_json else format_comparison(result))
+
+
+@main.command()
 @click.option("--model", "model_spec", default="embedded:smollm2-135m", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)

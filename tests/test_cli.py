@@ -57,6 +57,7 @@ COMMANDS = {
     ("replay",): "Rebuild the trained weights from the base model and TRAJECTORY",
     ("eval",): "Score a model on RECIPE's task",
     ("inspect",): "Print a trajectory's header, steps",
+    ("compare",): "Compare runs by the dev metric",
     ("bench",): "Time and peak memory",
     ("data",): "Build datasets.",
     ("data", "rotten-tomatoes"): "Sentiment JSONL",
@@ -73,7 +74,7 @@ def test_help_of_every_command(command):
 
 
 def test_every_command_has_help_text():
-    assert {c for c in main.commands} == {"train", "replay", "eval", "inspect", "bench", "sweep", "data"}
+    assert {c for c in main.commands} == {"train", "replay", "eval", "inspect", "compare", "bench", "sweep", "data"}
     assert {("data", c) for c in main.commands["data"].commands} == {("data", "rotten-tomatoes"), ("data", "debates")}
 
 
