@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .recipe import OutputConfig, Recipe, recipe_to_toml
 from .run import (TRAJECTORY, Metrics, Run, RunError, build_header, build_run, check_base, check_same_data, fmt_eval,
-                  prepare_dir)
+                  prepare_dir, restore_recorded_init)
 
 FLUSH_EVERY = OutputConfig.model_fields["flush_every"].default  # steps per trajectory block unless the recipe says
 
@@ -118,6 +118,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     if resume:
         writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
                                                              flush_seconds=r.output.flush_seconds)
+        if restore_recorded_init(run, data.header.get("adapter")):
+            header = build_header(run)
         check_resumable(data.header, header)
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
