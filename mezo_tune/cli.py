@@ -86,9 +86,12 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
         return
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    from .distributed import world_from_env
     from .train import train as run_training
 
     summary = run_training(r, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not world_from_env().main:  # under torchrun, rank 0 alone reports
+        return
     if "trajectory" in summary:  # an optim.type = "adamw" run writes none
         click.echo(f"trajectory: {summary['trajectory']}")
     if "final" in summary:
