@@ -226,10 +226,13 @@ def inspect(trajectory, as_json, plot_path):
 @click.option("--seq-lens", default="64,256", show_default=True, help="--sweep: sequence lengths, comma-separated.")
 @click.option("--out", "out_dir", default="bench-sweep", show_default=True, type=click.Path(file_okay=False),
               help="--sweep: where sweep.json and sweep.png go.")
+@click.option("--nproc", default=None, metavar="N[,N...]",
+              help="Data parallel instead: MeZO steps under torchrun with N processes sharing the global batch "
+                   "(--batch-size), for each N given, e.g. 1,2: step time, peak memory per rank, bytes all-reduced.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
 def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization, sweep,
-          sizes, seq_lens, out_dir, as_json):
+          sizes, seq_lens, out_dir, nproc, as_json):
     """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step, a replay step; with ratios.
 
     --model config:HIDDENxLAYERS benches a Llama-shaped model with random weights (nothing downloaded)."""
@@ -243,6 +246,21 @@ def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setti
             parse_shape(shape.strip())
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if nproc is not None:
+        if sweep or adapter != "none" or quantization != "none":
+            raise click.UsageError("--nproc benches full-weight MeZO steps: drop --sweep/--adapter/--quantization")
+        try:
+            nprocs = [int(v) for v in nproc.split(",") if v.strip()]
+        except ValueError:
+            nprocs = []
+        if not nprocs or min(nprocs) < 1 or max(nprocs) > batch_size:
+            raise click.UsageError(f"--nproc must be process counts from 1 to --batch-size ({batch_size}) separated "
+                                   f"by commas, got {nproc!r}")
+        from .bench import bench_dp, format_bench_dp
+
+        res = bench_dp(model_spec, nprocs, dtype, batch_size, seq_len, repeats, device, compile_setting)
+        click.echo(json.dumps(res, indent=2) if as_json else format_bench_dp(res))
+        return
     if sweep:
         if adapter != "none" or quantization != "none":
             raise click.UsageError("--sweep trains every weight of unquantized models: drop --adapter/--quantization")
