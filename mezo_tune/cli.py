@@ -159,6 +159,7 @@ def replay(trajectory, out_dir, base, steps, best, verify, device, merge, quiet)
 @friendly
 def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_tasks, lm_eval_include, as_json, quiet):
     """Score a model on RECIPE's task: accuracy (classification) or loss (lm); or on lm-eval tasks."""
+    from .distributed import world_from_env
     from .evaluate import evaluate
     from .run import fmt_eval
 
@@ -167,6 +168,8 @@ def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_ta
     if lm_eval_tasks:
         if data_path:
             raise click.UsageError("--data scores the recipe's task; it does not go with --lm-eval-tasks")
+        if world_from_env().parallel:
+            raise click.UsageError("--lm-eval-tasks runs in one process: start it without torchrun")
         from .lm_eval_bridge import evaluate_lm_eval, format_table
 
         result = evaluate_lm_eval(_load(recipe, overrides), lm_eval_tasks, model_spec, include=lm_eval_include,
@@ -175,6 +178,8 @@ def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_ta
         return
     result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet,
                       icl_shots=icl_shots)
+    if not world_from_env().main:  # under torchrun, rank 0 alone reports
+        return
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

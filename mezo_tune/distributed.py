@@ -114,6 +114,13 @@ def global_losses(plus: tuple[float, float], minus: tuple[float, float]) -> tupl
     return s_plus / n_plus, s_minus / n_minus
 
 
+def eval_share(rows: list, world: World) -> tuple[list, object]:
+    """(the eval rows this rank scores, the `reduce` Task.evaluate takes): every row and None in one process."""
+    if not world.parallel:
+        return rows, None
+    return shard(rows, world), reduce_eval_sums
+
+
 def reduce_eval_sums(sums: dict) -> dict:
     """A task's eval sums (numbers, or lists of numbers) summed over every rank: Task.evaluate's `reduce`.
     Integer counts come back as integers."""

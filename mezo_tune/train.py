@@ -213,8 +213,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
         """Score the weights after step t on the eval rows; recorded in the trajectory and metrics.jsonl."""
         if run.eval_rows is None:
             return
-        rows, reduce = ((distributed.shard(run.eval_rows, world), distributed.reduce_eval_sums) if world.parallel
-                        else (run.eval_rows, None))
+        rows, reduce = distributed.eval_share(run.eval_rows, world)
         result = run.task.evaluate(run.model, rows, batch_size=r.mezo.batch_size, progress=progress, reduce=reduce)
         step = last_record(t)
         writer.append_eval(step, result)

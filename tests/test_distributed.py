@@ -33,16 +33,16 @@ RUN = dict(steps=12, batch_size=3, eval_every=6, keyframe_every=4, checkpoint_ev
            max_length=24)
 
 
-def torchrun(recipe: Path, *args: str, nproc: int = 2, cwd: Path, audit: Path | None = None, logs: Path | None = None,
+def torchrun(*args, nproc: int = 2, cwd: Path, audit: Path | None = None, logs: Path | None = None,
              timeout: float = 120, wait: bool = True):
-    """`torchrun --standalone --nproc-per-node NPROC tests/dp_audit.py train RECIPE -q ARGS` (dp_audit.py is
-    `python -m mezo_tune` that records what each rank writes under cwd into AUDIT/rank<r>.json). logs: each rank's
-    stdout and stderr in their own files (torchrun --redirects 3)."""
+    """`torchrun --standalone --nproc-per-node NPROC tests/dp_audit.py ARGS` (dp_audit.py is `python -m mezo_tune`
+    that records what each rank writes under cwd into AUDIT/rank<r>.json). logs: each rank's stdout and stderr in
+    their own files (torchrun --redirects 3)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "MEZO_AUDIT_ROOT": str(cwd), "MEZO_AUDIT_DIR": str(audit or cwd)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *([f"--log-dir={logs}", "--redirects=3"] if logs else []),
-           str(REPO / "tests" / "dp_audit.py"), "train", str(recipe), "-q", *args]
+           str(REPO / "tests" / "dp_audit.py"), *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
@@ -64,7 +64,7 @@ def dp_run(tmp_path_factory, tiny_model_dirs):
     train, ev = write_jsonl(tmp / "train.jsonl", rows * 2), write_jsonl(tmp / "eval.jsonl", rows)
     recipe = write_recipe(tmp / "dp.toml", tiny_model_dirs("llama", "float32"), train, ev, out=tmp / "runs/dp", **RUN)
     audit, logs = tmp_path_factory.mktemp("audit"), tmp_path_factory.mktemp("logs")
-    done = torchrun(recipe, cwd=tmp, audit=audit, logs=logs)
+    done = torchrun("train", recipe, "-q", cwd=tmp, audit=audit, logs=logs)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp, recipe, tmp / "runs/dp", audit, logs
 
@@ -117,10 +117,25 @@ def test_rank_1_writes_and_prints_nothing(dp_run):
     assert (out / "recipe.toml").read_text() == recorded
 
 
+def test_eval_under_torchrun_scores_every_row_once(dp_run, tmp_path):
+    # `mezo-tune eval` of the DP run's final weights on its lm eval set under torchrun: each rank scores its
+    # share (3 of 6 rows), the sums are added; the same rows and tokens as one process, the loss to float rounding
+    # (other batches, so other padding widths; a float64 sum in another order): rtol 2e-6 as for the training losses
+    _, recipe, out, _, _ = dp_run
+    logs = tmp_path / "logs"
+    done = torchrun("eval", recipe, "--model", out / "final", "--json", "-q", cwd=tmp_path, logs=logs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert rank_output(logs, 1) == ""
+    dp = json.loads(rank_output(logs, 0))
+    one = json.loads(cli("eval", recipe, "--model", out / "final", "--json", "-q").output)
+    assert (dp["n"], dp["tokens"]) == (one["n"], one["tokens"]) == (len(CORPUS), one["tokens"])
+    np.testing.assert_allclose(dp["loss"], one["loss"], rtol=2e-6)
+
+
 def _kill_part_way(recipe: Path, cwd: Path, traj: Path, at_least: int) -> None:
     """Start a 2-process run and SIGKILL torchrun and both ranks at once (a machine going down) once `at_least`
     steps are on disk."""
-    proc = torchrun(recipe, cwd=cwd, wait=False)
+    proc = torchrun("train", recipe, "-q", cwd=cwd, wait=False)
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -158,7 +173,7 @@ def test_killed_dp_run_resumes_bit_identical(dp_run, killed_dp_run, tmp_path):
     shutil.copytree(killed_dp_run, work)
     (work / "dp.toml").write_text((work / "dp.toml").read_text().replace(str(killed_dp_run), str(work)))
     logs = tmp_path / "logs"
-    done = torchrun(work / "dp.toml", "--resume", cwd=work, logs=logs)
+    done = torchrun("train", work / "dp.toml", "-q", "--resume", cwd=work, logs=logs)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in rank_output(logs, 0) and "note:" not in rank_output(logs, 0)  # same number of processes
     assert rank_output(logs, 1) == ""
@@ -205,7 +220,7 @@ def test_more_processes_than_gpus_is_refused(dp_run, tmp_path):
     n = torch.cuda.device_count() + 1
     (tmp_path / "gpu.toml").write_text(recipe.read_text().replace('device = "cpu"', 'device = "cuda"')
                                        .replace(str(tmp / "runs/dp"), str(tmp_path / "run")))
-    done = torchrun(tmp_path / "gpu.toml", nproc=n, cwd=tmp_path)
+    done = torchrun("train", tmp_path / "gpu.toml", "-q", nproc=n, cwd=tmp_path)
     assert done.returncode != 0
     count = n - 1
     assert (f"error: torchrun started {n} processes on this node but torch sees {count} CUDA "
