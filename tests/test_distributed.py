@@ -3,8 +3,8 @@ subprocess, gloo on CPU, the tiny llama of conftest.py saved with save_pretraine
 
 One 2-process run (module fixture) is the reference: its losses against a one-process run of the same global
 batches, its trajectory replayed in one process against its final weights, what rank 1 wrote and printed; a
-2-process run killed part way resumes to the same records and weights; a resume on another number of processes is
-said and still replays exactly.
+2-process run whose rank 1 is killed part way (torchrun then stops rank 0) resumes to the same records and weights; a
+resume on another number of processes is said and still replays exactly.
 """
 
 from __future__ import annotations
@@ -132,9 +132,26 @@ def test_eval_under_torchrun_scores_every_row_once(dp_run, tmp_path):
     np.testing.assert_allclose(dp["loss"], one["loss"], rtol=2e-6)
 
 
-def _kill_part_way(recipe: Path, cwd: Path, traj: Path, at_least: int) -> None:
-    """Start a 2-process run and SIGKILL torchrun and both ranks at once (a machine going down) once `at_least`
-    steps are on disk."""
+def _rank_pid(agent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker `rank` (a child of the agent whose environment says RANK=rank), None before it
+    has started."""
+    try:
+        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def _kill_rank_1_part_way(recipe: Path, cwd: Path, traj: Path, at_least: int) -> str:
+    """Start a 2-process run and SIGKILL rank 1 once `at_least` steps are on disk; torchrun then stops rank 0 (it
+    waits for rank 1 in the step's all-reduce). Returns what torchrun printed."""
     proc = torchrun("train", recipe, "-q", cwd=cwd, wait=False)
     try:
         deadline = time.monotonic() + 120
@@ -145,25 +162,31 @@ def _kill_part_way(recipe: Path, cwd: Path, traj: Path, at_least: int) -> None:
             except TrajectoryError:
                 pass
             time.sleep(0.01)
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before it was killed: {proc.stderr.read().decode()[-3000:]}")
-        os.killpg(proc.pid, signal.SIGKILL)
+        rank1 = _rank_pid(proc.pid, 1)
+        if proc.poll() is not None or rank1 is None:
+            pytest.fail(f"the run ended before rank 1 was killed: {proc.stderr.read().decode()[-3000:]}")
+        os.kill(rank1, signal.SIGKILL)
+        stderr = proc.communicate(timeout=120)[1].decode()
     finally:
-        proc.wait()
-        proc.stderr.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
     data = read_trajectory(traj)
     assert data.end is None and at_least <= len(data.steps) < RUN["steps"], len(data.steps)
+    return stderr
 
 
 @pytest.fixture(scope="module")
 def killed_dp_run(dp_run, tmp_path_factory):
-    """The reference recipe in another output dir, its 2-process run killed after >= 5 steps (a checkpoint after
-    step 3 in place, steps 4.. to replay)."""
+    """The reference recipe in another output dir, its 2-process run stopped by killing rank 1 after >= 5 steps (a
+    checkpoint after step 3 in place, steps 4.. to replay)."""
     tmp, recipe, _, _, _ = dp_run
     killed = tmp_path_factory.mktemp("killed")
     text = recipe.read_text().replace(str(tmp / "runs/dp"), str(killed / "run"))
     (killed / "dp.toml").write_text(text)
-    _kill_part_way(killed / "dp.toml", killed, killed / "run/trajectory.mezo", at_least=5)
+    stderr = _kill_rank_1_part_way(killed / "dp.toml", killed, killed / "run/trajectory.mezo", at_least=5)
+    assert "Signal 9 (SIGKILL)" in stderr  # torchrun names the rank that died
     return killed
 
 
