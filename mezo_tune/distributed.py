@@ -8,8 +8,9 @@ exactly as in one process (`mezo.batch_size` rows); rank r scores the r-th conti
 rank Σsum / Σcount for L+ and L-, whatever the model size. A batch that does not split evenly is fine: slices differ
 by one row, and the mean is over examples, not over ranks. Eval reduces its metric sums the same way.
 
-An all-reduce leaves the same bits on every rank (each element is summed once and the result sent to all, in gloo and
-NCCL alike), so every rank computes the same g and the weights stay identical without ever being compared.
+The ring and tree all-reduces of gloo and NCCL sum each element once and send that result to every rank, so every rank
+gets the same bits, computes the same g and applies the same update (contract 4): the weights stay identical without
+being sent anywhere.
 
 Without torchrun (WORLD_SIZE unset or 1) no process group is started and a run is the single-process run, bit for
 bit.
@@ -21,8 +22,6 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
-
-SUM_BYTES = 8  # float64: the per-example sums stay exact enough over any batch; 4 numbers per record
 
 
 @dataclass(frozen=True)
