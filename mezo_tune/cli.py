@@ -86,9 +86,12 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
         return
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    from .distributed import world_from_env
     from .train import train as run_training
 
     summary = run_training(r, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not world_from_env().main:  # under torchrun, rank 0 alone reports
+        return
     if "trajectory" in summary:  # an optim.type = "adamw" run writes none
         click.echo(f"trajectory: {summary['trajectory']}")
     if "final" in summary:
@@ -156,6 +159,7 @@ def replay(trajectory, out_dir, base, steps, best, verify, device, merge, quiet)
 @friendly
 def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_tasks, lm_eval_include, as_json, quiet):
     """Score a model on RECIPE's task: accuracy (classification) or loss (lm); or on lm-eval tasks."""
+    from .distributed import world_from_env
     from .evaluate import evaluate
     from .run import fmt_eval
 
@@ -164,6 +168,8 @@ def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_ta
     if lm_eval_tasks:
         if data_path:
             raise click.UsageError("--data scores the recipe's task; it does not go with --lm-eval-tasks")
+        if world_from_env().parallel:
+            raise click.UsageError("--lm-eval-tasks runs in one process: start it without torchrun")
         from .lm_eval_bridge import evaluate_lm_eval, format_table
 
         result = evaluate_lm_eval(_load(recipe, overrides), lm_eval_tasks, model_spec, include=lm_eval_include,
@@ -172,6 +178,8 @@ def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_ta
         return
     result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet,
                       icl_shots=icl_shots)
+    if not world_from_env().main:  # under torchrun, rank 0 alone reports
+        return
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -244,10 +252,13 @@ def compare(trajectories, baseline, plot_path, as_json):
 @click.option("--seq-lens", default="64,256", show_default=True, help="--sweep: sequence lengths, comma-separated.")
 @click.option("--out", "out_dir", default="bench-sweep", show_default=True, type=click.Path(file_okay=False),
               help="--sweep: where sweep.json and sweep.png go.")
+@click.option("--nproc", default=None, metavar="N[,N...]",
+              help="Data parallel instead: MeZO steps under torchrun with N processes sharing the global batch "
+                   "(--batch-size), for each N given, e.g. 1,2: step time, peak memory per rank, bytes all-reduced.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
 def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization, sweep,
-          sizes, seq_lens, out_dir, as_json):
+          sizes, seq_lens, out_dir, nproc, as_json):
     """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step, a replay step; with ratios.
 
     --model config:HIDDENxLAYERS benches a Llama-shaped model with random weights (nothing downloaded)."""
@@ -261,6 +272,21 @@ def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setti
             parse_shape(shape.strip())
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if nproc is not None:
+        if sweep or adapter != "none" or quantization != "none":
+            raise click.UsageError("--nproc benches full-weight MeZO steps: drop --sweep/--adapter/--quantization")
+        try:
+            nprocs = [int(v) for v in nproc.split(",") if v.strip()]
+        except ValueError:
+            nprocs = []
+        if not nprocs or min(nprocs) < 1 or max(nprocs) > batch_size:
+            raise click.UsageError(f"--nproc must be process counts from 1 to --batch-size ({batch_size}) separated "
+                                   f"by commas, got {nproc!r}")
+        from .bench import bench_dp, format_bench_dp
+
+        res = bench_dp(model_spec, nprocs, dtype, batch_size, seq_len, repeats, device, compile_setting)
+        click.echo(json.dumps(res, indent=2) if as_json else format_bench_dp(res))
+        return
     if sweep:
         if adapter != "none" or quantization != "none":
             raise click.UsageError("--sweep trains every weight of unquantized models: drop --adapter/--quantization")

@@ -359,14 +359,19 @@ class Mezo:
     def release_scratch(self) -> None:
         self._scratch.clear()
 
-    def loss_pair(self, step: int, loss_fn) -> tuple[float, float]:
-        """(L+, L-) for step `step`: loss_fn() evaluated at θ + εz and at θ - εz."""
+    def loss_pair(self, step: int, loss_fn, reduce=None) -> tuple[float, float]:
+        """(L+, L-) for step `step`: loss_fn() evaluated at θ + εz and at θ - εz.
+
+        reduce (data parallel): loss_fn gives this rank's part of each loss, and reduce(part+, part-) the two losses
+        of the global batch; both parts are computed first so that the ranks exchange them in one call."""
         with torch.no_grad():
             with self.perturbed(step, +1):
-                lp = float(loss_fn())
+                lp = loss_fn()
             with self.perturbed(step, -1):
-                lm = float(loss_fn())
-        return lp, lm
+                lm = loss_fn()
+        if reduce is not None:
+            return reduce(lp, lm)
+        return float(lp), float(lm)
 
     # -- contract 4
     def apply_update(self, step: int, c: float) -> None:
@@ -395,17 +400,19 @@ class Mezo:
                 if not w.is_contiguous():
                     w.copy_(flat.view_as(w))
 
-    def step(self, step: int, eta: float, loss_fn, directions: int = 1, recorded: list | None = None) -> list[dict]:
+    def step(self, step: int, eta: float, loss_fn, directions: int = 1, recorded: list | None = None,
+             reduce=None) -> list[dict]:
         """One optimizer step: `directions` two-point estimates at the same θ (n-SPSA; 1 is the paper's MeZO), then
         their updates in order. Direction k is trajectory record `step·directions + k`, with its own z (keyed by the
         record), g and η/directions, so replay applies records one by one and knows nothing of K. `recorded`: records
         of this step already in the trajectory (a resume that stopped inside the step); their forwards are not redone.
-        Returns the records to append (a record is skipped when a loss or its scale c is not finite)."""
+        Returns the records to append (a record is skipped when a loss or its scale c is not finite). reduce: see
+        loss_pair."""
         recorded = recorded or []
         records = list(recorded)
         eta_k = float(np.float32(eta / directions))
         for r in range(step * directions + len(records), (step + 1) * directions):
-            lp, lm = self.loss_pair(r, loss_fn)
+            lp, lm = self.loss_pair(r, loss_fn, reduce)
             g = projected_gradient(lp, lm, self.eps)
             skipped = applied_scale(eta_k, g) is None
             records.append({"step": r, "g": g, "eta": eta_k, "loss_plus": lp, "loss_minus": lm, "skipped": skipped})
