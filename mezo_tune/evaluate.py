@@ -38,8 +38,19 @@ def load_for_eval(recipe: Recipe, model_spec: str | None, progress: bool = True)
 def evaluate(recipe: Recipe, model_spec: str | None = None, data_path: str | None = None, limit: int | None = None,
              progress: bool = True, icl_shots: int = 0) -> dict:
     """Score a model on the recipe's task. `icl_shots` k > 0 puts k training rows (sampled by data.seed, the same
-    for every eval row), each with its gold answer and joined by task.icl_separator, before every prompt."""
+    for every eval row), each with its gold answer and joined by task.icl_separator, before every prompt.
+
+    Under torchrun every process loads the model and scores its share of the rows; the metric sums are added
+    across processes, so each returns the metrics of every row (distributed.py)."""
+    from . import distributed
+
+    with distributed.process_group(recipe.model.device) as world:
+        return _evaluate(recipe, model_spec, data_path, limit, progress and world.main, icl_shots, world)
+
+
+def _evaluate(recipe: Recipe, model_spec, data_path, limit, progress: bool, icl_shots: int, world) -> dict:
     from .data import sample_demonstrations
+    from .distributed import eval_share
     from .run import RunError, load_data, load_rows, make_task
 
     path = data_path or recipe.data.eval or (f"{recipe.data.train} (dev_from_train = {recipe.data.dev_from_train})"
@@ -60,7 +71,8 @@ def evaluate(recipe: Recipe, model_spec: str | None = None, data_path: str | Non
         demos = [train_rows[i] for i in sample_demonstrations(len(train_rows), icl_shots, recipe.data.seed)]
         task.set_demonstrations(demos, recipe.task.icl_separator)
         check_icl_room(task, rows, icl_shots)
-    result = task.evaluate(model, rows, batch_size=recipe.mezo.batch_size, progress=progress)
+    mine, reduce = eval_share(rows, world)
+    result = task.evaluate(model, mine, batch_size=recipe.mezo.batch_size, progress=progress, reduce=reduce)
     return {"model": described, "data": str(path), "task": recipe.task.type, "icl_shots": icl_shots, **result}
 
 

@@ -507,14 +507,19 @@ class Mezo:
     def release_scratch(self) -> None:
         self._scratch.clear()
 
-    def loss_pair(self, step: int, loss_fn) -> tuple[float, float]:
-        """(L+, L-) for step `step`: loss_fn() evaluated at θ + εz and at θ - εz."""
+    def loss_pair(self, step: int, loss_fn, reduce=None) -> tuple[float, float]:
+        """(L+, L-) for step `step`: loss_fn() evaluated at θ + εz and at θ - εz.
+
+        reduce (data parallel): loss_fn gives this rank's part of each loss, and reduce(part+, part-) the two losses
+        of the global batch; both parts are computed first so that the ranks exchange them in one call."""
         with torch.no_grad():
             with self.perturbed(step, +1):
-                lp = float(loss_fn())
+                lp = loss_fn()
             with self.perturbed(step, -1):
-                lm = float(loss_fn())
-        return lp, lm
+                lm = loss_fn()
+        if reduce is not None:
+            return reduce(lp, lm)
+        return float(lp), float(lm)
 
     # -- contract 4
     def apply_update(self, step: int, c: float) -> None:
@@ -543,7 +548,8 @@ class Mezo:
                 if not w.is_contiguous():
                     w.copy_(flat.view_as(w))
 
-    def step(self, step: int, eta: float, loss_fn, directions: int = 1, recorded: list | None = None) -> list[dict]:
+    def step(self, step: int, eta: float, loss_fn, directions: int = 1, recorded: list | None = None,
+             reduce=None) -> list[dict]:
         """One optimizer step: `directions` = K estimates at the same θ, then their updates in order. Direction k is
         trajectory record `step·K + k`, with its own z (keyed by the record), g and η/K, so replay applies records one
         by one and knows nothing of K or of the estimator. `recorded`: records of this step already in the trajectory
@@ -551,36 +557,42 @@ class Mezo:
         is skipped when a loss or its scale c is not finite).
 
         The run's estimator scores the directions: "spsa" (n-SPSA; K = 1 is the paper's MeZO) two forwards each,
-        g_k = (L+ - L-)/2ε; "fzoo" one forward each at θ + εz_k plus one at θ, g_k from `normalised_differences`."""
+        g_k = (L+ - L-)/2ε; "fzoo" one forward each at θ + εz_k plus one at θ, g_k from `normalised_differences`.
+        reduce (data parallel): see loss_pair."""
         recorded = list(recorded or [])
         eta_k = float(np.float32(eta / directions))
         first = step * directions
         if self.estimator == "fzoo":
-            records = self._score_fzoo(first, directions, eta_k, loss_fn, recorded)
+            records = self._score_fzoo(first, directions, eta_k, loss_fn, recorded, reduce)
         else:
-            records = recorded + self._score_spsa(first + len(recorded), first + directions, eta_k, loss_fn)
+            records = recorded + self._score_spsa(first + len(recorded), first + directions, eta_k, loss_fn, reduce)
         for rec in records:
             self.apply_record(rec)
         return records[len(recorded):]
 
-    def _score_spsa(self, start: int, stop: int, eta_k: float, loss_fn) -> list[dict]:
+    def _score_spsa(self, start: int, stop: int, eta_k: float, loss_fn, reduce=None) -> list[dict]:
         """Two-point records start .. stop - 1: L± = loss(θ ± εz_r), g = (L+ - L-)/2ε."""
         records = []
         for r in range(start, stop):
-            lp, lm = self.loss_pair(r, loss_fn)
+            lp, lm = self.loss_pair(r, loss_fn, reduce)
             records.append(_record(r, projected_gradient(lp, lm, self.eps), eta_k, lp, lm))
         return records
 
-    def _score_fzoo(self, first: int, n: int, eta_k: float, loss_fn, recorded: list[dict]) -> list[dict]:
+    def _score_fzoo(self, first: int, n: int, eta_k: float, loss_fn, recorded: list[dict], reduce=None) -> list[dict]:
         """FZOO's N one-sided records first .. first + N - 1 (loss_plus = l_i = loss(θ + εz_i), loss_minus = l_0 =
         loss(θ), shared). g depends on all N losses, so a resume inside the step takes the recorded directions' l_i and
-        l_0 from their records and scores only the rest."""
+        l_0 from their records and scores only the rest. reduce (data parallel, see loss_pair): each direction's part
+        is reduced together with l_0's part (one all-reduce per direction); l_0 is then scored again on a resume, and
+        the recorded one kept."""
         with torch.no_grad():
-            base = recorded[0]["loss_minus"] if recorded else float(loss_fn())
-            losses = [rec["loss_plus"] for rec in recorded]
+            base_part = loss_fn() if not recorded or reduce is not None else None
+            parts = []
             for r in range(first + len(recorded), first + n):
                 with self.perturbed(r, +1):
-                    losses.append(float(loss_fn()))
+                    parts.append(loss_fn())
+        pairs = [reduce(base_part, part) if reduce else (base_part, float(part)) for part in parts]
+        base = recorded[0]["loss_minus"] if recorded else float(pairs[0][0])
+        losses = [rec["loss_plus"] for rec in recorded] + [loss for _, loss in pairs]
         gs = normalised_differences(losses, base)
         return [_record(first + i, g, eta_k, loss, base) for i, (g, loss) in enumerate(zip(gs, losses))]
 

@@ -126,6 +126,15 @@ def _quantization_problems(quantization: str, adapter_type: str) -> list[tuple[s
     return []
 
 
+def _adapter_init_problems(adapter_type: str, init: str, init_text: str) -> list[tuple[str, str]]:
+    if init == "activations" and adapter_type != "prefix":
+        return [("init", f'"activations" starts prefix tuning\'s virtual tokens from real tokens; this adapter is '
+                         f'{adapter_type!r} (use "auto" or "zrng")')]
+    if init_text and init != "activations":
+        return [("init_text", 'is the text whose activations start the prefix: it needs init = "activations"')]
+    return []
+
+
 class AdapterConfig(_Section):
     """[adapter]: a peft adapter trained instead of the base weights (LoRA or prefix tuning), or none."""
 
@@ -135,7 +144,14 @@ class AdapterConfig(_Section):
     dropout: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
     target_modules: StrictStr | tuple[NonEmptyStr, ...] = "auto"
     num_virtual_tokens: PositiveInt = 5
-    init: Literal["auto", "zrng"] = "auto"
+    init: Literal["auto", "zrng", "activations"] = "auto"
+    init_text: StrictStr = ""
+
+    @model_validator(mode="after")
+    def _init_fits_type(self, info: ValidationInfo) -> AdapterConfig:
+        if not _from_loader(info):
+            _raise_problems(_adapter_init_problems(self.type, self.init, self.init_text))
+        return self
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -722,6 +738,9 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     quantization, adapter_type = good("model", "quantization"), good("adapter", "type")
     if _MISSING_VALUE not in (quantization, adapter_type):
         found += [("model", k, t) for k, t in _quantization_problems(quantization, adapter_type)]
+    init = [adapter_type, good("adapter", "init"), good("adapter", "init_text")]
+    if _MISSING_VALUE not in init:
+        found += [("adapter", k, t) for k, t in _adapter_init_problems(*init)]
 
     eval_path, eval_every, dev = good("data", "eval"), good("output", "eval_every"), good("data", "dev_from_train")
     if _MISSING_VALUE not in (eval_path, dev):

@@ -53,14 +53,18 @@ def check_final_digest(engine, n_steps: int, keyframes: dict, end: dict | None) 
 
 
 def _attach_recorded_adapter(model, recipe, adapter: dict):
-    """The adapter the header describes, with its initial values rebuilt as it says."""
-    from .adapters import INIT_SCHEME, INIT_STREAM, AdapterError, attach, config_dict
+    """The adapter the header describes, with its initial values rebuilt (zrng-v1) or copied (activations-v1) as it
+    says."""
+    from .adapters import INIT_ACTIVATIONS, INIT_SCHEME, INIT_STREAM, AdapterError, attach, config_dict, \
+        restore_initial_values
 
-    if adapter.get("init") != INIT_SCHEME or adapter.get("init_stream", INIT_STREAM) != INIT_STREAM:
+    if adapter.get("init") not in (INIT_SCHEME, INIT_ACTIVATIONS) or adapter.get("init_stream", INIT_STREAM) != INIT_STREAM:
         raise ReplayError(f"the trajectory's adapter was initialised as {adapter.get('init')!r}; this mezo-tune "
-                          f"rebuilds {INIT_SCHEME!r} only: install the version that recorded it")
+                          f"rebuilds {INIT_SCHEME!r} and {INIT_ACTIVATIONS!r} only: install the version that recorded it")
     try:
         peft_model = attach(model, recipe.adapter, adapter["init_seed"])
+        if adapter["init"] == INIT_ACTIVATIONS:
+            restore_initial_values(peft_model, adapter)
     except AdapterError as e:
         raise ReplayError(str(e)) from None
     now = config_dict(peft_model)

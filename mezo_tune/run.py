@@ -102,7 +102,7 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     model, tokenizer, source = loaded or models.load(recipe.model, progress)
     base_digests = models.state_digests(model)
     if recipe.adapter.type != "none":
-        model = attach_adapter(model, recipe.adapter, recipe.mezo.seed)
+        model = attach_adapter(model, recipe.adapter, recipe.mezo.seed, tokenizer)
     task = make_task(recipe, tokenizer)
     train_rows, eval_rows = load_data(recipe, task)
     trainable = trainable_set(model, recipe.model.freeze, adapter=recipe.adapter.type != "none")
@@ -131,14 +131,33 @@ def estimator_header(mezo_cfg) -> dict:
     return {"name": "spsa", "directions": mezo_cfg.directions}
 
 
-def attach_adapter(model, adapter_cfg, seed: int):
-    """The peft model for a recipe's [adapter], its initial values rebuilt from zrng (adapters.py)."""
-    from .adapters import AdapterError, attach
+def attach_adapter(model, adapter_cfg, seed: int, tokenizer):
+    """The peft model for a recipe's [adapter], its initial values rebuilt from zrng, or for init = "activations"
+    computed by the base model from real tokens (adapters.py)."""
+    from .adapters import AdapterError, attach, init_prefix_from_activations, prefix_init_tokens
 
     try:
-        return attach(model, adapter_cfg, seed)
+        peft_model = attach(model, adapter_cfg, seed)
+        if adapter_cfg.init == "activations":
+            tokens = prefix_init_tokens(tokenizer, adapter_cfg.init_text, seed, adapter_cfg.num_virtual_tokens)
+            init_prefix_from_activations(peft_model, tokens)
+        return peft_model
     except AdapterError as e:
         raise RunError(str(e)) from None
+
+
+def restore_recorded_init(run: Run, recorded_adapter: dict | None) -> bool:
+    """A resumed run whose adapter's initial values are stored in the trajectory (init "activations-v1") starts from
+    those, not from a forward computed again (its last bits may differ on another CPU). True when it did."""
+    from .adapters import INIT_ACTIVATIONS, AdapterError, restore_initial_values
+
+    if not recorded_adapter or recorded_adapter.get("init") != INIT_ACTIVATIONS:
+        return False
+    try:
+        restore_initial_values(run.model, recorded_adapter)
+    except AdapterError as e:
+        raise RunError(f"cannot resume: {e}") from None
+    return True
 
 
 def build_header(run: Run) -> dict:
@@ -221,7 +240,7 @@ def adapter_header(run: Run) -> dict | None:
         return None
     from .adapters import header
 
-    return header(run.model, run.recipe.adapter.type, run.recipe.mezo.seed)
+    return header(run.model, run.recipe.adapter.type, run.recipe.mezo.seed, run.recipe.adapter.init)
 
 
 def combined_digest(digests: dict[str, str]) -> str:

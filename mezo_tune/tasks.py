@@ -240,12 +240,34 @@ class Task:
         sums, weights = self.loss_terms(model, rows)
         return sums.sum() / weights.sum()
 
-    def evaluate(self, model, rows: Sequence[dict], batch_size: int = 16, progress: bool = False) -> dict:
+    def loss_sums(self, model, rows: Sequence[dict]) -> tuple[float, float]:
+        """(numerator, denominator) of `loss` over these rows, in float64: a data-parallel rank's shard of the batch,
+        added to the other ranks' before dividing (distributed.global_losses)."""
+        if self.objective != "cross_entropy":
+            return -float(self.metric_terms(model, rows).double().sum()), float(len(rows))
+        sums, weights = self.loss_terms(model, rows)
+        return float(sums.double().sum()), float(weights.double().sum())
+
+    def evaluate(self, model, rows: Sequence[dict], batch_size: int = 16, progress: bool = False,
+                 reduce=None) -> dict:
+        """The task's metrics over rows. reduce (data parallel): rows are this rank's shard, and reduce sums the
+        eval sums over every rank (distributed.reduce_eval_sums), so that each rank returns the metrics of all."""
+        sums = self.eval_sums(model, rows, batch_size, progress)
+        if reduce is not None:
+            sums = reduce(sums)
+        if not sums["n"]:
+            raise ValueError("evaluate needs at least one row")
+        return self.summarize(sums)
+
+    def eval_sums(self, model, rows: Sequence[dict], batch_size: int, progress: bool) -> dict:
+        """Sums (numbers, or flat lists of numbers) over rows that the metrics are computed from; "n": the rows."""
+        raise NotImplementedError
+
+    def summarize(self, sums: dict) -> dict:
+        """The metrics of eval_sums' sums."""
         raise NotImplementedError
 
     def _batches(self, rows: Sequence[dict], batch_size: int, progress: bool, desc: str):
-        if not rows:
-            raise ValueError("evaluate needs at least one row")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         starts = range(0, len(rows), batch_size)
@@ -285,15 +307,18 @@ class LMTask(Task):
             raise ValueError("every row of this batch is shorter than 2 tokens; there is nothing to predict")
         return nll.sum(dim=1), counts
 
-    def evaluate(self, model, rows, batch_size=16, progress=False):
+    def eval_sums(self, model, rows, batch_size, progress):
         total, tokens = 0.0, 0
         for batch in self._batches(rows, batch_size, progress, "eval"):
             sums, counts = self.loss_terms(model, batch)
             total += float(sums.double().sum())
             tokens += int(counts.sum())
-        loss = total / tokens if tokens else float("nan")
+        return {"nll": total, "tokens": tokens, "n": len(rows)}
+
+    def summarize(self, sums):
+        loss = sums["nll"] / sums["tokens"] if sums["tokens"] else float("nan")
         return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-                "n": len(rows), "tokens": tokens}
+                "n": sums["n"], "tokens": sums["tokens"]}
 
 
 class ClassificationTask(Task):
@@ -466,17 +491,18 @@ class ClassificationTask(Task):
         if n:
             self._shared = SharedPrefix(model, first[:n])
 
-    def evaluate(self, model, rows, batch_size=16, progress=False):
+    def evaluate(self, model, rows, batch_size=16, progress=False, reduce=None):
         self.share_prefix(model, rows)
         try:
-            return self._evaluate(model, rows, batch_size, progress)
+            return super().evaluate(model, rows, batch_size, progress, reduce)
         finally:
             self._shared = None
 
-    def _evaluate(self, model, rows, batch_size, progress):
-        per_class = {label: {"n": 0, "correct": 0, "predicted": 0} for label in self.labels}
-        confusion = [[0] * len(self.labels) for _ in self.labels]  # [true label][predicted label]
-        correct, ce_total = 0, 0.0
+    def eval_sums(self, model, rows, batch_size, progress):
+        """The cross-entropy sum and the confusion counts, row-major ([true label][predicted label])."""
+        L = len(self.labels)
+        confusion = [0] * (L * L)
+        ce_total = 0.0
         for batch in self._batches(rows, batch_size, progress, "eval"):
             targets = [self.label_of(r) for r in batch]
             scores = self.scores(model, batch)
@@ -484,17 +510,21 @@ class ClassificationTask(Task):
                                  reduction="none")
             ce_total += float(ce.double().sum())
             for t, p in zip(targets, self.predict(scores)):
-                confusion[t][p] += 1
-                per_class[self.labels[t]]["n"] += 1
-                per_class[self.labels[p]]["predicted"] += 1
-                if t == p:
-                    per_class[self.labels[t]]["correct"] += 1
-                    correct += 1
-        n = len(rows)
-        for c in per_class.values():  # precision of a never-predicted label (recall of an absent one) is 0/0: None
+                confusion[t * L + p] += 1
+        return {"ce": ce_total, "confusion": confusion, "n": len(rows)}
+
+    def summarize(self, sums):
+        L, n = len(self.labels), sums["n"]
+        confusion = [sums["confusion"][t * L: (t + 1) * L] for t in range(L)]
+        per_class = {}
+        for i, label in enumerate(self.labels):
+            c = {"n": sum(confusion[i]), "correct": confusion[i][i], "predicted": sum(row[i] for row in confusion)}
+            # precision of a never-predicted label (recall of an absent one) is 0/0: None
             c["precision"] = c["correct"] / c["predicted"] if c["predicted"] else None
             c["recall"] = c["correct"] / c["n"] if c["n"] else None
-        return {"accuracy": correct / n, "n": n, "correct": correct, "per_class": per_class, "loss": ce_total / n,
+            per_class[label] = c
+        correct = sum(confusion[i][i] for i in range(L))
+        return {"accuracy": correct / n, "n": n, "correct": correct, "per_class": per_class, "loss": sums["ce"] / n,
                 "confusion": {"labels": list(self.labels), "matrix": confusion}}
 
 
@@ -615,15 +645,18 @@ class MultipleChoiceTask(Task):
         return torch.tensor([float(ClassificationTask.predict(s[None])[0] == self.answer_of(r))
                              for s, r in zip(self.scores(model, rows), rows)], dtype=torch.float32)
 
-    def evaluate(self, model, rows, batch_size=16, progress=False):
+    def eval_sums(self, model, rows, batch_size, progress):
         correct, ce_total = 0, 0.0
         for batch in self._batches(rows, batch_size, progress, "eval"):
             for s, r in zip(self.scores(model, batch), batch):
                 t = self.answer_of(r)
                 ce_total += float(F.cross_entropy(s[None].double(), torch.tensor([t], device=s.device)))
                 correct += ClassificationTask.predict(s[None])[0] == t
-        n = len(rows)
-        return {"accuracy": correct / n, "n": n, "correct": int(correct), "loss": ce_total / n}
+        return {"correct": int(correct), "ce": ce_total, "n": len(rows)}
+
+    def summarize(self, sums):
+        n = sums["n"]
+        return {"accuracy": sums["correct"] / n, "n": n, "correct": sums["correct"], "loss": sums["ce"] / n}
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------
@@ -746,7 +779,7 @@ class GenerationTask(Task):
         return torch.tensor([metric(p, self.answers_of(r)) for p, r in zip(self.generate(model, rows), rows)],
                             dtype=torch.float32)
 
-    def evaluate(self, model, rows, batch_size=16, progress=False):
+    def eval_sums(self, model, rows, batch_size, progress):
         em = f1 = nll = 0.0
         tokens = 0
         for batch in self._batches(rows, batch_size, progress, "eval"):
@@ -756,8 +789,11 @@ class GenerationTask(Task):
             for p, r in zip(self.generate(model, batch), batch):
                 em += exact_match(p, self.answers_of(r))
                 f1 += token_f1(p, self.answers_of(r))
-        n = len(rows)
-        return {"exact_match": em / n, "f1": f1 / n, "n": n, "loss": nll / tokens}
+        return {"em": em, "f1": f1, "nll": nll, "tokens": tokens, "n": len(rows)}
+
+    def summarize(self, sums):
+        n = sums["n"]
+        return {"exact_match": sums["em"] / n, "f1": sums["f1"] / n, "n": n, "loss": sums["nll"] / sums["tokens"]}
 
 
 def build_task(task_cfg, tokenizer, max_length: int) -> Task:

@@ -2,6 +2,10 @@
 
 What a run is made of (model, task, data, engine, header) is assembled in run.py; this module is the loop, its
 checkpoints and the resume checks.
+
+Under torchrun (distributed.py) every process runs this same loop on the same run; each scores its shard of every
+batch and eval set, and the losses and eval sums are added across processes, so every process applies the same
+updates. Only rank 0 writes files (trajectory, metrics, recipe copy, checkpoints, final/) or prints.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from .recipe import OutputConfig, Recipe, recipe_to_toml
+from . import distributed
+from .recipe import OutputConfig, Recipe
 from .run import (TRAJECTORY, Metrics, Run, RunError, build_header, build_run, check_base, check_same_data, fmt_eval,
-                  prepare_dir)
+                  prepare_dir, restore_recorded_init)
 
 FLUSH_EVERY = OutputConfig.model_fields["flush_every"].default  # steps per trajectory block unless the recipe says
 
@@ -40,14 +45,18 @@ def save_checkpoint(out: Path, run: Run, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(out: Path) -> None:
+    """After a crash between save_checkpoint's two renames, checkpoint.old is the checkpoint: put it back."""
+    if not (out / "checkpoint").exists() and (out / "checkpoint.old").exists():
+        (out / "checkpoint.old").rename(out / "checkpoint")
+
+
 def load_checkpoint(out: Path, run: Run, last_step: int) -> int:
     """Load checkpoint/ if it is usable for resuming up to last_step; returns the step it holds, or -1."""
     import torch
     from safetensors.torch import load_file
 
     ckpt = out / "checkpoint"
-    if not ckpt.exists() and (out / "checkpoint.old").exists():  # a crash between the two renames
-        (out / "checkpoint.old").rename(ckpt)
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
         if meta["step"] > last_step:
@@ -65,21 +74,56 @@ def load_checkpoint(out: Path, run: Run, last_step: int) -> int:
     return meta["step"]
 
 
+class NoFiles:
+    """What a rank other than 0 has instead of a trajectory writer and metrics file: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def batch_loss(run: Run, rows: list[dict], world: distributed.World):
+    """(loss_fn, reduce) for Mezo.step on a batch: its mean loss in one process; under torchrun, this rank's (loss
+    sum, count) over its shard, and the all-reduce that turns both signs' into the global batch's means."""
+    if not world.parallel:
+        return (lambda: run.task.loss(run.model, rows)), None
+    mine = distributed.shard(rows, world)
+    return (lambda: run.task.loss_sums(run.model, mine)), distributed.global_losses
+
+
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log=lambda msg: print(msg, file=sys.stderr), loaded: tuple | None = None) -> dict:
-    """Train with MeZO as the recipe says. Returns a summary (steps, losses, evals, paths).
+    """Train as the recipe says, in this process or, under torchrun, data parallel over all of its processes (only
+    rank 0 writes and prints). Returns a summary (steps, losses, evals, paths)."""
+    world = distributed.world_from_env()
+    if recipe.optim.type == "adamw":  # the backprop baseline: no trajectory, a normal checkpoint
+        if world.parallel:
+            raise RunError("optim.type = \"adamw\" (the backprop baseline) runs in one process; start it without "
+                           "torchrun")
+        from .backprop import train_backprop
+
+        return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    if world.parallel and recipe.mezo.batch_size < world.size:
+        raise RunError(f"mezo.batch_size = {recipe.mezo.batch_size} is smaller than the {world.size} processes "
+                       f"torchrun started: every process scores a share of each batch, so use --nproc-per-node "
+                       f"{recipe.mezo.batch_size} or fewer, or a larger batch")
+    with distributed.process_group(recipe.model.device) as world:
+        if not world.main:
+            progress, log = False, lambda msg: None
+        return train_mezo(recipe, world, resume=resume, overwrite=overwrite, progress=progress, log=log,
+                          loaded=loaded)
+
+
+def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwrite: bool, progress: bool, log,
+               loaded: tuple | None) -> dict:
+    """Train with MeZO as the recipe says (see train).
 
     Step t (0-based) runs `mezo.directions` = K two-point estimates and writes K trajectory records, numbered
     t·K .. t·K + K - 1 (Mezo.step); keyframes, checkpoints and evals after step t name its last record, t·K + K - 1.
     With K = 1 (the default) records and steps are the same thing.
 
     loaded: see build_run; the caller restores the base weights afterwards (an adapter is attached to it in place)."""
-    if recipe.optim.type == "adamw":  # the backprop baseline: no trajectory, a normal checkpoint
-        from .backprop import train_backprop
-
-        return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
     from dataclasses import asdict
 
     import torch
@@ -89,11 +133,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     from .data import batch_indices
     from .mezo import learning_rate
     from .replay import apply_records
-    from .trajectory import StepRecord, TrajectoryError, TrajectoryWriter, best_eval
+    from .trajectory import StepRecord, TrajectoryError, TrajectoryWriter, best_eval, read_trajectory
 
     r = recipe
     out = Path(r.output.dir)
-    prepare_dir(out, resume, overwrite)
+    if world.main or resume:  # resume: only checks that there is a run
+        prepare_dir(out, resume, overwrite)
     if loaded is None and models.resolve_device(r.model.device) == "cpu":
         from .estimate import startup_memory_warning
 
@@ -104,6 +149,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     if next(run.model.parameters()).device.type == "cpu":
         models.keep_freed_memory()  # no page faults per step (models.py)
     header = build_header(run)
+    header["recipe"] = distributed.mark_recipe(header["recipe"], world)
     traj_path = out / TRAJECTORY
     summary: dict = {"output_dir": str(out), "trajectory": str(traj_path)}
     K = r.mezo.directions
@@ -120,8 +166,15 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     evals: list[dict] = []
     recorded: list[dict] = []  # records of the first step that a resumed trajectory already holds
     if resume:
-        writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
-                                                             flush_seconds=r.output.flush_seconds)
+        if world.main:
+            writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
+                                                                 flush_seconds=r.output.flush_seconds)
+            recover_checkpoint(out)
+        world.barrier()  # rank 0 has cut a damaged tail: the others now read the same intact records
+        if not world.main:
+            writer, data = NoFiles(), read_trajectory(traj_path)
+        if restore_recorded_init(run, data.header.get("adapter")):
+            header = build_header(run)
         check_resumable(data.header, header)
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
@@ -135,6 +188,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             + (f" (checkpoint at {unit} {from_ckpt}, replaying {len(todo)} {unit}s)" if from_ckpt >= 0
                else f" (replaying {len(todo)} {unit}s from the base model)")
             + (f"; cut off a damaged tail: {data.problem}" if data.problem else ""))
+        recorded_n = distributed.recorded_processes(data.header["recipe"])
+        if recorded_n != world.size:
+            log(f"note: this run was trained by {recorded_n} process{'es' if recorded_n > 1 else ''} and resumes on "
+                f"{world.size}: the batches are the same (chosen by seed and step), but their losses are now summed "
+                f"in another order, so the steps from here may differ in their last bits from an uninterrupted "
+                f"{recorded_n}-process run. The trajectory stays exact: replay rebuilds this run bit for bit")
         run.engine.remember(data.steps[: from_ckpt + 1][-run.engine.rule.window:])  # the momentum window before them
         apply_records(run.engine, todo, data.keyframes, verify=True, progress=progress)
         recorded = [asdict(rec) for rec in data.steps[whole:]]
@@ -144,21 +203,24 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if start and not partial and start % r.mezo.keyframe_every == 0 and whole - 1 not in data.keyframes:
             writer.append_keyframe(whole - 1, run.engine.digest())
         keyframes_done = set(data.keyframes)
-    else:
-        (out / "recipe.toml").write_text(recipe_to_toml(r))
+    elif world.main:
+        (out / "recipe.toml").write_text(header["recipe"])
         writer = TrajectoryWriter.create(traj_path, header, flush_every=r.output.flush_every,
                                          flush_seconds=r.output.flush_seconds)
         writer.append_keyframe(-1, bytes.fromhex(header["initial_digest"]))
         start = 0
         keyframes_done = {-1}
-    metrics = Metrics(out / "metrics.jsonl")
+    else:
+        writer, start, keyframes_done = NoFiles(), 0, {-1}
+    metrics = Metrics(out / "metrics.jsonl") if world.main else NoFiles()
     summary["evals"] = evals
 
     def evaluate(t: int, label: str) -> None:
         """Score the weights after step t on the eval rows; recorded in the trajectory and metrics.jsonl."""
         if run.eval_rows is None:
             return
-        result = run.task.evaluate(run.model, run.eval_rows, batch_size=r.mezo.batch_size, progress=progress)
+        rows, reduce = distributed.eval_share(run.eval_rows, world)
+        result = run.task.evaluate(run.model, rows, batch_size=r.mezo.batch_size, progress=progress, reduce=reduce)
         step = last_record(t)
         writer.append_eval(step, result)
         evals.append({"step": step, **result})
@@ -179,8 +241,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             t0 = time.perf_counter()
             rows = [run.train_rows[i] for i in batch_indices(n, r.mezo.batch_size, r.mezo.seed, t)]
             eta = learning_rate(t, r.mezo.lr, r.mezo.steps, r.mezo.schedule, r.mezo.min_lr, r.mezo.warmup_steps)
+            loss_fn, reduce = batch_loss(run, rows, world)
             try:
-                new = run.engine.step(t, eta, lambda: run.task.loss(run.model, rows), K, recorded)
+                new = run.engine.step(t, eta, loss_fn, K, recorded, reduce)
             except torch.cuda.OutOfMemoryError:
                 from .estimate import cuda_oom_message
 
@@ -191,7 +254,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
             if (t + 1) % r.mezo.keyframe_every == 0:
                 last_keyframe = (last_record(t), run.engine.digest())
                 writer.append_keyframe(*last_keyframe)
-            if r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0:
+            if world.main and r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0:
                 writer.flush()  # the checkpoint never runs ahead of the intact trajectory
                 save_checkpoint(out, run, last_record(t))
             dt = time.perf_counter() - t0
@@ -245,7 +308,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     best = best_eval(evals, select)
     if best is not None:
         summary.update(best=best, select=select)
-    if r.output.save_final:
+    if r.output.save_final and world.main:
         model, tokenizer = run.model, run.tokenizer
         if r.output.keep == "best" and best is not None and best["step"] != n_records - 1:
             log(f"final/ holds the dev-best weights: after record {best['step']} ({metric} {best[metric]:.4f}); "
@@ -258,7 +321,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         models.save_model(model, tokenizer, out / "final")
         summary["final"] = str(out / "final")
         summary["kept"] = r.output.keep
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    if world.main:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return summary
 
 

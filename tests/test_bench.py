@@ -126,3 +126,24 @@ def test_keep_freed_memory_reuses_freed_pages(tiny_model_dirs, lm_files, tmp_pat
     assert faults["keep"] == faults["train"] == 0
     assert faults["default"] > 0  # 16385 with 4 KiB pages; fewer where the kernel hands out huge pages
     assert faults["load"] > 0
+
+
+def test_bench_nproc_reports_each_rank_and_the_bytes_all_reduced():
+    # torchrun with 2 processes (gloo): each rank scores one row of the global batch of 2; one all-reduce of four
+    # float64 numbers (L+ and L-: loss sum and count) per step
+    res = json.loads(cli("bench", "--model", "config:64x2", "--batch-size", 2, "--seq-len", 8, "--repeats", 1,
+                         "--compile", "off", "--nproc", "2", "--json").stdout)
+    (point,) = res["points"]
+    assert point["nproc"] == 2 and [r["rank"] for r in point["ranks"]] == [0, 1]
+    assert [r["rows"] for r in point["ranks"]] == [1, 1]
+    assert point["reduced_bytes_per_step"] == 4 * 8
+    assert all(r["peak_bytes"] > 0 and r["tensor_peak_bytes"] > 0 for r in point["ranks"])
+    assert point["step_s"] == max(r["seconds"] for r in point["ranks"])
+
+
+@pytest.mark.parametrize("nproc", ["3", "0", "two", ""])
+def test_bench_nproc_must_be_counts_up_to_the_batch(nproc):
+    result = cli("bench", "--batch-size", 2, "--nproc", nproc, ok=False)
+    assert result.exit_code == 2
+    assert (f"--nproc must be process counts from 1 to --batch-size (2) separated by commas, got {nproc!r}"
+            in result.output)

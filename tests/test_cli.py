@@ -57,9 +57,11 @@ COMMANDS = {
     ("replay",): "Rebuild the trained weights from the base model and TRAJECTORY",
     ("eval",): "Score a model on RECIPE's task",
     ("inspect",): "Print a trajectory's header, steps",
+    ("compare",): "Compare runs by the dev metric",
     ("bench",): "Time and peak memory",
     ("data",): "Build datasets.",
     ("data", "rotten-tomatoes"): "Sentiment JSONL",
+    ("data", "debates"): "Who speaks, JSONL",
 }
 
 
@@ -72,8 +74,8 @@ def test_help_of_every_command(command):
 
 
 def test_every_command_has_help_text():
-    assert {c for c in main.commands} == {"train", "replay", "eval", "inspect", "bench", "sweep", "data"}
-    assert {("data", c) for c in main.commands["data"].commands} == {("data", "rotten-tomatoes")}
+    assert {c for c in main.commands} == {"train", "replay", "eval", "inspect", "compare", "bench", "sweep", "data"}
+    assert {("data", c) for c in main.commands["data"].commands} == {("data", "rotten-tomatoes"), ("data", "debates")}
 
 
 def test_version():
@@ -329,7 +331,7 @@ def test_data_rotten_tomatoes_offline(tmp_path, offline_wheel_cache):
 
     result = cli("data", "rotten-tomatoes", "--train", 4000, "--out", tmp_path / "big", ok=False)
     assert result.exit_code == 1
-    assert result.output == ("error: the Rotten Tomatoes data has 4863 usable snippets; 4000 + 500 + 1000 were "
+    assert result.output == ("error: the Rotten Tomatoes data has 4863 usable examples; 4000 + 500 + 1000 were "
                              "asked for\n")
 
 

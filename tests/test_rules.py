@@ -95,6 +95,34 @@ def test_fzoo_costs_at_most_16_bytes_per_direction(tmp_path, tiny_model_dirs):
     assert per_record <= 16
 
 
+def test_fzoo_under_data_parallel_reduces_each_direction_with_l0():
+    """Under torchrun loss_fn gives this rank's (loss sum, count) and `reduce` the global means of a pair (train.py,
+    distributed.global_losses). Here reduce is a stand-in for a 2-rank all-reduce whose other rank scored the same
+    sums: the global means are then this rank's, and the records equal a one-process step's."""
+    a, b = build_model("llama"), build_model("llama")
+    plain, parallel = (Mezo(m, trainable_set(m), seed=5, eps=1e-2, estimator="fzoo") for m in (a, b))
+    mean_loss = ids_loss(b)
+    calls = []
+
+    def two_ranks(base, part):
+        calls.append((base, part))
+        return base[0] * 2 / (base[1] * 2), part[0] * 2 / (part[1] * 2)
+
+    expected = plain.step(1, 3e-2, ids_loss(a), directions=3)
+    got = parallel.step(1, 3e-2, lambda: (float(mean_loss()) * 4, 4), directions=3, reduce=two_ranks)
+    assert got == expected and len(calls) == 3 and len({base for base, _ in calls}) == 1
+    assert plain.digest() == parallel.digest()
+
+
+def test_compare_counts_fzoo_forwards_and_labels_adam():
+    from mezo_tune.compare import forwards_per_record, optimizer_label
+
+    header = {"estimator": {"name": "fzoo", "version": 1, "directions": 4}, "update_rule": AdamRule().header(),
+              "recipe": "[mezo]\nlr = 0.001\n"}
+    assert forwards_per_record(header) == 1.25  # N + 1 forwards for N records
+    assert optimizer_label(header) == "fzoo K=4, adam beta1=0.9 beta2=0.999 eps=1e-08, lr 0.001 constant"
+
+
 @pytest.mark.parametrize("cut", [6, 8], ids=["inside-a-step", "at-a-step-end"])
 def test_fzoo_resume_is_bit_identical(tmp_path, tiny_model_dirs, cut):
     mezo = {"estimator": "fzoo", "directions": 4, "steps": 4}

