@@ -119,6 +119,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
                                                              flush_seconds=r.output.flush_seconds)
         check_resumable(data.header, header)
+        run.engine.digest_scheme = resumed_digest(data)  # the file goes on with the digests it holds
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
         start, partial = divmod(len(data.steps), K)
@@ -285,6 +286,19 @@ def skip_diagnosis(skipped: list[dict], traj_path: Path, shown: int = 5) -> str:
             f"mezo.lr or mezo.eps, check the training data, or set mezo.max_consecutive_skips = 0 to never stop. "
             f"{traj_path} is intact up to step {skipped[-1]['step']}: `mezo-tune inspect` shows it, and "
             f"`mezo-tune train --resume` continues it.")
+
+
+def resumed_digest(data) -> dict:
+    """The weights digest scheme a resumed trajectory's keyframes use (blake2b-256 for a format 1 or 2 file)."""
+    from .mezo import weights_digest
+    from .trajectory import TrajectoryError, keyframe_digest
+
+    try:
+        scheme = keyframe_digest(data)
+        weights_digest([], scheme)
+    except (ValueError, TrajectoryError) as e:
+        raise RunError(f"cannot resume {data.path}: {e}") from None
+    return scheme
 
 
 def check_resumable(recorded: dict, now: dict) -> None:
