@@ -90,6 +90,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
     r = recipe
     out = Path(r.output.dir)
     prepare_dir(out, resume, overwrite)
+    if resume and r.output.save_final and not (out / "final").exists():
+        from .trajectory import read_trajectory
+
+        finished = read_trajectory(out / TRAJECTORY)
+        if finished.end is not None:  # killed while writing final/: the trajectory has it all
+            return export_finished(r, finished, progress, log)
     if loaded is None and models.resolve_device(r.model.device) == "cpu":
         from .estimate import startup_memory_warning
 
@@ -252,11 +258,42 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
             model = rebuild(traj_path, steps=best["step"] + 1, verify=True, device=r.model.device,
                             progress=progress, log=log).model
-        models.save_model(model, tokenizer, out / "final")
+        save_final(model, tokenizer, out)
         summary["final"] = str(out / "final")
         summary["kept"] = r.output.keep
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return summary
+
+
+def save_final(model, tokenizer, out: Path) -> None:
+    """out/final, written as final.tmp and renamed: a kill during the export leaves no final/ (never a torn one), and
+    `--resume` then rebuilds it from the finished trajectory (export_finished)."""
+    from . import models
+
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.save_model(model, tokenizer, tmp)
+    tmp.rename(out / "final")
+
+
+def export_finished(r: Recipe, data, progress: bool, log) -> dict:
+    """`--resume` of a run whose trajectory is finished but whose final/ is missing (killed during the export):
+    final/ rebuilt from the trajectory, the weights training ended with (or, with output.keep = "best", the dev-best
+    ones), checked against the recorded digest before they are written."""
+    from .replay import rebuild
+    from .trajectory import best_eval
+
+    out = Path(r.output.dir)
+    best = best_eval(data.evals, data.header.get("select")) if r.output.keep == "best" else None
+    steps = best["step"] + 1 if best else data.end["steps"]
+    log(f"the run finished ({data.end['steps']} records) but final/ was not written: rebuilding it from "
+        f"{data.path} ({steps} records)")
+    rebuilt = rebuild(data.path, steps=steps, device=r.model.device, progress=progress, log=log)
+    save_final(rebuilt.model, rebuilt.tokenizer, out)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return {"output_dir": str(out), "trajectory": data.path, "steps": data.end["steps"] // r.mezo.directions,
+            "records": data.end["steps"],
+            "digest": data.end["digest"], "final": str(out / "final"), "kept": r.output.keep, "evals": data.evals}
 
 
 def _evals_since_best(evals: list[dict], select: dict) -> int:
