@@ -238,6 +238,18 @@ def inject(kill: Kill, recipe_for, ref: dict, work: Path) -> dict:
             "torn_tail": data.problem is not None, "same": same, "seconds": time.perf_counter() - t0}
 
 
+def reference(recipe_for, root: Path) -> dict:
+    """The uninterrupted run's outcome."""
+    from mezo_tune.recipe import load_recipe
+    from mezo_tune.train import train
+
+    ref_dir = root / "ref"
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    ref_dir.mkdir()
+    train(load_recipe(recipe_for(ref_dir / "recipe.toml", ref_dir / "run")), progress=False, log=lambda m: None)
+    return outcome(ref_dir / "run")
+
+
 def tiny_setup(root: Path, steps: int = 40):
     """The tiny Llama of conftest.py and a recipe factory: lm task, keyframes every 10, checkpoints every 15."""
     sys.path.insert(0, str(HERE))
@@ -283,18 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mezo-fault-injection"))
     args = ap.parse_args(argv)
 
-    from mezo_tune.recipe import load_recipe
-    from mezo_tune.train import train
-
     root = args.work / ("smollm2" if args.smollm2 else "tiny")
     root.mkdir(parents=True, exist_ok=True)
     recipe_for, sizes = smollm2_setup(root) if args.smollm2 else tiny_setup(root)
     t0 = time.perf_counter()
-    ref_dir = root / "ref"
-    shutil.rmtree(ref_dir, ignore_errors=True)
-    ref_dir.mkdir()
-    train(load_recipe(recipe_for(ref_dir / "recipe.toml", ref_dir / "run")), progress=False, log=lambda m: None)
-    ref = outcome(ref_dir / "run")
+    ref = reference(recipe_for, root)
     print(f"uninterrupted run: {len(ref['records'])} steps, {time.perf_counter() - t0:.1f} s")
     kills = draw_kills(args.kills, args.seed, **sizes)
     if args.phase:
