@@ -125,7 +125,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
                                                              flush_seconds=r.output.flush_seconds)
         check_resumable(data.header, header)
-        run.engine.digest_scheme = resumed_digest(data)  # the file goes on with the digests it holds
+        use_recorded_digest(run.engine, data)
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
         start, partial = divmod(len(data.steps), K)
@@ -292,8 +292,8 @@ def export_finished(r: Recipe, data, progress: bool, log) -> dict:
     save_final(rebuilt.model, rebuilt.tokenizer, out)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return {"output_dir": str(out), "trajectory": data.path, "steps": data.end["steps"] // r.mezo.directions,
-            "records": data.end["steps"],
-            "digest": data.end["digest"], "final": str(out / "final"), "kept": r.output.keep, "evals": data.evals}
+            "records": data.end["steps"], "digest": data.end["digest"], "final": str(out / "final"),
+            "kept": r.output.keep, "evals": data.evals}
 
 
 def _evals_since_best(evals: list[dict], select: dict) -> int:
@@ -325,17 +325,15 @@ def skip_diagnosis(skipped: list[dict], traj_path: Path, shown: int = 5) -> str:
             f"`mezo-tune train --resume` continues it.")
 
 
-def resumed_digest(data) -> dict:
-    """The weights digest scheme a resumed trajectory's keyframes use (blake2b-256 for a format 1 or 2 file)."""
-    from .mezo import weights_digest
+def use_recorded_digest(engine, data) -> None:
+    """A resumed trajectory goes on with the weights digest its keyframes use (blake2b-256 in a format 1 or 2
+    file), and so do the checkpoints it is resumed from."""
     from .trajectory import TrajectoryError, keyframe_digest
 
     try:
-        scheme = keyframe_digest(data)
-        weights_digest([], scheme)
+        engine.use_digest(keyframe_digest(data))
     except (ValueError, TrajectoryError) as e:
         raise RunError(f"cannot resume {data.path}: {e}") from None
-    return scheme
 
 
 def check_resumable(recorded: dict, now: dict) -> None:

@@ -20,7 +20,7 @@ from test_train import blocks, block_bytes, cli, lm_recipe, train_cli  # noqa: F
 
 from mezo_tune import mezo
 from mezo_tune.mezo import BLAKE2B_DIGEST, SUM_DIGEST, tensor_sum_hash, weights_digest
-from mezo_tune.trajectory import FORMAT_VERSION, keyframe_digest, read_trajectory
+from mezo_tune.trajectory import FORMAT_VERSION, TrajectoryError, keyframe_digest, read_trajectory
 
 FORMAT2 = Path(__file__).parent / "data" / "format2_run"
 # The digest of golden_tensors() (integer-built bit patterns: no float op, the same on every machine). Changing it
@@ -185,6 +185,14 @@ def test_cuda_gives_the_cpu_value():
 
 
 # ---- trajectories ---------------------------------------------------------------------------------------------------
+
+def test_the_scheme_of_each_format():
+    """trajectory.py knows which scheme a file holds; mezo.py computes it (the same name and version)."""
+    assert keyframe_digest({"format_version": 1}) == keyframe_digest({"format_version": 2}) == BLAKE2B_DIGEST
+    assert keyframe_digest({"format_version": 3, "weights_digest": SUM_DIGEST}) == SUM_DIGEST
+    with pytest.raises(TrajectoryError, match=r"^the trajectory header's weights_digest is None, not "):
+        keyframe_digest({"format_version": 3})
+
 
 def test_a_new_run_names_its_digest(tmp_path, lm_recipe):
     train_cli(lm_recipe(steps=4))
