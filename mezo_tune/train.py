@@ -266,14 +266,19 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
 
 
 def save_final(model, tokenizer, out: Path) -> None:
-    """out/final, written as final.tmp and renamed: a kill during the export leaves no final/ (never a torn one), and
-    `--resume` then rebuilds it from the finished trajectory (export_finished)."""
+    """out/final, written as final.tmp and renamed (an older final/, e.g. of a resumed run, moved aside first): a kill
+    during the export leaves no final/ (never a torn one), and `--resume` then rebuilds it from the finished
+    trajectory (export_finished)."""
     from . import models
 
-    tmp = out / "final.tmp"
+    tmp, final, old = out / "final.tmp", out / "final", out / "final.old"
     shutil.rmtree(tmp, ignore_errors=True)
     models.save_model(model, tokenizer, tmp)
-    tmp.rename(out / "final")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_finished(r: Recipe, data, progress: bool, log) -> dict:
