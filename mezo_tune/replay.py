@@ -104,10 +104,10 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     """Load the base model named in the trajectory (or `base`), check it, and apply the recorded steps (the first
     `steps` of them, or with best those up to the dev-best eval)."""
     from . import models
-    from .mezo import Mezo, UpdateRule, trainable_set, weights_digest
+    from .mezo import Mezo, UpdateRule, trainable_set
     from .recipe import parse_recipe
     from .run import check_base, check_recorded_data, use_compile
-    from .trajectory import read_trajectory
+    from .trajectory import TrajectoryError, keyframe_digest, read_trajectory
 
     data = read_trajectory(trajectory_path)
     header = data.header
@@ -134,8 +134,6 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     trainable = trainable_set(model, header["freeze"], adapter=bool(adapter))
     if trainable.header() != header["trainable"]:
         raise ReplayError(f"the trainable set of {model_cfg.path} does not match the trajectory's")
-    if weights_digest(trainable.params).hex() != header["initial_digest"]:
-        raise ReplayError("the starting weights do not match the trajectory's initial digest")
     zgen = header["z_generator"]
     from . import zrng
 
@@ -144,8 +142,14 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
                           f"{zrng.GENERATOR} v{zrng.GENERATOR_VERSION}: install the version that recorded it "
                           f"({header['tool']['version']})")
     device_name = str(next(model.parameters()).device)
-    engine = Mezo(model, trainable, seed=header["seed"], eps=header["eps"], distribution=zgen["distribution"],
-                  rounding=header["rounding"], use_compile=use_compile(recipe.mezo.compile, device_name), rule=rule)
+    try:
+        engine = Mezo(model, trainable, seed=header["seed"], eps=header["eps"], distribution=zgen["distribution"],
+                      rounding=header["rounding"], use_compile=use_compile(recipe.mezo.compile, device_name),
+                      rule=rule, digest=keyframe_digest(header))
+    except (ValueError, TrajectoryError) as e:
+        raise ReplayError(f"{e}: install the version that recorded it ({header['tool']['version']})") from None
+    if engine.digest().hex() != header["initial_digest"]:
+        raise ReplayError("the starting weights do not match the trajectory's initial digest")
     records = data.steps
     if steps is not None:
         if not 0 <= steps <= len(records):

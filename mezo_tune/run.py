@@ -162,7 +162,6 @@ def restore_recorded_init(run: Run, recorded_adapter: dict | None) -> bool:
 
 def build_header(run: Run) -> dict:
     from . import zrng
-    from .mezo import weights_digest
     from .recipe import selection
 
     r = run.recipe
@@ -187,7 +186,8 @@ def build_header(run: Run) -> dict:
         "estimator": estimator_header(r.mezo),
         "update_rule": run.engine.rule.header(),
         "select": selection(r.task.type, r.output.select),
-        "initial_digest": weights_digest(run.trainable.params).hex(),
+        "weights_digest": run.engine.digest_scheme,
+        "initial_digest": run.engine.digest().hex(),
         "recipe": recipe_to_toml(r),
         "data": data_header(run.train_rows, run.eval_rows),
     }

@@ -139,6 +139,12 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
     out = Path(r.output.dir)
     if world.main or resume:  # resume: only checks that there is a run
         prepare_dir(out, resume, overwrite)
+    if resume and r.output.save_final and not (out / "final").exists():
+        finished = read_trajectory(out / TRAJECTORY)
+        if finished.end is not None:  # killed while writing final/: the trajectory has it all
+            if not world.main:
+                return {}
+            return export_finished(r, finished, progress, log)
     if loaded is None and models.resolve_device(r.model.device) == "cpu":
         from .estimate import startup_memory_warning
 
@@ -176,6 +182,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
         if restore_recorded_init(run, data.header.get("adapter")):
             header = build_header(run)
         check_resumable(data.header, header)
+        use_recorded_digest(run.engine, data)
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
         check_base(data.header, run.base_digests, r.model.path)
         start, partial = divmod(len(data.steps), K)
@@ -318,12 +325,48 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
 
             model = rebuild(traj_path, steps=best["step"] + 1, verify=True, device=r.model.device,
                             progress=progress, log=log).model
-        models.save_model(model, tokenizer, out / "final")
+        save_final(model, tokenizer, out)
         summary["final"] = str(out / "final")
         summary["kept"] = r.output.keep
     if world.main:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return summary
+
+
+def save_final(model, tokenizer, out: Path) -> None:
+    """out/final, written as final.tmp and renamed (an older final/, e.g. of a resumed run, moved aside first): a kill
+    during the export leaves no final/ (never a torn one), and `--resume` then rebuilds it from the finished
+    trajectory (export_finished)."""
+    from . import models
+
+    tmp, final, old = out / "final.tmp", out / "final", out / "final.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.save_model(model, tokenizer, tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_finished(r: Recipe, data, progress: bool, log) -> dict:
+    """`--resume` of a run whose trajectory is finished but whose final/ is missing (killed during the export):
+    final/ rebuilt from the trajectory, the weights training ended with (or, with output.keep = "best", the dev-best
+    ones), checked against the recorded digest before they are written."""
+    from .replay import rebuild
+    from .trajectory import best_eval
+
+    out = Path(r.output.dir)
+    best = best_eval(data.evals, data.header.get("select")) if r.output.keep == "best" else None
+    steps = best["step"] + 1 if best else data.end["steps"]
+    log(f"the run finished ({data.end['steps']} records) but final/ was not written: rebuilding it from "
+        f"{data.path} ({steps} records)")
+    rebuilt = rebuild(data.path, steps=steps, device=r.model.device, progress=progress, log=log)
+    save_final(rebuilt.model, rebuilt.tokenizer, out)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return {"output_dir": str(out), "trajectory": data.path, "steps": data.end["steps"] // r.mezo.directions,
+            "records": data.end["steps"], "digest": data.end["digest"], "final": str(out / "final"),
+            "kept": r.output.keep, "evals": data.evals}
 
 
 def _evals_since_best(evals: list[dict], select: dict) -> int:
@@ -353,6 +396,17 @@ def skip_diagnosis(skipped: list[dict], traj_path: Path, shown: int = 5) -> str:
             f"mezo.lr or mezo.eps, check the training data, or set mezo.max_consecutive_skips = 0 to never stop. "
             f"{traj_path} is intact up to step {skipped[-1]['step']}: `mezo-tune inspect` shows it, and "
             f"`mezo-tune train --resume` continues it.")
+
+
+def use_recorded_digest(engine, data) -> None:
+    """A resumed trajectory goes on with the weights digest its keyframes use (blake2b-256 in a format 1 or 2
+    file), and so do the checkpoints it is resumed from."""
+    from .trajectory import TrajectoryError, keyframe_digest
+
+    try:
+        engine.use_digest(keyframe_digest(data))
+    except (ValueError, TrajectoryError) as e:
+        raise RunError(f"cannot resume {data.path}: {e}") from None
 
 
 def check_resumable(recorded: dict, now: dict) -> None:

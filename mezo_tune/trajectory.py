@@ -7,13 +7,15 @@ rebuild diverges. It is parsed as data (never unpickled), append-only, and crash
 CRC32, and a torn or corrupt tail is reported (``TrajectoryData.problem``), never raised, so `train --resume`
 can cut it off and go on.
 
-Format, version 2 (all integers little-endian; version 1 is read too: it is version 2 without V blocks):
+Format, version 3 (all integers little-endian; versions 1 and 2 are read too: version 2 is version 3 with
+blake2b-256 keyframes and no "weights_digest" in the header, version 1 is version 2 without V blocks):
 
     file    := magic header_len header header_crc block*
     magic   := b"MEZOTRJ1"                                    8 bytes
     header_len := u32                                          length of `header`
     header  := UTF-8 JSON object, json.dumps(sort_keys=True, separators=(",", ":"), allow_nan=False);
-               it always holds "format_version": 2
+               it always holds "format_version": 3, and "weights_digest": {"name", "version"}, the scheme of
+               every weights digest in the file (keyframes, the end block, "initial_digest"); see keyframe_digest()
     header_crc := u32                                          zlib.crc32(header)
     block   := b"\\xb7\\x0c" type:u8 length:u32 payload crc:u32
                crc = zlib.crc32(type byte + length bytes + payload)
@@ -28,7 +30,7 @@ Block types:
                    almost nothing. Steps are contiguous: a block's first_step is the previous block's last
                    step + 1 (the first S block starts at 0); a gap is treated as corruption. 1 <= count <= 65536
                    (MAX_STEPS_PER_BLOCK): a reader never inflates more than count * 17 bytes.
-    b"K" keyframe  payload := step:i64 digest (32 raw bytes)
+    b"K" keyframe  payload := step:i64 digest (32 raw bytes, by the header's weights digest scheme)
                    digest of the trainable tensors AFTER the update of `step` was applied (steps are 0-based);
                    step = -1 means "before any step" (the starting weights). `step` never exceeds the last
                    recorded step at the point the keyframe is written.
@@ -69,8 +71,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# Format 1 and 2 files name no digest scheme: all of their digests are blake2b-256 of the tensors' bytes.
+BLAKE2B_KEYFRAMES = {"name": "blake2b-256", "version": 1}
 MAGIC = b"MEZOTRJ1"
 BLOCK_MARKER = b"\xb7\x0c"
 DIGEST_BYTES = 32
@@ -238,7 +242,7 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
         elif buf[:7] == MAGIC[:7]:
             raise TrajectoryError(
                 f"{path}: trajectory format {buf[7:8].decode('latin-1')!r} is not supported by this version of "
-                f"mezo-tune (it reads format {FORMAT_VERSION}); upgrade mezo-tune."
+                f"mezo-tune (it reads {MAGIC.decode()} files); upgrade mezo-tune."
             )
         else:
             why = "it does not start with the trajectory magic b'MEZOTRJ1'"
@@ -341,6 +345,21 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
         path=path, header=header, steps=steps, keyframes=keyframes, end=end, intact_bytes=pos,
         problem=problem, header_bytes=header_end, evals=evals,
     )
+
+
+def keyframe_digest(data_or_header) -> dict:
+    """The weights digest scheme {"name", "version"} of a trajectory's keyframes, end block and initial digest: the
+    header's "weights_digest" from format 3 on, blake2b-256 in format 1 and 2 files (their readers compare with it,
+    so old runs still resume and replay)."""
+    header = data_or_header.header if isinstance(data_or_header, TrajectoryData) else data_or_header
+    if header.get("format_version", FORMAT_VERSION) < 3:
+        return dict(BLAKE2B_KEYFRAMES)
+    scheme = header.get("weights_digest")
+    if not (isinstance(scheme, dict) and isinstance(scheme.get("name"), str) and type(scheme.get("version")) is int):
+        raise TrajectoryError(f"the trajectory header's weights_digest is {scheme!r}, not {{\"name\": str, "
+                              f"\"version\": int}}: a format {header.get('format_version')} file names the scheme "
+                              f"of its keyframe digests; the header is damaged or was not written by mezo-tune.")
+    return {"name": scheme["name"], "version": scheme["version"]}
 
 
 def _decode_eval(payload: bytes, next_step: int) -> dict:
@@ -474,7 +493,7 @@ class TrajectoryWriter:
         digest = bytes(digest)
         if len(digest) != DIGEST_BYTES:
             raise TrajectoryError(f"{self.path}: keyframe digest must be {DIGEST_BYTES} raw bytes "
-                                  f"(blake2b-256), got {len(digest)}.")
+                                  f"(by the header's weights digest), got {len(digest)}.")
         if not -1 <= step < self._next_step:
             raise TrajectoryError(
                 f"{self.path}: keyframe for step {step}, but only steps 0..{self._next_step - 1} are recorded; "

@@ -77,6 +77,12 @@ def _bits(index: torch.Tensor, k0, k1) -> torch.Tensor:
     return _mix(_mix(lo ^ _signed32(k0)) ^ hi ^ _signed32(k1))
 
 
+def word_hash(words: torch.Tensor, index: torch.Tensor, k0, k1) -> torch.Tensor:
+    """mix(w ^ bits(i)) per int32 word w at int64 index i: for each i a bijection of w, the same bits on every device
+    (the weights digest, mezo.tensor_sum_hash, sums these)."""
+    return _mix(words ^ _bits(index, k0, k1))
+
+
 def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torch.Tensor:
     if distribution == "gaussian":
         s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255)

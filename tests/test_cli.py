@@ -232,7 +232,7 @@ def test_inspect_text(trained):
     tmp, _ = trained
     traj = tmp / "runs/x/trajectory.mezo"
     lines = cli("inspect", traj).output.splitlines()
-    assert lines[0] == f"trajectory  {traj}  (format 2)"
+    assert lines[0] == f"trajectory  {traj}  (format 3)"
     assert lines[1].startswith(f"model       {tiny_model_path(tmp)} (digest ")
     assert lines[2] == "dtype       float32"
     assert lines[3] == f"trainable   20 tensors, {TINY_LLAMA_PARAMS:,} elements"
@@ -357,7 +357,7 @@ def test_inspect_json_of_a_header_without_recipe(tmp_path):
 
     path = tmp_path / "h.mezo"
     TrajectoryWriter.create(path, {"seed": 1}).close()
-    assert cli("inspect", path).output.startswith(f"trajectory  {path}  (format 2)\n")
+    assert cli("inspect", path).output.startswith(f"trajectory  {path}  (format 3)\n")
     result = cli("inspect", path, "--json", ok=False)
     assert result.exit_code == 0, result.exception
     s = json.loads(result.output)

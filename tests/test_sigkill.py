@@ -1,5 +1,9 @@
 """Fault injection: `mezo-tune train` killed with SIGKILL at seeded random moments, resumed each time, ends
-bit-identical to an uninterrupted run (weights and every trajectory block); the steps each kill cost are counted."""
+bit-identical to an uninterrupted run (weights and every trajectory block); the steps each kill cost are counted.
+
+The first test kills from outside at random times (mostly inside forwards and updates); the second kills from inside
+(tests/fault_injection.py) during an update, a trajectory append, a checkpoint save and the final export. The full
+measurement, 20 kills, is `python tests/fault_injection.py` (README, "Reliability")."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+import fault_injection
 from conftest import CORPUS, write_jsonl
 from test_train import assert_same_weights, block_bytes, kill_train_when, train_cli, write_recipe
 
@@ -55,3 +60,16 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, tiny_m
     assert read_trajectory(traj).end == read_trajectory(tmp_path / "ref/trajectory.mezo").end
     print(f"\nsigkill: {KILLS} kills, steps lost per kill {lost} (at most {max(lost)}; the file gets a block every 16 "
           f"steps and at each checkpoint)")
+
+
+def test_sigkill_inside_an_update_an_append_a_checkpoint_and_the_export(tmp_path):
+    recipe_for, sizes = fault_injection.tiny_setup(tmp_path, steps=30)
+    ref = fault_injection.reference(recipe_for, tmp_path)
+    kills = fault_injection.draw_kills(5, 13, **sizes)[1:]  # [0], inside a forward: the test above hits those
+    assert [k.phase for k in kills] == ["update", "append", "checkpoint", "export"]
+    lost = []
+    for kill in kills:
+        r = fault_injection.inject(kill, recipe_for, ref, tmp_path / kill.phase)
+        assert all(r["same"].values()), (kill, r["same"])
+        lost.append(r["lost"])
+    print(f"\nsigkill inside: {', '.join(f'{k.phase} ({k.where()}): {n} lost' for k, n in zip(kills, lost))}")

@@ -268,7 +268,7 @@ def test_corrupt_header_and_unsupported_version(tmp_path):
     with pytest.raises(TrajectoryError, match=r"trajectory format '2' is not supported"):
         read_trajectory(bad)
     with pytest.raises(TrajectoryError, match=r"leave format_version out of the header"):
-        TrajectoryWriter.create(tmp_path / "v3.bin", {"format_version": 3})
+        TrajectoryWriter.create(tmp_path / "v4.bin", {"format_version": 4})
 
 
 def test_create_refuses_to_overwrite(tmp_path):
