@@ -73,6 +73,7 @@ NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]  # in (0, 1]
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Set while a recipe file is being validated: the loader reports cross-field problems itself, one
@@ -255,6 +256,13 @@ def _momentum_problems(momentum: float, window: int, steps: int, directions: int
     return []
 
 
+def _direction_problems(direction_type: str, rounding: str) -> list[tuple[str, str]]:
+    if rounding == "stochastic" and direction_type in ("sparse", "lowrank"):
+        return [("rounding", f'"stochastic" is not available with direction_type = "{direction_type}" (its z is '
+                             'formed outside the fused kernels); use "nearest", or dense or layerwise directions')]
+    return []
+
+
 class MezoConfig(_Section):
     lr: PositiveFloat
     eps: PositiveFloat
@@ -269,6 +277,13 @@ class MezoConfig(_Section):
     directions: PositiveInt = 1
     momentum: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
     momentum_window: PositiveInt = 10
+    direction_type: Literal["dense", "layerwise", "sparse", "lowrank"] = "dense"
+    layer_fraction: Fraction = 0.25
+    layer_count: NonNegativeInt = 0
+    sparse_mask: Literal["magnitude", "random"] = "magnitude"
+    sparse_fraction: Fraction = 0.25
+    lowrank_rank: Literal[1, 2, 4, 8, 16] = 2
+    lowrank_v_every: PositiveInt = 50
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"
     max_consecutive_skips: NonNegativeInt = 10
@@ -277,7 +292,8 @@ class MezoConfig(_Section):
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:
         if not _from_loader(info):
             _raise_problems(_mezo_problems(self.lr, self.min_lr) + _warmup_problems(self.warmup_steps, self.steps)
-                            + _momentum_problems(self.momentum, self.momentum_window, self.steps, self.directions))
+                            + _momentum_problems(self.momentum, self.momentum_window, self.steps, self.directions)
+                            + _direction_problems(self.direction_type, self.rounding))
         return self
 
 
@@ -691,7 +707,8 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     if _MISSING_VALUE not in (lr, min_lr):
         found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
     for check, keys in ((_warmup_problems, ("warmup_steps", "steps")),
-                        (_momentum_problems, ("momentum", "momentum_window", "steps", "directions"))):
+                        (_momentum_problems, ("momentum", "momentum_window", "steps", "directions")),
+                        (_direction_problems, ("direction_type", "rounding"))):
         values = [good("mezo", k) for k in keys]
         if _MISSING_VALUE not in values:
             found += [("mezo", k, t) for k, t in check(*values)]

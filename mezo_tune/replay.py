@@ -100,6 +100,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     """Load the base model named in the trajectory (or `base`), check it, and apply the recorded steps (the first
     `steps` of them, or with best those up to the dev-best eval)."""
     from . import models
+    from .directions import Directions
     from .mezo import Mezo, UpdateRule, trainable_set, weights_digest
     from .recipe import parse_recipe
     from .run import check_base, check_recorded_data, use_compile
@@ -111,6 +112,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
         log(f"warning: {trajectory_path}: {data.problem}; replaying the {len(data.steps)} intact steps")
     try:
         rule = UpdateRule.from_header(header.get("update_rule"))
+        directions = Directions.from_header(header.get("direction"))
     except ValueError as e:
         raise ReplayError(f"the trajectory's {e}: install the version that recorded it "
                           f"({header['tool']['version']})") from None
@@ -141,7 +143,8 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
                           f"({header['tool']['version']})")
     device_name = str(next(model.parameters()).device)
     engine = Mezo(model, trainable, seed=header["seed"], eps=header["eps"], distribution=zgen["distribution"],
-                  rounding=header["rounding"], use_compile=use_compile(recipe.mezo.compile, device_name), rule=rule)
+                  rounding=header["rounding"], use_compile=use_compile(recipe.mezo.compile, device_name), rule=rule,
+                  directions=directions)
     records = data.steps
     if steps is not None:
         if not 0 <= steps <= len(records):

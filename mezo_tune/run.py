@@ -97,6 +97,7 @@ def make_task(recipe: Recipe, tokenizer):
 def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None) -> Run:
     """loaded: (model, tokenizer, source) of recipe.model already in memory (sweep), used instead of loading it."""
     from . import models
+    from .directions import Directions
     from .mezo import Mezo, UpdateRule, trainable_set
 
     model, tokenizer, source = loaded or models.load(recipe.model, progress)
@@ -106,11 +107,16 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     task = make_task(recipe, tokenizer)
     train_rows, eval_rows = load_data(recipe, task)
     trainable = trainable_set(model, recipe.model.freeze, adapter=recipe.adapter.type != "none")
+    try:
+        directions = Directions.from_recipe(recipe.mezo).resolved(len(trainable.names))
+    except ValueError as e:
+        raise RunError(f"[mezo] {e}: lower it, or give a layer_fraction instead") from None
     device = str(next(model.parameters()).device)
     engine = Mezo(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
                   distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
                   use_compile=use_compile(recipe.mezo.compile, device),
-                  rule=UpdateRule(recipe.mezo.momentum, recipe.mezo.momentum_window if recipe.mezo.momentum else 1))
+                  rule=UpdateRule(recipe.mezo.momentum, recipe.mezo.momentum_window if recipe.mezo.momentum else 1),
+                  directions=directions)
     return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
 
 
@@ -150,6 +156,7 @@ def build_header(run: Run) -> dict:
         "keyframe_every": r.mezo.keyframe_every,
         "estimator": {"name": "spsa", "directions": r.mezo.directions},
         "update_rule": run.engine.rule.header(),
+        "direction": run.engine.directions.header(),
         "select": selection(r.task.type, r.output.select),
         "initial_digest": weights_digest(run.trainable.params).hex(),
         "recipe": recipe_to_toml(r),
