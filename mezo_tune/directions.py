@@ -113,7 +113,7 @@ class Directions:
         """z of the two forwards, fp32, shaped like w (w: the stored weights, read by the magnitude mask)."""
         if self.kind == "sparse":
             z = zrng.z_for(seed, record, name, w.numel(), distribution, device=w.device)
-            return (z * self._mask(seed, record, name, w)).view(w.shape)
+            return self._masked(z, seed, record, name, w).view(w.shape)
         return _low_rank(seed, record, record // self.v_every, name, tuple(w.shape), self.rank, distribution, w.device)
 
     def update_direction(self, seed: int, record: int, name: str, w: torch.Tensor,
@@ -122,10 +122,21 @@ class Directions:
         z = self.perturbation(seed, record, name, w, distribution)
         return z * (1.0 / self.rank) if self.kind == "lowrank" else z
 
-    def _mask(self, seed: int, record: int, name: str, w: torch.Tensor) -> torch.Tensor:
-        if self.mask == "random":
-            return random_mask(seed, record, name, w.numel(), self.fraction, w.device)
-        return magnitude_mask(seed, name, w, self.fraction)
+    def _masked(self, z: torch.Tensor, seed: int, record: int, name: str, w: torch.Tensor) -> torch.Tensor:
+        """z ⊙ m in place, a chunk of zrng.CHUNK elements at a time (bounds the mask's temporaries)."""
+        flat_w = w.reshape(-1)
+        tau = magnitude_threshold(seed, name, w, self.fraction) if self.mask == "magnitude" else None
+        for a, b in zrng.chunks(z.numel()):
+            if tau is None:
+                z[a:b] *= random_mask(seed, record, name, b - a, self.fraction, w.device, offset=a)
+            else:
+                z[a:b] *= (flat_w[a:b].abs() <= tau).to(torch.float32)
+        return z
+
+    def mask_of(self, seed: int, record: int, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The 0/1 mask of a sparse record, as a bool tensor shaped like w (for tests and inspection)."""
+        ones = torch.ones(w.numel(), dtype=torch.float32, device=w.device)
+        return self._masked(ones, seed, record, name, w).view(w.shape).bool()
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,10 +150,12 @@ def _chosen(seed: int, record: int, names: tuple[str, ...], count: int) -> froze
     return frozenset(sorted(names, key=rank)[:count])
 
 
-def random_mask(seed: int, record: int, name: str, numel: int, fraction: float, device) -> torch.Tensor:
-    """m_i = 1.0 where 32 hash bits of the MASK_STREAM fall below fraction·2**32 (an integer: no float compare)."""
-    bits = zrng.bits_for(seed, record, name, torch.arange(numel, dtype=torch.int64, device=device), MASK_STREAM)
-    return (bits < round(fraction * 2**32)).to(torch.float32)
+def random_mask(seed: int, record: int, name: str, numel: int, fraction: float, device,
+                offset: int = 0) -> torch.Tensor:
+    """m_i = 1.0 for elements offset .. offset + numel - 1 whose 32 hash bits of the MASK_STREAM fall below
+    fraction·2**32 (an integer: no float compare)."""
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    return (zrng.bits_for(seed, record, name, index, MASK_STREAM) < round(fraction * 2**32)).to(torch.float32)
 
 
 def magnitude_threshold(seed: int, name: str, w: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -157,11 +170,6 @@ def magnitude_threshold(seed: int, name: str, w: torch.Tensor, fraction: float) 
         sample = flat[idx]
     k = max(1, round(fraction * sample.numel()))
     return sample.abs().kthvalue(k).values
-
-
-def magnitude_mask(seed: int, name: str, w: torch.Tensor, fraction: float) -> torch.Tensor:
-    """m_i = 1.0 where |θ_i| <= τ (magnitude_threshold): about `fraction` of the elements, the smallest ones."""
-    return (w.reshape(-1).abs() <= magnitude_threshold(seed, name, w, fraction)).to(torch.float32)
 
 
 def _low_rank(seed: int, record: int, v_record: int, name: str, shape: tuple[int, int], rank: int,

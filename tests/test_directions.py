@@ -14,7 +14,7 @@ from test_learning import BASE_RECIPE, _copy_first_records, recipe_file
 from test_train import assert_same_weights, cli, train_cli
 
 from mezo_tune import zrng
-from mezo_tune.directions import SAMPLE, U_STREAM, V_STREAM, Directions, magnitude_threshold
+from mezo_tune.directions import SAMPLE, U_STREAM, V_STREAM, Directions, magnitude_threshold, random_mask
 from mezo_tune.mezo import Mezo, trainable_set, update_scale
 from mezo_tune.recipe import RecipeError, parse_recipe
 from mezo_tune.trajectory import read_trajectory
@@ -106,7 +106,7 @@ def test_sparse_changes_exactly_the_masked_elements(mask):
     model, trainable, engine = _engine(directions)
     _forward_pair_leaves_weights(model, trainable, engine, 3)
     before = [p.detach().clone() for p in trainable.params]
-    expected = [directions._mask(5, 3, n, b).view(b.shape).bool() for n, b in zip(trainable.names, before)]
+    expected = [directions.mask_of(5, 3, n, b) for n, b in zip(trainable.names, before)]
     engine.apply_update(3, 1e-2)
     for name, p, b, m in zip(trainable.names, trainable.params, before, expected):
         assert torch.equal(p != b, m), name  # Irwin-Hall z is never 0: every masked element moves, no other
@@ -114,6 +114,13 @@ def test_sparse_changes_exactly_the_masked_elements(mask):
         n = b.numel() if mask == "random" else min(b.numel(), SAMPLE)
         if b.numel() > 64 and b.std() > 0:
             assert abs(m.float().mean().item() - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5 + 1 / n, name
+
+
+def test_a_random_mask_is_the_same_whole_or_in_chunks():
+    whole = random_mask(1, 2, "w", 1000, 0.3, "cpu")
+    assert torch.equal(torch.cat([random_mask(1, 2, "w", 400, 0.3, "cpu"),
+                                  random_mask(1, 2, "w", 600, 0.3, "cpu", offset=400)]), whole)
+    assert torch.equal(random_mask(1, 2, "w", 1000, 1.0, "cpu"), torch.ones(1000))  # fraction 1: every element
 
 
 def test_magnitude_threshold_is_an_exact_element_of_a_fixed_sample():
