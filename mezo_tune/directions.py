@@ -97,6 +97,22 @@ class Directions:
         count = self.count or max(1, round(self.fraction * n_tensors))
         return Directions(self.kind, count=count, fraction=self.fraction)
 
+    def describe(self) -> str:
+        """One line for `train --dry-run`: what a record perturbs, and what it costs beside dense MeZO."""
+        formed = ("z formed per tensor in eager fp32 three times a record (no fused kernel): extra memory of about "
+                  "4-8 bytes per element of the largest such tensor")
+        if self.kind == "layerwise":
+            return (f"layerwise, {self.count} trainable tensors per record (chosen by seed); the others get no z, no "
+                    "hook and no update")
+        if self.kind == "sparse":
+            how = ("the smallest |θ| (threshold: exact k-th value of a 4096-element sample)" if self.mask == "magnitude"
+                   else "a seed-random mask")
+            return f"sparse, about {self.fraction:.0%} of each tensor's elements, {how}; {formed}"
+        if self.kind == "lowrank":
+            return (f"lowrank, z = U Vᵀ of rank {self.rank} for 2-D tensors (V kept {self.v_every} records), dense for "
+                    f"the others; {formed}")
+        return "dense, every element of every trainable tensor (fused kernels, z never stored)"
+
     # ---- which tensors, and which of them get a formed z ---------------------------------------------------------
     def touched(self, seed: int, record: int, names: tuple[str, ...]) -> frozenset[str]:
         """The tensors record `record` perturbs and updates."""

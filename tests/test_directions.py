@@ -59,6 +59,10 @@ def test_the_choice_is_in_the_dry_run_and_a_dense_run_names_it(tmp_path, tiny_mo
     recipe = recipe_file(tmp_path, tiny_model_dirs(), mezo={"direction_type": "lowrank"})
     out = cli("train", recipe, "--dry-run").output
     assert 'direction_type = "lowrank"' in out and "lowrank_rank = 2" in out and "lowrank_v_every = 50" in out
+    assert "\ndirections: lowrank, z = U Vᵀ of rank 2 for 2-D tensors (V kept 50 records), dense for the others; " in out
+    layers = recipe_file(tmp_path, tiny_model_dirs(), mezo={"direction_type": "layerwise"}, name="l.toml")
+    assert "\ndirections: layerwise, 5 trainable tensors per record (chosen by seed); " in cli(
+        "train", layers, "--dry-run").output  # 0.25 of the tiny llama's 20 tensors
     train_cli(recipe_file(tmp_path, tiny_model_dirs(), out="runs/d", name="d.toml"))
     assert read_trajectory(tmp_path / "runs/d/trajectory.mezo").header["direction"] == {"name": "dense"}
     assert Directions.from_header(None) == Directions()  # a trajectory from before directions: dense
