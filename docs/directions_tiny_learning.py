@@ -37,7 +37,7 @@ def main(n: int, lr: float, eps: float = 1e-3) -> None:
         engine = Mezo(model, trainable, seed=1, eps=eps, directions=directions.resolved(len(trainable.names)))
 
         def loss():
-            return model(**enc, labels=labels).loss
+            return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
 
         curve, t0 = [], time.perf_counter()
         for r in range(n + 1):
