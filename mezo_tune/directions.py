@@ -37,8 +37,6 @@ from . import zrng
 # zrng streams: 0 = z, 1 = stochastic rounding, 2 = adapter initial values (adapters.py); these are the directions'.
 MASK_STREAM, U_STREAM, V_STREAM, LAYER_STREAM = 3, 4, 5, 6
 KINDS = ("dense", "layerwise", "sparse", "lowrank")
-SPARSE_MASKS = ("random", "magnitude")
-RANKS = (1, 2, 4, 8, 16)  # powers of two up to 16: U Vᵀ and U Vᵀ / r stay exact in fp32 (module docstring)
 SAMPLE = 4096  # elements sampled per tensor for the magnitude threshold
 VERSION = 1
 
@@ -88,8 +86,7 @@ class Directions:
 
     def resolved(self, n_tensors: int) -> "Directions":
         """Layerwise with count = 0: the count the fraction gives for this trainable set (the nearest whole number of
-        tensors, at least one).
-        Raises ValueError when a count exceeds the set."""
+        tensors, at least one). Raises ValueError when a count exceeds the set."""
         if self.kind != "layerwise":
             return self
         if self.count > n_tensors:

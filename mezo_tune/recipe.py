@@ -282,7 +282,7 @@ class MezoConfig(_Section):
     layer_count: NonNegativeInt = 0
     sparse_mask: Literal["magnitude", "random"] = "magnitude"
     sparse_fraction: Fraction = 0.25
-    lowrank_rank: Literal[1, 2, 4, 8, 16] = 2
+    lowrank_rank: Literal[1, 2, 4, 8, 16] = 2  # powers of two <= 16 keep U Vᵀ / r exact (directions.py)
     lowrank_v_every: PositiveInt = 50
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"

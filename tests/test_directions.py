@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_model
+from safetensors.torch import load_file
 from test_learning import BASE_RECIPE, _copy_first_records, recipe_file
-from test_train import assert_same_weights, cli, train_cli
+from test_train import assert_same_weights, cli, train_cli, write_recipe
 
 from mezo_tune import zrng
 from mezo_tune.directions import SAMPLE, U_STREAM, V_STREAM, Directions, magnitude_threshold, random_mask
@@ -194,3 +195,19 @@ def test_a_layer_count_above_the_trainable_set_is_refused_naming_the_key(tmp_pat
     assert result.output == ("error: [mezo] mezo.layer_count = 21 but the trainable set has 20 tensors: lower it, "
                              "or give a layer_fraction instead\n")
     assert not (tmp_path / "runs/x/trajectory.mezo").exists()
+
+
+@pytest.mark.parametrize("sets", [["mezo.direction_type=lowrank", "mezo.lowrank_v_every=2"],
+                                  ["mezo.direction_type=sparse"]], ids=["lowrank", "sparse-magnitude"])
+def test_formed_directions_replay_bit_equal_in_bfloat16(tmp_path, tiny_model_dirs, lm_files, sets):
+    # bf16 storage: the formed perturbation and update round to bf16 exactly as the dense kernels do
+    train, _ = lm_files
+    recipe = write_recipe(tmp_path / "r.toml", tiny_model_dirs("llama", "bfloat16"), train, out=tmp_path / "run",
+                          dtype="bfloat16", steps=4, lr=1e-2)
+    train_cli(recipe, *[a for s in sets for a in ("--set", s)])
+    cli("replay", tmp_path / "run/trajectory.mezo", "--out", tmp_path / "rep", "--verify", "-q")
+    assert_same_weights(tmp_path / "run/final/model.safetensors", tmp_path / "rep/model.safetensors")
+    start = build_model("llama", torch.bfloat16)
+    trained = load_file(tmp_path / "run/final/model.safetensors")
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"],
+                           start.state_dict()["model.layers.0.mlp.up_proj.weight"])  # it moved
