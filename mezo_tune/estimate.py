@@ -123,6 +123,7 @@ def dry_run_report(recipe: Recipe) -> str:
     kind = "" if recipe.adapter.type == "none" else f"{recipe.adapter.type} adapter in float32; "
     lines.append(f"trainable: {est['trainable_params']:,} parameters in {est['trainable_tensors']} tensors "
                  f"({kind}model: {est['params']:,})")
+    lines.append(f"directions: {_directions_line(recipe, est['trainable_tensors'])}")
     quant = "" if recipe.model.quantization == "none" else f", {recipe.model.quantization} base"
     lines.append(f"estimated peak memory: {est['peak_bytes'] / gib:.2f} GiB "
                  f"(batch {recipe.mezo.batch_size} x {recipe.data.max_length} tokens, {recipe.model.dtype}{quant})")
@@ -130,6 +131,15 @@ def dry_run_report(recipe: Recipe) -> str:
     for name, v in est["parts"].items():
         lines.append(f"  {name:15} {v / gib:7.3f} GiB" + ("  (freed before the peak)" if name == off_peak else ""))
     return "\n".join(lines)
+
+
+def _directions_line(recipe: Recipe, n_tensors: int) -> str:
+    from .directions import Directions
+
+    try:
+        return Directions.from_recipe(recipe.mezo).resolved(n_tensors).describe()
+    except ValueError as e:
+        return f"{e} (train will refuse it)"
 
 
 def measure_step_peak_bytes(recipe: Recipe) -> int:

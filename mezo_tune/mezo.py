@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from . import zrng
+from .directions import Directions
 
 ESTIMATORS = ("spsa", "fzoo")
 ADAM_PREFIX = "mezo-tune/adam/"  # checkpoint tensor names of the Adam moments: "mezo-tune/adam/m/<tensor name>"
@@ -393,10 +394,11 @@ class Mezo:
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
-                 rule: UpdateRule | AdamRule = UpdateRule(), estimator: str = "spsa", large_linear: int = 1 << 23,
-                 digest: dict = SUM_DIGEST):
+                 rule: UpdateRule | AdamRule = UpdateRule(), estimator: str = "spsa",
+                 directions: Directions = Directions(), large_linear: int = 1 << 23, digest: dict = SUM_DIGEST):
         """estimator: how `step` scores its directions, "spsa" (two-point) or "fzoo" (one-sided, normalised); replay
-        never needs it. large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row
+        never needs it. directions: which tensors and elements each record's z touches (directions.py); dense by
+        default. large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row
         blocks. digest: the weights digest scheme of `digest()` (a resumed or replayed run: the one its trajectory
         holds)."""
         if distribution not in zrng.DISTRIBUTIONS:
@@ -407,10 +409,16 @@ class Mezo:
             raise ValueError(f"unknown estimator {estimator!r}")
         if isinstance(rule, AdamRule) and rounding != "nearest":
             raise ValueError("the adam update rule rounds to nearest only")
+        if isinstance(rule, AdamRule) and directions.kind != "dense":
+            raise ValueError(f"the adam update rule needs dense directions (got {directions.kind})")
+        if rounding == "stochastic" and directions.kind in ("sparse", "lowrank"):
+            raise ValueError(f"stochastic rounding is not available with {directions.kind} directions")
         self.model, self.trainable = model, trainable
         self.seed, self.eps, self.distribution, self.rounding = seed, eps, distribution, rounding
         self.use_compile = use_compile
         self.rule, self.estimator = rule, estimator
+        self.directions = directions
+        self._names = tuple(trainable.names)
         self.use_digest(digest)
         self._window: deque = deque(maxlen=rule.window)  # the latest records (the momentum rule's only state)
         self.adam = AdamState.zeros(trainable.params) if isinstance(rule, AdamRule) else None
@@ -424,8 +432,9 @@ class Mezo:
             own = [p for p in module.parameters(recurse=False) if id(p) in self._name_of]
             if not own:
                 continue
-            if "forward" not in module.__dict__:  # never replace a forward someone else (accelerate) installed
-                weight = getattr(module, "weight", None)
+            weight = getattr(module, "weight", None)
+            # never replace a forward someone else (accelerate) installed; a formed z goes through the swap hooks
+            if "forward" not in module.__dict__ and not (id(weight) in self._name_of and directions.forms(weight)):
                 if _is_plain_embedding(module) and id(weight) in self._name_of:
                     self._embeddings.append(module)
                     own = [p for p in own if p is not weight]
@@ -451,6 +460,10 @@ class Mezo:
         stream_keys: dict = {}
         swapped: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         handles = []
+        touched = self.directions.touched(self.seed, step, self._names)
+
+        def is_touched(p) -> bool:
+            return self._name_of[id(p)] in touched
 
         def eps_on(device):
             if device not in eps_t:
@@ -465,6 +478,10 @@ class Mezo:
 
         def perturb(out: torch.Tensor, w: torch.Tensor, p, offset: int = 0) -> None:
             """out = θ ± εz for the elements [offset, offset + numel) of parameter p (w: those values)."""
+            if self.directions.forms(w):  # the whole tensor (formed z never takes the row-block paths)
+                z = self.directions.perturbation(self.seed, step, self._name_of[id(p)], w, self.distribution)
+                out.copy_((w.to(torch.float32) + eps_on(w.device).to(torch.float32) * z).to(out.dtype))
+                return
             flat_w, flat_out = w.reshape(-1), out.view(-1)
             for a, b in zrng.chunks(flat_w.numel()):
                 key = zrng.key_tensor(*key_of(p), offset + a, w.device)
@@ -519,17 +536,17 @@ class Mezo:
         overridden = []
         try:
             for module, params in self._owners:
+                params = [p for p in params if is_touched(p)]  # a module with none touched runs untouched, unhooked
                 if params:
                     handles.append(module.register_forward_pre_hook(
                         lambda m, a, ps=params: pre_hook(m, a, ps)))
                     handles.append(module.register_forward_hook(
                         lambda m, a, o, ps=params: post_hook(m, a, o, ps)))
-            for module, fn in ((m, embedding_forward) for m in self._embeddings):
-                module.forward = functools.partial(fn, module)
-                overridden.append(module)
-            for module in self._large_linears:
-                module.forward = functools.partial(linear_forward, module)
-                overridden.append(module)
+            for module, fn in [(m, embedding_forward) for m in self._embeddings] + [
+                    (m, linear_forward) for m in self._large_linears]:
+                if is_touched(module.weight):
+                    module.forward = functools.partial(fn, module)
+                    overridden.append(module)
             yield
         finally:
             for module in overridden:
@@ -591,7 +608,8 @@ class Mezo:
 
     # -- contract 4
     def apply_update(self, step: int, c: float) -> None:
-        """θ ← R(θ - c·z_step) for every trainable tensor. c == 0 changes no bit (and is not even computed)."""
+        """θ ← R(θ - c·z_step) for every trainable tensor the step's directions touch. c == 0 changes no bit (and is
+        not even computed)."""
         if c == 0.0:
             return
         if self.rounding == "stochastic":
@@ -599,11 +617,18 @@ class Mezo:
         else:
             kernel = zrng.kernel(zrng.update_kernel, self.use_compile)
         c_t = {}
+        touched = self.directions.touched(self.seed, step, self._names)
         with torch.no_grad():
             for name, p in zip(self.trainable.names, self.trainable.params):
                 w = p.data
+                if name not in touched:
+                    continue
                 if w.device not in c_t:
                     c_t[w.device] = torch.tensor(c, dtype=torch.float64, device=w.device)
+                if self.directions.forms(w):
+                    z = self.directions.update_direction(self.seed, step, name, w, self.distribution)
+                    w.copy_((w.to(torch.float64) - c_t[w.device] * z.to(torch.float64)).to(torch.float32).to(w.dtype))
+                    continue
                 flat = w.view(-1) if w.is_contiguous() else w.reshape(-1).clone()
                 keys = self._chunk_keys(step, name, w.numel(), w.device)
                 if self.rounding == "stochastic":

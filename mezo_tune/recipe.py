@@ -73,6 +73,7 @@ NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]  # in (0, 1]
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Set while a recipe file is being validated: the loader reports cross-field problems itself, one
@@ -272,7 +273,7 @@ def _momentum_problems(momentum: float, window: int, steps: int, directions: int
 
 
 def _optimizer_problems(estimator: str, directions: int, adam: bool, momentum: float,
-                        rounding: str) -> list[tuple[str, str]]:
+                        rounding: str, direction_type: str) -> list[tuple[str, str]]:
     """Estimator and update-rule choices that do not go together (DESIGN.md contract 7)."""
     found = []
     if estimator == "fzoo" and directions < 2:
@@ -281,9 +282,19 @@ def _optimizer_problems(estimator: str, directions: int, adam: bool, momentum: f
     if adam and momentum:
         found.append(("adam", f"adam keeps its own first moment: set momentum = 0 (got {_show(momentum)}) or "
                               f"adam = false"))
+    if adam and direction_type != "dense":
+        found.append(("adam", f'adam updates every element from its moments: it needs direction_type = "dense" '
+                              f'(got {_show(direction_type)}) or adam = false'))
     if adam and rounding != "nearest":
         found.append(("adam", f'adam rounds to nearest: set rounding = "nearest" (got {_show(rounding)}) or adam = false'))
     return found
+
+
+def _direction_problems(direction_type: str, rounding: str) -> list[tuple[str, str]]:
+    if rounding == "stochastic" and direction_type in ("sparse", "lowrank"):
+        return [("rounding", f'"stochastic" is not available with direction_type = "{direction_type}" (its z is '
+                             'formed outside the fused kernels); use "nearest", or dense or layerwise directions')]
+    return []
 
 
 class MezoConfig(_Section):
@@ -305,6 +316,13 @@ class MezoConfig(_Section):
     adam_beta1: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
     adam_beta2: Annotated[StrictFloat, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.999
     adam_eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 1e-8
+    direction_type: Literal["dense", "layerwise", "sparse", "lowrank"] = "dense"
+    layer_fraction: Fraction = 0.25
+    layer_count: NonNegativeInt = 0
+    sparse_mask: Literal["magnitude", "random"] = "magnitude"
+    sparse_fraction: Fraction = 0.25
+    lowrank_rank: Literal[1, 2, 4, 8, 16] = 2  # powers of two <= 16 keep U Vᵀ / r exact (directions.py)
+    lowrank_v_every: PositiveInt = 50
     keyframe_every: PositiveInt = 100
     compile: Literal["auto", "on", "off"] = "auto"
     max_consecutive_skips: NonNegativeInt = 10
@@ -315,7 +333,8 @@ class MezoConfig(_Section):
             _raise_problems(_mezo_problems(self.lr, self.min_lr) + _warmup_problems(self.warmup_steps, self.steps)
                             + _momentum_problems(self.momentum, self.momentum_window, self.steps, self.directions)
                             + _optimizer_problems(self.estimator, self.directions, self.adam, self.momentum,
-                                                  self.rounding))
+                                                  self.rounding, self.direction_type)
+                            + _direction_problems(self.direction_type, self.rounding))
         return self
 
 
@@ -730,7 +749,9 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
         found += [("mezo", k, t) for k, t in _mezo_problems(lr, min_lr)]
     for check, keys in ((_warmup_problems, ("warmup_steps", "steps")),
                         (_momentum_problems, ("momentum", "momentum_window", "steps", "directions")),
-                        (_optimizer_problems, ("estimator", "directions", "adam", "momentum", "rounding"))):
+                        (_optimizer_problems, ("estimator", "directions", "adam", "momentum", "rounding",
+                                               "direction_type")),
+                        (_direction_problems, ("direction_type", "rounding"))):
         values = [good("mezo", k) for k in keys]
         if _MISSING_VALUE not in values:
             found += [("mezo", k, t) for k, t in check(*values)]

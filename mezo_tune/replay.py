@@ -104,6 +104,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     """Load the base model named in the trajectory (or `base`), check it, and apply the recorded steps (the first
     `steps` of them, or with best those up to the dev-best eval)."""
     from . import models
+    from .directions import Directions
     from .mezo import Mezo, UpdateRule, trainable_set
     from .recipe import parse_recipe
     from .run import check_base, check_recorded_data, use_compile
@@ -115,6 +116,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
         log(f"warning: {trajectory_path}: {data.problem}; replaying the {len(data.steps)} intact steps")
     try:
         rule = UpdateRule.from_header(header.get("update_rule"))
+        directions = Directions.from_header(header.get("direction"))
     except ValueError as e:
         raise ReplayError(f"the trajectory's {e}: install the version that recorded it "
                           f"({header['tool']['version']})") from None
@@ -145,7 +147,7 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     try:
         engine = Mezo(model, trainable, seed=header["seed"], eps=header["eps"], distribution=zgen["distribution"],
                       rounding=header["rounding"], use_compile=use_compile(recipe.mezo.compile, device_name),
-                      rule=rule, digest=keyframe_digest(header))
+                      rule=rule, directions=directions, digest=keyframe_digest(header))
     except (ValueError, TrajectoryError) as e:
         raise ReplayError(f"{e}: install the version that recorded it ({header['tool']['version']})") from None
     if engine.digest().hex() != header["initial_digest"]:

@@ -97,6 +97,7 @@ def make_task(recipe: Recipe, tokenizer):
 def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None) -> Run:
     """loaded: (model, tokenizer, source) of recipe.model already in memory (sweep), used instead of loading it."""
     from . import models
+    from .directions import Directions
     from .mezo import Mezo, trainable_set
 
     model, tokenizer, source = loaded or models.load(recipe.model, progress)
@@ -106,11 +107,15 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     task = make_task(recipe, tokenizer)
     train_rows, eval_rows = load_data(recipe, task)
     trainable = trainable_set(model, recipe.model.freeze, adapter=recipe.adapter.type != "none")
+    try:
+        directions = Directions.from_recipe(recipe.mezo).resolved(len(trainable.names))
+    except ValueError as e:
+        raise RunError(f"[mezo] {e}: lower it, or give a layer_fraction instead") from None
     device = str(next(model.parameters()).device)
     engine = Mezo(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
                   distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
                   use_compile=use_compile(recipe.mezo.compile, device),
-                  rule=update_rule(recipe.mezo), estimator=recipe.mezo.estimator)
+                  rule=update_rule(recipe.mezo), estimator=recipe.mezo.estimator, directions=directions)
     return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
 
 
@@ -185,6 +190,7 @@ def build_header(run: Run) -> dict:
         "keyframe_every": r.mezo.keyframe_every,
         "estimator": estimator_header(r.mezo),
         "update_rule": run.engine.rule.header(),
+        "direction": run.engine.directions.header(),
         "select": selection(r.task.type, r.output.select),
         "weights_digest": run.engine.digest_scheme,
         "initial_digest": run.engine.digest().hex(),
