@@ -16,16 +16,10 @@ import torch
 sys.path.insert(0, "tests")
 from conftest import CORPUS, build_model, build_tokenizer  # noqa: E402
 
-from mezo_tune.directions import Directions  # noqa: E402
+from measure_directions import choices  # noqa: E402
 from mezo_tune.mezo import Mezo, applied_scale, projected_gradient, trainable_set  # noqa: E402
 
-CHOICES = {
-    "dense": Directions(),
-    "layerwise 0.25": Directions("layerwise", fraction=0.25),
-    "sparse random 0.25": Directions("sparse", fraction=0.25, mask="random"),
-    "sparse magnitude 0.25": Directions("sparse", fraction=0.25, mask="magnitude"),
-    "lowrank r=2": Directions("lowrank", rank=2, v_every=10),
-}
+CHOICES = choices(v_every=10)  # 200 records: V renewed 20 times
 
 
 def main(n: int, lr: float, eps: float = 1e-3) -> None:

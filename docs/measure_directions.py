@@ -21,13 +21,18 @@ from mezo_tune.mezo import Mezo, trainable_set
 from mezo_tune.recipe import ModelConfig
 from mezo_tune.run import use_compile
 
-CHOICES = {
-    "dense": Directions(),
-    "layerwise 0.25": Directions("layerwise", fraction=0.25),
-    "sparse random 0.25": Directions("sparse", fraction=0.25, mask="random"),
-    "sparse magnitude 0.25": Directions("sparse", fraction=0.25, mask="magnitude"),
-    "lowrank r=2": Directions("lowrank", rank=2, v_every=50),
-}
+def choices(v_every: int = 50) -> dict:
+    """The direction choices both docs scripts compare (low-rank V kept for v_every records)."""
+    return {
+        "dense": Directions(),
+        "layerwise 0.25": Directions("layerwise", fraction=0.25),
+        "sparse random 0.25": Directions("sparse", fraction=0.25, mask="random"),
+        "sparse magnitude 0.25": Directions("sparse", fraction=0.25, mask="magnitude"),
+        "lowrank r=2": Directions("lowrank", rank=2, v_every=v_every),
+    }
+
+
+CHOICES = choices()
 
 
 def main() -> None:

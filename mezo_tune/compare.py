@@ -106,11 +106,9 @@ def format_comparison(result: dict) -> str:
 
 def plot_comparison(result: dict, png) -> Path:
     """The dev metric of every run against forward passes (the baseline's final value dashed)."""
-    import matplotlib
+    from .plot import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in result["runs"]:
         if r["curve"]:
@@ -124,8 +122,4 @@ def plot_comparison(result: dict, png) -> Path:
     ax.set_ylabel(f"dev {metric}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, png)

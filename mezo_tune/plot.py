@@ -35,18 +35,32 @@ def read_evals(metrics_path: Path) -> list[dict]:
     return evals
 
 
-def plot_trajectory(data, out_path) -> Path:
-    """Write a PNG (or any format matplotlib infers from the name) of the run's curves; returns its path."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display needed), or a RunError that says how to install it."""
     from .run import RunError
 
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # no display needed
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise RunError("--plot needs matplotlib: pip install 'mezo-tune[plot]' (or pip install matplotlib)") from None
+    return plt
 
+
+def save(fig, out_path) -> Path:
+    """Write the figure (PNG, or any format matplotlib infers from the name), creating its folder; close it."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    pyplot().close(fig)
+    return out
+
+
+def plot_trajectory(data, out_path) -> Path:
+    """Write a PNG (or any format matplotlib infers from the name) of the run's curves; returns its path."""
+    plt = pyplot()
     arr = data.as_arrays()
     steps = arr["step"]
     lp, lm = arr["loss_plus"].astype(np.float64), arr["loss_minus"].astype(np.float64)
@@ -74,8 +88,4 @@ def plot_trajectory(data, out_path) -> Path:
     ax.legend(loc="upper left" if evals else "best")
     ax.set_title(Path(data.path).name)
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out_path)
