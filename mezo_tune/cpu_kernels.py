@@ -4,15 +4,29 @@ Why: torch.compile's C++ for the hash keeps the uint32 bit patterns in int32 lan
 uint32), so every right shift needs a mask, and it builds each 64-bit element index from a vector arange. Plain C over
 uint32 with one 32-bit counter per stretch of constant high word is vectorized by the C compiler without either: on
 the project's 2-core AVX-512 machine a perturbed copy of 4M fp32 weights takes 0.7-0.8 ms against inductor's 1.6 ms,
-an update 1.1 ms against 1.8 ms (numbers in the README).
+an update 1.1 ms against 1.8 ms (numbers in the README). For fp16 / bf16 storage inductor's kernels are slower still
+(the conversions, and the emulated roundings that keep them equal to eager), and stochastic rounding of fp32 runs
+eager (see zrng._eager_for_fp32_cpu): the C twins cover those too.
 
 What keeps the bits equal to eager torch:
   - the hash is zrng's generator on uint32 (wrapping products, logical shifts): the same bits zrng computes in int32;
   - every float operation is one IEEE operation in zrng's order and precision, compiled with -ffp-contract=off (no
     multiply-add contraction: `w + eps * z` rounds the product, then the sum, as eager torch does) and without any
-    fast-math flag; conversions double -> float round to nearest even, as torch's do.
-Covered: contiguous fp32 weights and outputs (z_kernel also fills fp64), both distributions. Anything else (fp16 /
-bf16 storage, stochastic rounding, strided tensors) goes to the torch kernel the dispatcher would otherwise run.
+    value-changing flag (no -ffast-math or its parts; -fno-trapping-math only lets selects vectorize); conversions
+    double -> float round to nearest even, as torch's do;
+  - fp16 and bf16 are converted to and from fp32 on the bit patterns, in integer arithmetic, as eager torch converts
+    on x86 (AVX2 / AVX-512 builds): bf16 rounds to nearest even with every NaN written as 0xFFFF; fp16 rounds to
+    nearest even (what vcvtps2ph does) through subnormals and overflow, keeps a NaN quiet with its payload's top
+    bits, and widens subnormals exactly. The compiler's _Float16 / __bf16 are not used: their conversions depend on
+    the compiler version and ISA flags (a libgcc call, F16C, or AVX512-FP16), the integer code does not;
+  - stochastic rounding takes its uniform from the ROUNDING_STREAM key at the same element index as z, and finds the
+    other neighbour by stepping the rounded pattern, exactly as zrng.update_kernel_stochastic does.
+tests/test_cpu_kernels.py checks every twin bit-equal to eager torch on many sizes and offsets, on special values
+(infinities, NaN, subnormals, exact rounding ties) and in every dtype pair, and that those cases catch a build with FP
+contraction or a conversion that rounds half away from zero.
+Covered: contiguous fp32 / fp16 / bf16 weights and outputs (z_kernel: fp32 and fp64 outputs), both distributions,
+nearest and stochastic rounding. Anything else (other dtypes, strided tensors) goes to the torch kernel the dispatcher
+would otherwise run.
 
 The library is built on first use with the system C compiler (`CC`, else gcc / cc / clang: the toolchain
 torch.compile needs on CPU anyway) and cached under the mezo-tune cache directory, keyed by source, compiler and
