@@ -11,6 +11,11 @@ Time ratios do not divide times taken in different processes: a step variant (Me
 forward after each of its calls, and its time is expressed in those forwards (replay: in copies); on shared or
 virtual CPUs, whose speed drifts by 10-30 % over the minutes a bench takes, this keeps the ratios steadier.
 
+Every variant but the forward also times, in its own process, a plain copy of a buffer as large as the trainable set
+(read + write of each element: "a weight copy"). A step's overhead in weight copies is (step - the 2 forwards timed
+between its calls) / a weight copy (replay: its step / a weight copy): what a step costs beyond its forwards, in a
+unit that does not depend on how fast the CPU's matmuls are, so that it compares across machines.
+
 The "replay" variant times one replay step (the update θ ← R(θ − c·z) over every trainable tensor, which is all
 a replay does per step) and, between its calls, a plain copy of a buffer as large as the trainable set: the
 replay's bytes moved (read + write of every trainable element) per second over the copy's is the fraction of
@@ -297,10 +302,20 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
            "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
            "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
            "device": _device_name(device)}
+    # a copy of the trainable weights (read + write of each): the unit of a step's overhead (bench's docstring)
+    out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
     if partner is forward:
         out["forward_seconds"] = statistics.median(partner_times)
-    if variant == "replay":
-        out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
+        # timed last, so that its buffers count in neither peak; in this process, as the step was
+        copy_bytes, copy = _copy_call(trainable.numel, trainable.params[0].dtype, device)
+        copy(0)
+        partner_times = []
+        for step in range(repeats):
+            t0 = time.perf_counter()
+            copy(step)
+            sync()
+            partner_times.append(time.perf_counter() - t0)
+    if variant != "forward":
         out["copy_bytes_per_s"] = copy_bytes / statistics.median(partner_times)
     return out
 
@@ -324,6 +339,20 @@ def _run_children(variants, model_spec, dtype, batch_size, seq_len, repeats, dev
 def in_forwards(result: dict) -> float:
     """A variant's time per call over the time of a forward measured in the same child, between its calls."""
     return result["seconds"] / result["forward_seconds"]
+
+
+def weight_copy_seconds(result: dict) -> float:
+    """The time to copy the trainable weights once (read + write of each), at the copy bandwidth measured in the
+    variant's own process."""
+    return result["bytes_moved"] / result["copy_bytes_per_s"]
+
+
+def overhead_in_copies(result: dict) -> float:
+    """What a step costs beyond its forwards, in copies of the trainable weights: (step - 2 forwards timed between its
+    calls) / one weight copy timed in the same process; replay (no forward): its step in copies. It does not depend on
+    how fast the matmuls are, so it compares across machines (issue #16)."""
+    forwards = 2 * result["forward_seconds"] if "forward_seconds" in result else 0.0
+    return (result["seconds"] - forwards) / weight_copy_seconds(result)
 
 
 def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len: int = 64, repeats: int = 5,
@@ -359,6 +388,8 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
             "replay_bandwidth_fraction": replay_bytes_per_s / rp["copy_bytes_per_s"],
         },
         "forward_between_calls_s": {v: results[v]["forward_seconds"] for v in ("mezo", "backprop", "reference")},
+        "weight_copy_s": {v: weight_copy_seconds(results[v]) for v in VARIANTS[1:]},
+        "overhead_in_copies": {v: overhead_in_copies(results[v]) for v in VARIANTS[1:]},
         "times": {v: results[v]["times"] for v in VARIANTS},
     }
 
@@ -500,6 +531,11 @@ def format_bench(res: dict) -> str:
               f"replay step: {res['replay_bytes_moved'] / 1e9:.2f} GB moved in {res['replay_step_s']:.3f} s = "
               f"{res['replay_bytes_moved'] / res['replay_step_s'] / 1e9:.1f} GB/s; copy {res['copy_bytes_per_s'] / 1e9:.1f} "
               f"GB/s -> {r['replay_bandwidth_fraction']:.2f} of copy bandwidth"]
+    if "overhead_in_copies" in res:
+        o, c = res["overhead_in_copies"], res["weight_copy_s"]
+        lines.append(f"overhead in weight copies      MeZO {o['mezo']:.1f}, reference {o['reference']:.1f}, "
+                     f"backprop {o['backprop']:.1f}, replay {o['replay']:.1f} (step - 2 forwards, over one copy of "
+                     f"the trainable weights: {c['mezo'] * 1e3:.1f} ms in MeZO's process)")
     return "\n".join(lines)
 
 

@@ -4,16 +4,29 @@ Why: torch.compile's C++ for the hash keeps the uint32 bit patterns in int32 lan
 uint32), so every right shift needs a mask, and it builds each 64-bit element index from a vector arange. Plain C over
 uint32 with one 32-bit counter per stretch of constant high word is vectorized by the C compiler without either: on
 the project's 2-core AVX-512 machine a perturbed copy of 4M fp32 weights takes 0.7-0.8 ms against inductor's 1.6 ms,
-an update 1.1 ms against 1.8 ms (numbers in the README).
+an update 1.1 ms against 1.8 ms (numbers in the README). For fp16 / bf16 storage inductor's kernels are slower still
+(the conversions, and the emulated roundings that keep them equal to eager), and stochastic rounding of fp32 runs
+eager (see zrng._eager_for_fp32_cpu): the C twins cover those too.
 
 What keeps the bits equal to eager torch:
   - the hash is zrng's generator on uint32 (wrapping products, logical shifts): the same bits zrng computes in int32;
   - every float operation is one IEEE operation in zrng's order and precision, compiled with -ffp-contract=off (no
     multiply-add contraction: `w + eps * z` rounds the product, then the sum, as eager torch does) and without any
-    fast-math flag; conversions double -> float round to nearest even, as torch's do.
-Covered: contiguous fp32 weights and outputs (z_kernel also fills fp64), both distributions; also one Adam step
-(`adam`, the twin of mezo.adam_update with z generated inline; sqrtf is IEEE, so -fno-math-errno only lets it vectorize). Anything else (fp16 /
-bf16 storage, stochastic rounding, strided tensors) goes to the torch kernel the dispatcher would otherwise run.
+    value-changing flag (no -ffast-math or its parts; -fno-trapping-math only lets selects vectorize); conversions
+    double -> float round to nearest even, as torch's do;
+  - fp16 and bf16 are converted to and from fp32 on the bit patterns, in integer arithmetic, as eager torch converts
+    on x86 (AVX2 / AVX-512 builds): bf16 rounds to nearest even with every NaN written as 0xFFFF; fp16 rounds to
+    nearest even (what vcvtps2ph does) through subnormals and overflow, keeps a NaN quiet with its payload's top
+    bits, and widens subnormals exactly. The compiler's _Float16 / __bf16 are not used: their conversions depend on
+    the compiler version and ISA flags (a libgcc call, F16C, or AVX512-FP16), the integer code does not;
+  - stochastic rounding takes its uniform from the ROUNDING_STREAM key at the same element index as z, and finds the
+    other neighbour by stepping the rounded pattern, exactly as zrng.update_kernel_stochastic does.
+tests/test_cpu_kernels.py checks every twin bit-equal to eager torch on many sizes and offsets, on special values
+(infinities, NaN, subnormals, exact rounding ties) and in every dtype pair, and that those cases catch a build with FP
+contraction or a conversion that rounds half away from zero.
+Covered: contiguous fp32 / fp16 / bf16 weights and outputs (z_kernel: fp32 and fp64 outputs), both distributions,
+nearest and stochastic rounding; also one Adam step (`adam`, the twin of mezo.adam_update with z generated inline,
+fp32 only). Anything else (other dtypes, strided tensors) goes to the torch kernel the dispatcher would otherwise run.
 
 The library is built on first use with the system C compiler (`CC`, else gcc / cc / clang: the toolchain
 torch.compile needs on CPU anyway) and cached under the mezo-tune cache directory, keyed by source, compiler and
@@ -39,22 +52,78 @@ from mezo_tune import zrng
 SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#include <string.h>
+
+/* every helper inlined into the loops, so that they vectorize whole */
+#define INLINE static inline __attribute__((always_inline))
 
 /* zrng's generator "mezo-tune/lowbias32x2" v1: h(i) = mix(mix(lo(i) ^ k0) ^ hi(i) ^ k1) on uint32. */
-static inline uint32_t mix(uint32_t x) {
+INLINE uint32_t mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x446CA68Bu; return x ^ (x >> 16);
 }
-static inline uint32_t bits(uint32_t lo, uint32_t hi_k1, uint32_t k0) { return mix(mix(lo ^ k0) ^ hi_k1); }
+INLINE uint32_t bits(uint32_t lo, uint32_t hi_k1, uint32_t k0) { return mix(mix(lo ^ k0) ^ hi_k1); }
 /* z as an integer count of 1/256 steps (gaussian: 2 * (b0 + b1 + b2) - 765) or of whole units (rademacher: +-1) */
-static inline int32_t zint(uint32_t h, int dist) {
+INLINE int32_t zint(uint32_t h, int dist) {
     if (dist == 0) return 2 * (int32_t)((h & 255u) + ((h >> 8) & 255u) + ((h >> 16) & 255u)) - 765;
     return 1 - 2 * (int32_t)(h >> 31);
 }
-static inline float z32(uint32_t h, int dist) {
+INLINE float z32(uint32_t h, int dist) {
     return dist == 0 ? (float)zint(h, 0) * (1.0f / 256) : (float)zint(h, 1);
 }
-static inline double z64(uint32_t h, int dist) {
+INLINE double z64(uint32_t h, int dist) {
     return dist == 0 ? (double)zint(h, 0) * (1.0 / 256) : (double)zint(h, 1);
+}
+/* zrng._uniform_from_bits: 24 bits, exact in fp32 */
+INLINE float uniform(uint32_t h) { return (float)(h >> 8) * (1.0f / 16777216); }
+
+/* ---- storage kinds: 0 fp32, 1 fp16, 2 bf16. Conversions on the bit patterns, as eager torch converts on x86. ---- */
+INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+INLINE uint64_t d2u(double f) { uint64_t u; memcpy(&u, &f, 8); return u; }
+
+/* bf16 -> fp32: exact, the pattern in the high half */
+INLINE float bf16_to_f32(uint32_t h) { return u2f(h << 16); }
+/* fp32 -> bf16, round to nearest even on the pattern (an overflow carries into inf, as it should); NaN -> 0xFFFF,
+   what torch's vectorized conversion (AVX2 / AVX-512) writes for every NaN */
+INLINE uint32_t f32_to_bf16(float f) {
+    uint32_t u = f2u(f);
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+/* fp16 -> fp32: exact. Normal: rebias the exponent (15 -> 127); subnormal: m * 2^-24 (an exact fp32 product);
+   inf / NaN: exponent 255, payload shifted up and NaNs made quiet (what vcvtph2ps does). */
+INLINE float f16_to_f32(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3FFu;
+    uint32_t normal = ((e + 112u) << 23) | (m << 13);
+    uint32_t special = 0x7F800000u | (m << 13) | (m ? 0x400000u : 0u);
+    uint32_t sub = f2u((float)m * (1.0f / 16777216));
+    return u2f(sign | (e == 31u ? special : e == 0u ? sub : normal));
+}
+/* fp32 -> fp16, round to nearest even (what vcvtps2ph does, and so torch): for normal results drop 13 mantissa bits
+   with the usual +0xFFF + lsb carry (into the exponent, up to inf at 65520); below 2^-14 shift the full mantissa right
+   by 126 - e and round the shifted-out bits to nearest even (a carry gives the smallest normal); NaN stays a quiet
+   NaN with the payload's top bits. */
+INLINE uint32_t f32_to_f16(float f) {
+    uint32_t u = f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    uint32_t normal = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    uint32_t e = a >> 23, m = (a & 0x7FFFFFu) | 0x800000u;
+    uint32_t sh = 126u - e < 25u ? 126u - e : 25u;  /* e <= 112 here, so sh >= 14; 25 or more rounds to zero */
+    uint32_t sub = (m + ((1u << (sh - 1u)) - 1u) + ((m >> sh) & 1u)) >> sh;
+    uint32_t r = a > 0x7F800000u ? 0x7E00u | ((a >> 13) & 0x3FFu)
+               : a >= 0x47800000u ? 0x7C00u
+               : a >= 0x38800000u ? normal : sub;
+    return sign | r;
+}
+INLINE float load(const void *p, int64_t s, int kind) {
+    if (kind == 0) return ((const float *)p)[s];
+    uint32_t h = ((const uint16_t *)p)[s];
+    return kind == 1 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+INLINE uint32_t round16(float v, int kind) { return kind == 1 ? f32_to_f16(v) : f32_to_bf16(v); }
+INLINE float widen16(uint32_t h, int kind) { return kind == 1 ? f16_to_f32(h) : bf16_to_f32(h); }
+/* v rounded to nearest even into the storage kind */
+INLINE void store(void *p, int64_t s, float v, int kind) {
+    if (kind == 0) ((float *)p)[s] = v;
+    else ((uint16_t *)p)[s] = (uint16_t)round16(v, kind);
 }
 
 #define BLOCK 16384
@@ -77,11 +146,17 @@ static inline double z64(uint32_t h, int dist) {
 #define BLOCKS(CALL)                                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= PARALLEL_FROM)")      \
     for (int64_t b = 0; b < n; b += BLOCK) { int64_t e = b + BLOCK < n ? b + BLOCK : n; CALL; }
+/* Each kernel body is compiled once per (storage kind(s), distribution), the constants folded in, and picked from a
+   table: M(kind, dist) for every kind and distribution, M(w kind, out kind, dist) for every pair of kinds. */
+#define EACH_KIND(M) M(0, 0) M(0, 1) M(1, 0) M(1, 1) M(2, 0) M(2, 1)
+#define EACH_PAIR(M) M(0, 0, 0) M(0, 0, 1) M(0, 1, 0) M(0, 1, 1) M(0, 2, 0) M(0, 2, 1) \
+                     M(1, 0, 0) M(1, 0, 1) M(1, 1, 0) M(1, 1, 1) M(1, 2, 0) M(1, 2, 1) \
+                     M(2, 0, 0) M(2, 0, 1) M(2, 1, 0) M(2, 1, 1) M(2, 2, 0) M(2, 2, 1)
 
-static inline void z_f32_(float *out, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, int dist) {
+INLINE void z_f32_(float *out, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, int dist) {
     STRETCHES(out[s] = z32(bits(lo, hk, k0), dist))
 }
-static inline void z_f64_(double *out, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, int dist) {
+INLINE void z_f64_(double *out, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, int dist) {
     STRETCHES(out[s] = z64(bits(lo, hk, k0), dist))
 }
 void z_f32(float *out, int64_t n, const int64_t *key, int dist, int threads) {
@@ -93,44 +168,107 @@ void z_f64(double *out, int64_t n, const int64_t *key, int dist, int threads) {
         else z_f64_(out, b, e, key[2], key[0], key[1], 1))
 }
 
-/* out = w + eps * z in fp32: the product rounded, then the sum (zrng.perturb_kernel) */
-static inline void perturb_(float *out, const float *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
-                            uint32_t k1, float eps, int dist) {
-    STRETCHES(out[s] = w[s] + eps * z32(bits(lo, hk, k0), dist))
-}
-void perturb_f32(float *out, const float *w, int64_t n, const int64_t *key, double eps, int dist, int threads) {
+/* out = round(fp32(w) + eps * z) in fp32: the product rounded, then the sum (zrng.perturb_kernel) */
+typedef void perturb_fn(void *, const void *, int64_t, int64_t, uint64_t, uint32_t, uint32_t, float);
+#define PERTURB(W, O, D)                                                                          \
+    static void perturb_##W##O##D(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
+                                  uint32_t k1, float eps) {                                       \
+        STRETCHES(store(out, s, load(w, s, W) + eps * z32(bits(lo, hk, k0), D), O))               \
+    }
+EACH_PAIR(PERTURB)
+#define ENTRY3(W, O, D) perturb_##W##O##D,
+static perturb_fn *const PERTURBS[] = {EACH_PAIR(ENTRY3)};
+void perturb(void *out, const void *w, int64_t n, const int64_t *key, double eps, int wkind, int okind, int dist,
+             int threads) {
+    perturb_fn *f = PERTURBS[(wkind * 3 + okind) * 2 + dist];
     float eps32 = (float)eps;
-    BLOCKS(if (dist == 0) perturb_(out, w, b, e, key[2], key[0], key[1], eps32, 0);
-        else perturb_(out, w, b, e, key[2], key[0], key[1], eps32, 1))
+    BLOCKS(f(out, w, b, e, key[2], key[0], key[1], eps32))
 }
 
 /* the same at explicit element indices (zrng.perturb_rows_kernel) */
-static inline void perturb_rows_(float *out, const float *w, const int64_t *index, int64_t b, int64_t e,
-                                 uint64_t offset, uint32_t k0, uint32_t k1, float eps, int dist) {
-    _Pragma("omp simd")
-    for (int64_t s = b; s < e; s++) {
-        uint64_t i = (uint64_t)index[s] + offset;
-        out[s] = w[s] + eps * z32(bits((uint32_t)i, (uint32_t)(i >> 32) ^ k1, k0), dist);
+typedef void rows_fn(void *, const void *, const int64_t *, int64_t, int64_t, uint64_t, uint32_t, uint32_t, float);
+#define ROWS(W, O, D)                                                                             \
+    static void rows_##W##O##D(void *out, const void *w, const int64_t *index, int64_t b, int64_t e, \
+                               uint64_t offset, uint32_t k0, uint32_t k1, float eps) {            \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t s = b; s < e; s++) {                                                         \
+            uint64_t i = (uint64_t)index[s] + offset;                                             \
+            store(out, s, load(w, s, W) + eps * z32(bits((uint32_t)i, (uint32_t)(i >> 32) ^ k1, k0), D), O); \
+        }                                                                                         \
     }
-}
-void perturb_rows_f32(float *out, const float *w, const int64_t *index, int64_t n, const int64_t *key, double eps,
-                      int dist, int threads) {
+EACH_PAIR(ROWS)
+#define ENTRY_ROWS(W, O, D) rows_##W##O##D,
+static rows_fn *const ROWSS[] = {EACH_PAIR(ENTRY_ROWS)};
+void perturb_rows(void *out, const void *w, const int64_t *index, int64_t n, const int64_t *key, double eps,
+                  int wkind, int okind, int dist, int threads) {
+    rows_fn *f = ROWSS[(wkind * 3 + okind) * 2 + dist];
     float eps32 = (float)eps;
-    BLOCKS(if (dist == 0) perturb_rows_(out, w, index, b, e, key[2], key[0], key[1], eps32, 0);
-        else perturb_rows_(out, w, index, b, e, key[2], key[0], key[1], eps32, 1))
+    BLOCKS(f(out, w, index, b, e, key[2], key[0], key[1], eps32))
 }
 
-/* w = fp32(fp64(w) - c * z) (zrng.update_kernel). For the gaussian z = k / 256 the product is formed as (c / 256) * k:
-   scaling by a power of two is exact, so both forms round the same real number c * k / 256 (exactly representable
-   for an fp32 c), with one multiply instead of two. */
-static inline void update_(float *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, double c,
-                           int dist) {
-    double cs = dist == 0 ? c * (1.0 / 256) : c;
-    STRETCHES(w[s] = (float)((double)w[s] - cs * (double)zint(bits(lo, hk, k0), dist)))
+/* w = round(fp32(fp64(w) - c * z)) (zrng.update_kernel): rounded to fp32, then (16-bit storage) to the storage kind,
+   both nearest even. For the gaussian z = k / 256 the product is formed as (c / 256) * k: scaling by a power of two
+   is exact, so both forms round the same real number c * k / 256 (exactly representable for an fp32 c), with one
+   multiply instead of two. */
+INLINE double cscale(double c, int dist) { return dist == 0 ? c * (1.0 / 256) : c; }
+typedef void update_fn(void *, int64_t, int64_t, uint64_t, uint32_t, uint32_t, double);
+#define UPDATE(K, D)                                                                              \
+    static void update_##K##D(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, double cs) { \
+        STRETCHES(store(w, s, (float)((double)load(w, s, K) - cs * (double)zint(bits(lo, hk, k0), D)), K)) \
+    }
+EACH_KIND(UPDATE)
+#define ENTRY2(K, D) update_##K##D,
+static update_fn *const UPDATES[] = {EACH_KIND(ENTRY2)};
+void update(void *w, int64_t n, const int64_t *key, double c, int kind, int dist, int threads) {
+    update_fn *f = UPDATES[kind * 2 + dist];
+    double cs = cscale(c, dist);
+    BLOCKS(f(w, b, e, key[2], key[0], key[1], cs))
 }
-void update_f32(float *w, int64_t n, const int64_t *key, double c, int dist, int threads) {
-    BLOCKS(if (dist == 0) update_(w, b, e, key[2], key[0], key[1], c, 0);
-        else update_(w, b, e, key[2], key[0], key[1], c, 1))
+
+/* zrng.update_kernel_stochastic, step for step: v = w - c*z in `wide` (fp64 for fp32 storage, else fp32); r = v
+   rounded to nearest; n = r's other neighbour (r's bit pattern + 1 away from zero, - 1 toward it, wrapping as zrng's
+   signed view does; from a zero: the smallest subnormal with v's sign); n when u < |v - r| / |n - r| and v != r. */
+INLINE uint32_t other_neighbour(uint32_t rb, int away, int is_zero, uint32_t sign, uint32_t mask) {
+    /* sign: v's sign bit in the storage pattern; from a zero it is v < 0 (v = -0 rounds to r = -0 exactly, and then
+       the neighbour is not used) */
+    uint32_t step = (rb + (away ? 1u : mask)) & mask;
+    return is_zero ? (sign | 1u) : step;
+}
+INLINE uint32_t stochastic16(float v, float u, int kind) {
+    uint32_t rb = round16(v, kind);
+    float rv = widen16(rb, kind);
+    uint32_t nb = other_neighbour(rb, __builtin_fabsf(v) > __builtin_fabsf(rv), rv == 0.0f, (f2u(v) >> 16) & 0x8000u,
+                                  0xFFFFu);
+    float p = __builtin_fabsf(v - rv) / __builtin_fabsf(widen16(nb, kind) - rv);
+    /* v != rv compared as patterns: the same here (rv keeps v's sign at zero; a NaN v gives p = NaN) */
+    return u < p && f2u(v) != f2u(rv) ? nb : rb;
+}
+INLINE float stochastic32(double v, float u) {
+    float r = (float)v;
+    double rv = (double)r;
+    uint32_t rb = f2u(r);
+    uint32_t nb = other_neighbour(rb, __builtin_fabs(v) > __builtin_fabs(rv), rv == 0.0,
+                                  (uint32_t)(d2u(v) >> 32) & 0x80000000u, 0xFFFFFFFFu);
+    double p = __builtin_fabs(v - rv) / __builtin_fabs((double)u2f(nb) - rv);
+    return u2f((double)u < p && v != rv ? nb : rb);
+}
+typedef void stochastic_fn(void *, int64_t, int64_t, uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, double);
+#define STOCHASTIC(K, D)                                                                          \
+    static void stochastic_##K##D(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, \
+                                  uint32_t r0, uint32_t r1, double cs) {                          \
+        STRETCHES(double v = (double)load(w, s, K) - cs * (double)zint(bits(lo, hk, k0), D);      \
+                  float u = uniform(bits(lo, hk ^ k1 ^ r1, r0));                                  \
+                  if (K == 0) ((float *)w)[s] = stochastic32(v, u);                               \
+                  else ((uint16_t *)w)[s] = (uint16_t)stochastic16((float)v, u, K))               \
+    }
+EACH_KIND(STOCHASTIC)
+#define ENTRY_ST(K, D) stochastic_##K##D,
+static stochastic_fn *const STOCHASTICS[] = {EACH_KIND(ENTRY_ST)};
+void update_stochastic(void *w, int64_t n, const int64_t *key, const int64_t *rkey, double c, int kind, int dist,
+                       int threads) {
+    stochastic_fn *f = STOCHASTICS[kind * 2 + dist];
+    double cs = cscale(c, dist);
+    BLOCKS(f(w, b, e, key[2], key[0], key[1], rkey[0], rkey[1], cs))
 }
 
 /* One Adam step (mezo.adam_update), in its order, every operation one fp32 rounding (sqrtf: IEEE, correctly
@@ -158,12 +296,15 @@ _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_d
 _SIGNATURES = {
     "z_f32": [_P, _I64, _P, _INT, _INT],
     "z_f64": [_P, _I64, _P, _INT, _INT],
-    "perturb_f32": [_P, _P, _I64, _P, _DBL, _INT, _INT],
-    "perturb_rows_f32": [_P, _P, _P, _I64, _P, _DBL, _INT, _INT],
-    "update_f32": [_P, _I64, _P, _DBL, _INT, _INT],
+    "perturb": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
+    "perturb_rows": [_P, _P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
+    "update": [_P, _I64, _P, _DBL, _INT, _INT, _INT],
+    "update_stochastic": [_P, _I64, _P, _P, _DBL, _INT, _INT, _INT],
     "adam_f32": [_P, _P, _P, _I64, _P, _P, _INT, _INT],
 }
-# what torch.compile's CPU backend passes for the same capability; -ffp-contract=off is what keeps the bits
+# the storage kinds of the C source
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# what torch.compile's CPU backend passes for the same capability
 _ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 
@@ -173,24 +314,41 @@ def _compiler() -> str | None:
     return next((cc for cc in ("gcc", "cc", "clang") if shutil.which(cc)), None)
 
 
-def _build(cc: str, flags: list[str]) -> Path:
+def _build(cc: str, flags: list[str], source: str = SOURCE) -> Path:
     """The shared library for (source, compiler, flags): built once into the cache, atomically."""
     from .cache import cache_dir
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256("\0".join([SOURCE, cc, version, *flags]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\0".join([source, cc, version, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"cpu_kernels-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, lib = Path(tmp) / "cpu_kernels.c", Path(tmp) / target.name
-        src.write_text(SOURCE)
+        src.write_text(source)
         proc = subprocess.run([cc, *flags, str(src), "-o", str(lib)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(lib, target)  # atomic: a concurrent process sees no file or a whole one
     return target
+
+
+def compile_flags() -> list[str]:
+    """The compiler flags, OpenMP aside. -ffp-contract=off is what keeps the bits (no multiply-add contraction);
+    -fno-trapping-math changes no result (it lets the compiler compute both sides of a select, so the fp16
+    conversions vectorize), nor does -fno-math-errno (sqrtf stays IEEE, correctly rounded; it may then vectorize, for
+    the Adam step), and no value-changing flag (-ffast-math and its parts) is ever passed."""
+    return ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
+            *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library with the kernels' argument types set."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+    return lib
 
 
 @functools.cache
@@ -199,35 +357,29 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MEZO_TUNE_CPU_KERNELS", "1") == "0":
         return None
     cc = _compiler()
-    base = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno",
-            *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
     problems = []
     if cc is None:
         problems.append("no C compiler found (set CC)")
     else:
         # with OpenMP (threads shared with torch's libgomp), else single-threaded (e.g. Apple clang: no -fopenmp)
-        for flags in (base + ["-fopenmp"], base):
+        for flags in (compile_flags() + ["-fopenmp"], compile_flags()):
             try:
-                lib = ctypes.CDLL(str(_build(cc, flags)))
+                return load(_build(cc, flags))
             except Exception as exc:  # noqa: BLE001 - any failure means: use the torch kernels
                 problems.append(str(exc))
-                continue
-            for name, argtypes in _SIGNATURES.items():
-                getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
-            return lib
     warnings.warn("mezo-tune: the C kernels for CPU could not be built, so z is generated by the (slower) torch "
                   f"kernels: {'; '.join(problems)}", RuntimeWarning, stacklevel=2)
     return None
 
 
-def _on_cpu(*tensors: torch.Tensor, dtypes=(torch.float32,)) -> bool:
+def _on_cpu(*tensors: torch.Tensor, dtypes=tuple(_KIND)) -> bool:
     """Contiguous CPU tensors of the given dtypes and all of one size (the C kernels trust both)."""
     return all(t.dtype in dtypes and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
                for t in tensors)
 
 
-def _key_ok(key: torch.Tensor) -> bool:
-    return key.dtype == torch.int64 and key.is_contiguous() and key.device.type == "cpu"
+def _key_ok(*keys: torch.Tensor) -> bool:
+    return all(key.dtype == torch.int64 and key.is_contiguous() and key.device.type == "cpu" for key in keys)
 
 
 def adam(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, key: torch.Tensor, scalars: torch.Tensor,
@@ -235,16 +387,18 @@ def adam(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, key: torch.Tensor, s
     """mezo.adam_update over a whole fp32 tensor with z generated inline (scalars: adam_f32's k, fp32); False, doing
     nothing, where the C kernels do not cover it (the caller runs the torch ops then)."""
     lib = library()
-    if lib is None or not (_on_cpu(w, m, v) and _key_ok(key) and _on_cpu(scalars)):
+    if lib is None or not (_on_cpu(w, m, v, dtypes=(torch.float32,)) and _key_ok(key)
+                           and _on_cpu(scalars, dtypes=(torch.float32,))):
         return False
     lib.adam_f32(w.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(), key.data_ptr(), scalars.data_ptr(),
                  zrng.distribution_code(distribution), torch.get_num_threads())
     return True
 
 
-def twin(fn, fallback):
-    """fn's C twin with fn's signature, handing any case it does not cover to `fallback`; None if there is none."""
-    lib = library()
+def twin(fn, fallback, lib: ctypes.CDLL | None = None):
+    """fn's C twin with fn's signature, handing any case it does not cover to `fallback`; None if there is none.
+    lib: the built kernels to call (default: library())."""
+    lib = lib or library()
     if lib is None or fn.__name__ not in _TWINS:
         return None
     return functools.partial(_TWINS[fn.__name__], lib, fallback)
@@ -260,24 +414,31 @@ def _z(lib, fallback, out, key, distribution):
 def _perturb(lib, fallback, out, w, key, eps, distribution):
     if not _on_cpu(out, w) or not _key_ok(key):
         return fallback(out, w, key, eps, distribution)
-    lib.perturb_f32(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps),
-                    zrng.distribution_code(distribution), torch.get_num_threads())
+    lib.perturb(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), _KIND[w.dtype],
+                _KIND[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _perturb_rows(lib, fallback, out, w, index, key, eps, distribution):
     if not (_on_cpu(out, w) and _on_cpu(index, dtypes=(torch.int64,)) and index.numel() == w.numel()
             and _key_ok(key)):
         return fallback(out, w, index, key, eps, distribution)
-    lib.perturb_rows_f32(out.data_ptr(), w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(eps),
-                         zrng.distribution_code(distribution), torch.get_num_threads())
+    lib.perturb_rows(out.data_ptr(), w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(eps),
+                     _KIND[w.dtype], _KIND[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _update(lib, fallback, w, key, c, distribution):
     if not _on_cpu(w) or not _key_ok(key):
         return fallback(w, key, c, distribution)
-    lib.update_f32(w.data_ptr(), w.numel(), key.data_ptr(), float(c), zrng.distribution_code(distribution),
-                   torch.get_num_threads())
+    lib.update(w.data_ptr(), w.numel(), key.data_ptr(), float(c), _KIND[w.dtype],
+               zrng.distribution_code(distribution), torch.get_num_threads())
+
+
+def _update_stochastic(lib, fallback, w, key, rkey, c, distribution):
+    if not _on_cpu(w) or not _key_ok(key, rkey):
+        return fallback(w, key, rkey, c, distribution)
+    lib.update_stochastic(w.data_ptr(), w.numel(), key.data_ptr(), rkey.data_ptr(), float(c), _KIND[w.dtype],
+                          zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 _TWINS = {"z_kernel": _z, "perturb_kernel": _perturb, "perturb_rows_kernel": _perturb_rows,
-          "update_kernel": _update}
+          "update_kernel": _update, "update_kernel_stochastic": _update_stochastic}

@@ -213,7 +213,8 @@ def _cpu_twin(fn, fallback):
 
 def kernel(fn, use_compile: bool):
     """fn as it runs. CUDA tensors: its Triton twin when Triton is available, else torch. CPU tensors: with
-    use_compile its C twin (fp32 tensors; built on first use) or else compiled torch; without, eager torch."""
+    use_compile its C twin (contiguous fp32 / fp16 / bf16 tensors; built on first use) or else compiled torch;
+    without, eager torch."""
     torch_fn = compiled(fn) if use_compile else fn
     if use_compile and fn is update_kernel_stochastic:
         torch_fn = _eager_for_fp32_cpu(fn, torch_fn)
@@ -231,7 +232,8 @@ def kernel(fn, use_compile: bool):
 
 
 def _eager_for_fp32_cpu(fn, compiled_fn):
-    """fn eager for fp32 CPU tensors, compiled otherwise. Stochastic rounding of fp32 weights rounds an fp64 value to
+    """fn eager for fp32 CPU tensors, compiled otherwise: the fallback of the C twin (which covers fp32), used where
+    the C kernels cannot be built or for strided tensors. Stochastic rounding of fp32 weights rounds an fp64 value to
     fp32 and back (r, rv); with AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, CPUs without AVX-512) inductor (torch 2.13)
     gets that round trip wrong inside the fused loop, so 1 in 4 results took the other neighbour than eager does;
     with AVX-512 it is right. Caught by tests/test_update_golden.py, run with AVX2 kernels in CI."""

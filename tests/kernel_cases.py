@@ -13,18 +13,47 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-def _weights(n: int, dtype, device, seed: int) -> torch.Tensor:
+def _weights(n: int, dtype, device, seed: int, specials: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, generator=g) * 0.02
     w[::7] = 0.0  # zeros (stochastic rounding steps off them to the smallest subnormal)
     w[3::11] = -0.0
     w[5::13] *= 1e-6  # small values: subnormal in fp16
+    if specials:
+        _add_specials(w, g)
     return w.to(dtype).to(device)
 
 
-def run_cases(device: str, tk, shapes=SHAPES) -> list[str]:
+def ties(dtype, n: int, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """fp32 values exactly halfway between two neighbours in dtype (fp16 or bf16), both signs, around `scale`: where
+    round-to-nearest-even and round-half-away-from-zero differ for every other one."""
+    x = ((torch.rand(n, generator=g) + 0.5) * scale).to(dtype)
+    x[1::2] = -x[1::2]
+    bits = x.view(torch.int16)
+    y = (bits + torch.where(bits < 0, -1, 1).to(torch.int16)).view(dtype)  # the neighbour away from zero
+    return (x.float() + y.float()) / 2  # exact in fp32
+
+
+def _add_specials(w: torch.Tensor, g: torch.Generator) -> None:
+    """Overwrite some of w (fp32) with the values conversions get wrong first: infinities, NaN, fp32 subnormals,
+    fp16 and bf16 subnormals, values right next to fp16's overflow threshold, and exact rounding ties of fp16 and bf16
+    (normal and subnormal)."""
+    put = {1: float("inf"), 2: float("-inf"), 4: float("nan"), 6: 1e-40, 8: -3e-42, 10: 2.0**-24, 12: -(2.0**-25) * 3,
+           14: 65519.0, 15: 65520.0, 16: -65504.0, 18: 2.0**-133}
+    for start, value in put.items():
+        w[start::37] = value
+    for start, dtype, scale in ((20, torch.bfloat16, 1.0), (22, torch.float16, 1.0), (24, torch.float16, 2.0**-20),
+                                (26, torch.bfloat16, 2.0**-130), (28, torch.float16, 1e-2)):
+        w[start::37] = ties(dtype, len(w[start::37]), g, scale)
+
+
+def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[str]:
     """Run every kernel both ways on `device`: zrng's eager kernel and tk's twin of it (tk: anything with the five
-    kernels as attributes). Returns a description of each case whose bits differ."""
+    kernels as attributes). Returns a description of each case whose bits differ.
+
+    specials: weights with infinities, NaN, subnormals and exact rounding ties too, perturbed copies into every
+    floating dtype, and scales that leave a tie exact (eps 0, c 1e-30). NaN bits are part of the comparison: a
+    twin must write the NaN patterns eager torch writes on this device (on x86 CPUs: 0xFFFF for bf16)."""
     from mezo_tune import zrng
 
     bad = []
@@ -45,10 +74,10 @@ def run_cases(device: str, tk, shapes=SHAPES) -> list[str]:
                 tk.z_kernel(outs[1], key, dist)
                 check(f"z_kernel {dtype} {case}", *outs)
             for dtype in DTYPES:
-                w = _weights(n, dtype, device, si)
-                for eps in (1e-3, -1e-3, 0.37):
+                w = _weights(n, dtype, device, si, specials)
+                for eps in (1e-3, -1e-3, 0.37) + ((0.0, 1e-30) if specials else ()):
                     eps_t = torch.tensor(eps, dtype=torch.float64, device=device)
-                    for out_dtype in {dtype, torch.float32}:
+                    for out_dtype in DTYPES if specials else {dtype, torch.float32}:
                         outs = [torch.empty(n, dtype=out_dtype, device=device) for _ in range(2)]
                         zrng.perturb_kernel(outs[0], w, key, eps_t, dist)
                         tk.perturb_kernel(outs[1], w, key, eps_t, dist)
@@ -59,7 +88,7 @@ def run_cases(device: str, tk, shapes=SHAPES) -> list[str]:
                     zrng.perturb_rows_kernel(outs[0], w, index, key, eps_t, dist)
                     tk.perturb_rows_kernel(outs[1], w, index, key, eps_t, dist)
                     check(f"perturb_rows_kernel {dtype} eps={eps} {case}", *outs)
-                for c in (1e-3, -2.5e-7, 3.0):
+                for c in (1e-3, -2.5e-7, 3.0) + ((1e-30, -7e4) if specials else ()):
                     c_t = torch.tensor(c, dtype=torch.float64, device=device)
                     ws = [w.clone(), w.clone()]
                     zrng.update_kernel(ws[0], key, c_t, dist)
@@ -69,7 +98,7 @@ def run_cases(device: str, tk, shapes=SHAPES) -> list[str]:
                     zrng.update_kernel_stochastic(ws[0], key, rkey, c_t, dist)
                     tk.update_kernel_stochastic(ws[1], key, rkey, c_t, dist)
                     check(f"update_kernel_stochastic {dtype} c={c} {case}", *ws)
-                    if n > 1000 and c == -2.5e-7:  # the rounding really is stochastic here: both neighbours occur
+                    if n > 1000 and c == -2.5e-7 and not specials:  # the rounding really is stochastic here: both neighbours occur
                         nearest = w.clone()
                         zrng.update_kernel(nearest, key, c_t, dist)
                         if torch.equal(_bits(nearest), _bits(ws[1])):

@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_cli import cli
 
-from mezo_tune.bench import format_sweep, parse_shape, plot_sweep, random_llama, tensor_peak_bytes
+from mezo_tune.bench import format_bench, format_sweep, parse_shape, plot_sweep, random_llama, tensor_peak_bytes
 
 
 def test_random_llama_shape():
@@ -45,6 +45,15 @@ def test_bench_reports_every_variant_and_the_replay_bandwidth():
     assert res["ratios"]["mezo_over_forward"] == res["mezo_step_s"] / between["mezo"]
     assert res["ratios"]["reference_over_mezo"] == ((res["reference_step_s"] / between["reference"])
                                                     / (res["mezo_step_s"] / between["mezo"]))
+    # overhead in weight copies: the step beyond its two forwards, over one copy of the trainable weights timed in
+    # the variant's process (read + write of every fp32 weight); replay's is its step in copies
+    copy_s = res["weight_copy_s"]
+    assert set(copy_s) == set(res["overhead_in_copies"]) == {"mezo", "backprop", "reference", "replay"}
+    assert all(s > 0 for s in copy_s.values())
+    assert res["overhead_in_copies"]["mezo"] == (res["mezo_step_s"] - 2 * between["mezo"]) / copy_s["mezo"]
+    assert res["overhead_in_copies"]["replay"] == pytest.approx(1 / res["ratios"]["replay_bandwidth_fraction"],
+                                                                rel=1e-12)  # the same figure, divided the other way
+    assert "overhead in weight copies      MeZO" in format_bench(res)
     # live tensors: at least the weights; backprop holds AdamW's two moments as well
     assert res["forward_tensor_peak_bytes"] >= 4 * params and res["backprop_tensor_peak_bytes"] >= 3 * 4 * params
 

@@ -38,6 +38,58 @@ def test_c_kernels_bit_equal_eager(lib):
     assert run_cases("cpu", _twins(), SHAPES + LARGE) == []
 
 
+def test_c_kernels_bit_equal_eager_on_special_values(lib):
+    """Infinities, NaN, fp32 / fp16 / bf16 subnormals, fp16's overflow threshold and exact rounding ties, in every
+    storage dtype and every perturbed-copy dtype pair, with scales that leave the ties exact."""
+    assert run_cases("cpu", _twins(), SHAPES + LARGE[:1], specials=True) == []
+
+
+def _mutant(tmp_path, monkeypatch, flags=None, **replace):
+    """The kernels built from a changed source or with other flags (into a scratch cache), as twins."""
+    monkeypatch.setenv("MEZO_TUNE_CACHE", str(tmp_path))
+    source = cpu_kernels.SOURCE
+    for old, new in replace.values():
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    mutant = cpu_kernels.load(cpu_kernels._build(cpu_kernels._compiler(), flags or cpu_kernels.compile_flags(), source))
+    return types.SimpleNamespace(**{fn.__name__: cpu_kernels.twin(fn, fn, mutant) for fn in KERNELS})
+
+
+def _failing_kernels(bad: list[str]) -> set[str]:
+    return {line.split()[0] for line in bad}
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs FMA")
+def test_cases_catch_fp_contraction(lib, tmp_path, monkeypatch):
+    """Built with -ffp-contract=fast, `w + eps * z` becomes one fused multiply-add (one rounding where eager torch
+    rounds twice): the cases see it in the perturbed copies. The update's c*z is exact in fp64, so contraction
+    cannot change it: those cases still pass."""
+    flags = [f for f in cpu_kernels.compile_flags() if f != "-ffp-contract=off"] + ["-ffp-contract=fast", "-mfma"]
+    bad = run_cases("cpu", _mutant(tmp_path, monkeypatch, flags), SHAPES)
+    assert _failing_kernels(bad) == {"perturb_kernel", "perturb_rows_kernel"}
+
+
+BF16_RNE = "(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16"
+F16_RNE = "(a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13"
+F16_SUB_RNE = "(m + ((1u << (sh - 1u)) - 1u) + ((m >> sh) & 1u)) >> sh"
+
+
+@pytest.mark.parametrize("what, old, new", [
+    ("bf16 ties away from zero", BF16_RNE, "(u + 0x8000u) >> 16"),
+    ("fp16 ties away from zero", F16_RNE, "(a - 0x38000000u + 0x1000u) >> 13"),
+    ("fp16 subnormal ties away from zero", F16_SUB_RNE, "(m + (1u << (sh - 1u))) >> sh"),
+    ("fp16 subnormals truncated", F16_SUB_RNE, "m >> sh"),
+])
+def test_cases_catch_a_different_rounding(lib, tmp_path, monkeypatch, what, old, new):
+    """The special values include exact fp32 ties of fp16 and bf16 (normal and subnormal), which a perturbed copy
+    into that dtype with eps = 0 rounds as they are: a conversion that rounds half away from zero, or truncates
+    subnormals, fails those cases (and only cases that write that dtype)."""
+    bad = run_cases("cpu", _mutant(tmp_path, monkeypatch, rounding=(old, new)), SHAPES, specials=True)
+    dtype = "bfloat16" if "bf16" in what else "float16"
+    assert any(line.startswith(f"perturb_kernel torch.float32->torch.{dtype} eps=0.0 ") for line in bad), bad
+    assert all(f"{dtype} " in line.replace("->", " ") for line in bad), bad
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_c_kernels_bit_equal_eager_on_any_thread_count(lib, threads):
     before = torch.get_num_threads()
@@ -54,8 +106,8 @@ def test_c_kernels_bit_equal_eager_on_any_thread_count(lib, threads):
         torch.set_num_threads(before)
 
 
-def test_twins_cover_fp32_and_have_zrng_signatures(lib):
-    covered = {"z_kernel", "perturb_kernel", "perturb_rows_kernel", "update_kernel"}
+def test_twins_cover_every_kernel_and_have_zrng_signatures(lib):
+    covered = {"z_kernel", "perturb_kernel", "perturb_rows_kernel", "update_kernel", "update_kernel_stochastic"}
     for fn in KERNELS:
         twin = cpu_kernels.twin(fn, fn)
         assert (twin is not None) == (fn.__name__ in covered)
@@ -63,21 +115,24 @@ def test_twins_cover_fp32_and_have_zrng_signatures(lib):
             assert list(inspect.signature(twin).parameters) == list(inspect.signature(fn).parameters)
 
 
-def test_dispatch_runs_c_twins_for_cpu_fp32_when_compiling(lib, monkeypatch):
-    """zrng.kernel(fn, use_compile=True) sends contiguous fp32 CPU tensors to the C twin and anything else to torch;
-    use_compile=False keeps eager torch."""
+def test_dispatch_runs_c_twins_for_cpu_storage_dtypes_when_compiling(lib, monkeypatch):
+    """zrng.kernel(fn, use_compile=True) sends contiguous fp32 / fp16 / bf16 CPU tensors to the C twin and anything
+    else to torch; use_compile=False keeps eager torch."""
     calls = []
-    real = lib.update_f32
-    monkeypatch.setattr(lib, "update_f32", lambda *a: calls.append(a) or real(*a))
+    real = lib.update
+    monkeypatch.setattr(lib, "update", lambda *a: calls.append(a) or real(*a))
     monkeypatch.setattr(zrng, "compiled", lambda fn: fn)  # the fallback, uncompiled (no inductor build in this test)
     key, c = zrng.key_tensor(1, 2, 0), torch.tensor(0.5, dtype=torch.float64)
     w = torch.ones(10)
     zrng.kernel(zrng.update_kernel, True)(w, key, c, "gaussian")
     assert len(calls) == 1 and not torch.equal(w, torch.ones(10))
-    zrng.kernel(zrng.update_kernel, True)(torch.ones(10, dtype=torch.bfloat16), key, c, "gaussian")  # torch
+    for dtype in (torch.bfloat16, torch.float16):
+        zrng.kernel(zrng.update_kernel, True)(torch.ones(10, dtype=dtype), key, c, "gaussian")
+    assert len(calls) == 3
+    zrng.kernel(zrng.update_kernel, True)(torch.ones(10, dtype=torch.float64), key, c, "gaussian")  # torch
     zrng.kernel(zrng.update_kernel, True)(torch.ones(20)[::2], key, c, "gaussian")  # strided: torch
     zrng.kernel(zrng.update_kernel, False)(torch.ones(10), key, c, "gaussian")  # eager torch
-    assert len(calls) == 1
+    assert len(calls) == 3
 
 
 def test_twins_hand_mismatched_sizes_to_torch(lib):

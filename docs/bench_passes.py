@@ -1,0 +1,45 @@
+"""A MeZO step's memory passes over the trainable set of the embedded SmolLM2, timed in one process (interleaved,
+medians): a perturbed copy of every trainable tensor (what each perturbed forward does; here into one scratch buffer),
+the update pass (= a replay step) and a plain copy of the trainable weights. A few seconds each, so far less noisy on a
+shared CPU than bench's step - 2 forwards; (2 perturbed copies + update) / copy is the part of a step's overhead in
+weight copies that the kernels cause (README, "Half precision").
+
+Usage: OMP_NUM_THREADS=1 python docs/bench_passes.py DTYPE REPEATS     (DTYPE: float32 | bfloat16 | float16)
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+from mezo_tune import models, zrng
+from mezo_tune.mezo import Mezo, trainable_set
+
+dtype, repeats = sys.argv[1], int(sys.argv[2])
+model = models.load_model(models.resolve_source("embedded:smollm2-135m", progress=False), dtype, "cpu")
+tr = trainable_set(model)
+engine = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True)
+kernel = zrng.kernel(zrng.perturb_kernel, True)
+eps = torch.tensor(1e-3, dtype=torch.float64)
+scratch = torch.empty(max(p.numel() for p in tr.params), dtype=tr.params[0].dtype)
+src = torch.ones(tr.numel, dtype=tr.params[0].dtype); dst = torch.empty_like(src)
+
+def perturb_all(step):
+    for name, p in zip(tr.names, tr.params):
+        k0, k1 = zrng.stream_key(0, step, name)
+        flat = p.data.view(-1)
+        for a, b in zrng.chunks(flat.numel()):
+            kernel(scratch[a:b], flat[a:b], zrng.key_tensor(k0, k1, a), eps, "gaussian")
+
+calls = {"perturb_all": perturb_all, "update": lambda s: engine.apply_update(s, 1e-9), "copy": lambda s: dst.copy_(src)}
+times = {k: [] for k in calls}
+with torch.no_grad():
+    for f in calls.values():
+        f(0); f(1)
+    for r in range(repeats):
+        for k, f in calls.items():
+            t0 = time.perf_counter(); f(r + 2); times[k].append(time.perf_counter() - t0)
+med = {k: statistics.median(v) for k, v in times.items()}
+print(json.dumps({"dtype": dtype, "threads": torch.get_num_threads(), "median_s": med,
+                  "in_copies": {k: v / med["copy"] for k, v in med.items()},
+                  "step_passes_in_copies": (2 * med["perturb_all"] + med["update"]) / med["copy"]}))
