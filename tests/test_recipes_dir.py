@@ -15,5 +15,5 @@ def test_ready_recipe_is_valid(path):
 
 
 def test_there_are_recipes():
-    assert {"demo.toml", "rt-mezo-full.toml", "rt-mezo-lora.toml", "rt-mezo-prefix.toml",
+    assert {"demo.toml", "rt-mezo-full.toml", "rt-mezo-lora.toml", "rt-mezo-prefix.toml", "debates-mezo.toml",
             "rt-backprop.toml"} <= {p.name for p in RECIPES}
