@@ -107,7 +107,7 @@ def test_rank_1_writes_and_prints_nothing(dp_run):
     assert json.loads((audit / "rank1.json").read_text()) == []
     rank0 = {part for _, p in json.loads((audit / "rank0.json").read_text()) if Path(p).is_relative_to(out)
              for part in Path(p).relative_to(out).parts[:1]}
-    assert {"trajectory.mezo", "metrics.jsonl", "recipe.toml", "checkpoint.tmp", "final"} <= rank0  # the audit sees
+    assert {"trajectory.mezo", "metrics.jsonl", "recipe.toml", "checkpoint.tmp", "final.tmp"} <= rank0  # the audit sees
     assert sorted(p.name for p in out.iterdir()) == ["final", "metrics.jsonl", "recipe.toml", "trajectory.mezo"]
     assert rank_output(logs, 1) == ""
     printed = rank_output(logs, 0)
