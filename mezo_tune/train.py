@@ -19,8 +19,8 @@ from pathlib import Path
 
 from . import distributed
 from .recipe import OutputConfig, Recipe
-from .run import (TRAJECTORY, Metrics, Run, RunError, build_header, build_run, check_base, check_same_data, fmt_eval,
-                  prepare_dir, restore_recorded_init)
+from .run import (TRAJECTORY, Metrics, Run, RunError, adapter_header, build_header, build_run, check_base,
+                  check_same_data, fmt_eval, prepare_dir, restore_recorded_init)
 
 FLUSH_EVERY = OutputConfig.model_fields["flush_every"].default  # steps per trajectory block unless the recipe says
 
@@ -180,7 +180,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
         if not world.main:
             writer, data = NoFiles(), read_trajectory(traj_path)
         if restore_recorded_init(run, data.header.get("adapter")):
-            header = build_header(run)
+            header["adapter"] = adapter_header(run)  # the entry that holds the restored values
         check_resumable(data.header, header)
         use_recorded_digest(run.engine, data)
         check_same_data(data.header, run.train_rows, run.eval_rows, r.data)
