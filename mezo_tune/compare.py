@@ -1,8 +1,8 @@
 """`mezo-tune compare`: runs side by side by the dev metric they recorded, against the forward passes they spent.
 
 Forward passes, not steps, are the cost that matters for zeroth-order training: a step of n-SPSA with K directions
-costs 2K forwards, a plain MeZO step 2, an FZOO step with N directions N + 1. Everything is read from the trajectories (header and recorded evals), so a
-comparison needs no model and no rerun. With a baseline (e.g. plain MeZO), each run also says when it first reached the
+costs 2K forwards, a plain MeZO step 2, an FZOO step with N directions N + 1. Everything is read from the trajectories
+(header and recorded evals), so a comparison needs no model and no rerun. With a baseline (e.g. plain MeZO), each run also says when it first reached the
 baseline's final dev value, in forward passes and as a fraction of the baseline's total.
 """
 
