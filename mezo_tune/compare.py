@@ -2,8 +2,9 @@
 
 Forward passes, not steps, are the cost that matters for zeroth-order training: a step of n-SPSA with K directions
 costs 2K forwards, a plain MeZO step 2, an FZOO step with N directions N + 1. Everything is read from the trajectories
-(header and recorded evals), so a comparison needs no model and no rerun. With a baseline (e.g. plain MeZO), each run also says when it first reached the
-baseline's final dev value, in forward passes and as a fraction of the baseline's total.
+(header and recorded evals), so a comparison needs no model and no rerun. With a baseline (e.g. plain MeZO), each run
+also says when it first reached the baseline's final dev value, in forward passes and as a fraction of the baseline's
+total.
 """
 
 from __future__ import annotations
