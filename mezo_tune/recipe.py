@@ -327,6 +327,15 @@ class MezoConfig(_Section):
     compile: Literal["auto", "on", "off"] = "auto"
     max_consecutive_skips: NonNegativeInt = 10
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fzoo_draws_rademacher(cls, data: Any) -> Any:
+        """FZOO's directions are Rademacher (±1, Dang et al. 2025): its default, where the recipe names no
+        distribution; an explicit `distribution = "gaussian"` is kept."""
+        if isinstance(data, dict) and data.get("estimator") == "fzoo" and "distribution" not in data:
+            data = {**data, "distribution": "rademacher"}
+        return data
+
     @model_validator(mode="after")
     def _min_lr_below_lr(self, info: ValidationInfo) -> MezoConfig:
         if not _from_loader(info):

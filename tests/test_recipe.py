@@ -632,3 +632,12 @@ def test_hf_dataset_spec_is_parsed_not_downloaded():
     assert problems_of(MINIMAL_LM.replace('"data/train.jsonl"', '"hf:imdb"')) == one_problem(
         "data.train: 'hf:imdb' is not a Hugging Face dataset spec; write hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT, "
         "e.g. hf:imdb:train or hf:glue:sst2:validation")
+
+
+def test_fzoo_draws_rademacher_unless_the_recipe_says_otherwise():
+    """FZOO's paper draws ±1 directions: its default; SPSA keeps Gaussian; an explicit choice is kept."""
+    fzoo = MINIMAL_LM.replace("lr = 1e-6", 'lr = 1e-6\nestimator = "fzoo"\ndirections = 4')
+    assert parse_recipe(fzoo).mezo.distribution == "rademacher"
+    assert parse_recipe(MINIMAL_LM).mezo.distribution == "gaussian"
+    assert parse_recipe(fzoo.replace("directions = 4", 'directions = 4\ndistribution = "gaussian"')
+                        ).mezo.distribution == "gaussian"
