@@ -145,7 +145,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
             if not world.main:
                 return {}
             return export_finished(r, finished, progress, log)
-    if loaded is None and models.resolve_device(r.model.device) == "cpu":
+    if loaded is None and models.resolve_device(r.model.device) == "cpu" and not r.model.device_map:
         from .estimate import startup_memory_warning
 
         warning = startup_memory_warning(r)
