@@ -69,13 +69,18 @@ def trainable_set(model: torch.nn.Module, freeze: tuple[str, ...] | list[str] = 
     (requires_grad), in the model's named_parameters order; the base weights are never in the set."""
     names, params = [], []
     stored = offloaded_weights(model)
+    seen = set()  # an offloaded tied weight has a meta parameter per owner but one store (offload.check_ties)
     for name, p in model.named_parameters():  # named_parameters yields a shared tensor once
         if not p.is_floating_point() or any(fnmatch.fnmatchcase(name, pat) for pat in freeze):
             continue
         if adapter and not p.requires_grad:
             continue
+        tensor = stored.get(name, p)
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
         names.append(name)
-        params.append(stored.get(name, p))
+        params.append(tensor)
     if not params:
         raise ValueError("nothing to train: every parameter is frozen or not floating point (check [model] freeze)")
     return TrainableSet(names, params)
@@ -462,7 +467,7 @@ class Mezo:
         if any(hasattr(m, "_hf_hook") for m in model.modules()):
             from .offload import offloaded_owners
 
-            self._offloaded = offloaded_owners(model, self._names)
+            self._offloaded = offloaded_owners(model, self._name_of)
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
 
     # -- keys

@@ -56,8 +56,9 @@ def is_offloaded(model) -> bool:
     return any(offloading_hook(m) is not None for m in model.modules())
 
 
-def stored_tensors(model) -> dict[str, torch.Tensor]:
-    """full parameter name -> the tensor its weights are stored in, for every parameter accelerate offloaded."""
+def stored_tensors(model) -> dict[str, torch.Tensor | None]:
+    """full parameter name -> the tensor its weights are stored in, for every parameter accelerate offloaded (None
+    for one its weights map lacks: a tied weight whose other owner stayed in memory; check_ties refuses those)."""
     out = {}
     for name, module in model.named_modules():
         hook = offloading_hook(module)
@@ -65,8 +66,16 @@ def stored_tensors(model) -> dict[str, torch.Tensor]:
             continue
         for local in module._parameters:
             if module._parameters[local] is not None:
-                out[f"{name}.{local}" if name else local] = hook.weights_map[local]
+                full = f"{name}.{local}" if name else local
+                out[full] = _stored(hook.weights_map, local)
     return out
+
+
+def _stored(weights_map, local: str) -> torch.Tensor | None:
+    try:
+        return weights_map[local]
+    except KeyError:
+        return None
 
 
 def scratch_folder(offload_dir: str | None) -> str:
@@ -90,15 +99,14 @@ def make_store(model, folder: str) -> None:
                for m in model.modules() if (h := offloading_hook(m)) is not None}
     on_disk = [(loader, name) for loader in loaders.values() for name in loader.index if name not in loader.state_dict]
     index: dict = {}
-    by_source: dict = {}
+    tensors: dict = {}  # where a weight is read from (file entry, or its name) -> its writable stored tensor
     for loader, name in on_disk:
         info = loader.index[name]
-        source = (info.get("safetensors_file"), info.get("weight_name", name)) if "safetensors_file" in info else None
-        if source is None or source not in by_source:
+        source = (info["safetensors_file"], info.get("weight_name", name)) if "safetensors_file" in info else name
+        if source not in tensors:
             offload_weight(loader[name], name, folder, index)
-            if source is not None:
-                by_source[source] = name
-        loader.state_dict[name] = _writable(folder, by_source.get(source, name), index)
+            tensors[source] = _writable(folder, name, index)
+        loader.state_dict[name] = tensors[source]
     save_offload_index(index, folder)
 
 
@@ -120,16 +128,19 @@ def _writable(folder: str, name: str, index: dict) -> torch.Tensor:
 
 
 def check_ties(model) -> None:
-    """Refuse a tied weight (e.g. embedding and LM head) that accelerate offloaded: between forwards each of its
-    owners holds its own meta parameter, so the trainable set would count it twice and train two copies."""
+    """Refuse a tied weight (e.g. embedding and LM head) that is offloaded for one of its names and not stored as
+    one tensor for all of them: MeZO trains a tied weight once, so every name must read and write the same store
+    (make_store shares one memmap between names read from the same file entry; `trainable_set` then keeps the
+    first name only, as named_parameters does for a model in memory)."""
     stored = stored_tensors(model)
     tied_names = getattr(model, "all_tied_weights_keys", None) or {}
-    offloaded_ties = sorted(f"{a} = {b}" for a, b in tied_names.items() if a in stored or b in stored)
-    if offloaded_ties:
-        raise OffloadError(f"tied weights ({', '.join(offloaded_ties)}) were offloaded; MeZO trains a tied weight "
-                           f"once and cannot while accelerate holds two copies of it. Keep the modules that share it "
-                           f"in memory: list them in [model] device_map with a device (\"cpu\" or \"cuda:N\"), or "
-                           f"give [model] max_memory room for them")
+    split = sorted(f"{a} = {b}" for a, b in tied_names.items()
+                   if (a in stored or b in stored) and (stored.get(a) is None or stored.get(a) is not stored.get(b)))
+    if split:
+        raise OffloadError(f"the tied weights {', '.join(split)} are offloaded for one name and not as one tensor "
+                           f"for the other, so MeZO would train two copies of what must stay one weight. Put the "
+                           f"modules that share it on the same device in [model] device_map (both \"disk\", or both "
+                           f"in memory)")
 
 
 class LoadedWeightsHook(ModelHook):
@@ -167,16 +178,19 @@ def loaded_weights_hook(module) -> LoadedWeightsHook:
     return mine
 
 
-def offloaded_owners(model, names) -> list[tuple[torch.nn.Module, LoadedWeightsHook, list[tuple[str, str]]]]:
-    """(module, its LoadedWeightsHook, [(local name, full name)]) for every offloaded module that owns trainable
-    parameters (full names in `names`)."""
-    wanted = set(names)
+def offloaded_owners(model, name_of: dict[int, str]) -> list[tuple[torch.nn.Module, LoadedWeightsHook,
+                                                                  list[tuple[str, str]]]]:
+    """(module, its LoadedWeightsHook, [(local parameter name, trainable name)]) for every offloaded module that owns
+    trainable parameters. name_of: id(stored tensor) -> trainable name; a tied weight's second owner maps to the
+    name its shared store is trained under."""
     owners = []
-    for name, module in model.named_modules():
-        if offloading_hook(module) is None:
+    for module in model.modules():
+        hook = offloading_hook(module)
+        if hook is None:
             continue
-        own = [(local, f"{name}.{local}" if name else local) for local in module._parameters]
-        own = [(local, full) for local, full in own if full in wanted]
+        own = [(local, name_of.get(id(hook.weights_map[local]))) for local in module._parameters
+               if module._parameters[local] is not None]
+        own = [(local, name) for local, name in own if name is not None]
         if own:
             owners.append((module, loaded_weights_hook(module), own))
     return owners
