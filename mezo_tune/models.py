@@ -296,12 +296,25 @@ def keep_freed_memory() -> bool:
 _freed_memory_kept = False
 
 
+OFFLOADED_SHARD = "2GB"
+
+
 def save_model(model, tokenizer, out_dir: Path) -> None:
-    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads."""
+    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads.
+
+    An offloaded model (offload.py) is written in shards of at most OFFLOADED_SHARD: transformers gathers a shard's
+    offloaded weights in CPU memory before writing it (50 GB by default, more than such a machine has)."""
+    import warnings
+
+    from .mezo import offloaded_weights
+
     quiet_transformers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    shard = {"max_shard_size": OFFLOADED_SHARD} if offloaded_weights(model) else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(out_dir, safe_serialization=True, **shard)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

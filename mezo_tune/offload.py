@@ -174,8 +174,18 @@ def loaded_weights_hook(module) -> LoadedWeightsHook:
         if isinstance(h, LoadedWeightsHook):
             return h
     mine = LoadedWeightsHook()
-    module._hf_hook = SequentialHook(*getattr(hook, "hooks", (hook,)), mine)
+    module._hf_hook = _Chain(*getattr(hook, "hooks", (hook,)), mine)
     return mine
+
+
+class _Chain(SequentialHook):
+    """accelerate's hook followed by ours. Attributes it lacks are the first hook's: transformers reads
+    `module._hf_hook.weights_map` (saving an offloaded model)."""
+
+    def __getattr__(self, name):
+        if name == "hooks":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.hooks[0], name)
 
 
 def offloaded_owners(model, name_of: dict[int, str]) -> list[tuple[torch.nn.Module, LoadedWeightsHook,
