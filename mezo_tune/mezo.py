@@ -16,7 +16,8 @@ only decide the records' g; momentum rebuilt from the seeds (`UpdateRule`) and t
 Contract 3: the stored weights are never written by a perturbed forward. Just before a module that owns trainable
 weights runs, a hook forms θ ± εz into a scratch buffer and points the parameter at it; right after, the parameter
 points back at the untouched original. Nothing is perturbed in place and "subtracted back" (in fp16/bf16 that does
-not restore the weights).
+not restore the weights). A module accelerate offloaded (offload.py) has its weights only inside its forward: the
+same swap runs once accelerate has loaded them, on the execution device, and the update writes the stored copy.
 """
 
 from __future__ import annotations

@@ -1,0 +1,67 @@
+"""Seconds per MeZO step on the embedded SmolLM2-135M (fp32, batch 8 x 64, full weights), all in memory vs half of
+its 30 layers (15-29) offloaded to disk by accelerate ([model] device_map), in one process, steps interleaved, medians.
+
+"offloaded (cold)" drops the store's pages from the page cache before each step (fdatasync, then
+posix_fadvise DONTNEED on every .dat file), so that step's first forward reads the offloaded half from the disk; in the
+"offloaded" steps the store (the 15 layers, ~200 MB) stays in the page cache, as it does on a machine with the RAM
+for it. Also says whether each step's g was bit-equal between the two runs (both start from the same weights).
+
+Usage: OMP_NUM_THREADS=1 python docs/measure_offload.py OFFLOAD_DIR REPEATS
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from mezo_tune import models
+from mezo_tune.bench import _lm_loss
+from mezo_tune.mezo import Mezo, trainable_set
+
+offload_dir, repeats = sys.argv[1], int(sys.argv[2])
+source = models.resolve_source("embedded:smollm2-135m", progress=False)
+models.quiet_transformers()
+layers = 30
+half_on_disk = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                **{f"model.layers.{i}": "cpu" if i < layers // 2 else "disk" for i in range(layers)}}
+models_ = {"in_memory": models.load_model(source, "float32", "cpu")}
+for label in ("offloaded", "offloaded (cold)"):  # each with its own store, so all three take the same steps
+    before = set(Path(offload_dir).iterdir()) if Path(offload_dir).exists() else set()
+    models_[label] = models.load_model(source, "float32", "cpu", device_map=half_on_disk, offload_dir=offload_dir)
+    (store,) = set(Path(offload_dir).iterdir()) - before
+models.keep_freed_memory()
+ids = torch.randint(0, models_["in_memory"].config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+engines = {label: Mezo(m, trainable_set(m), seed=0, eps=1e-3, use_compile=True) for label, m in models_.items()}
+
+
+def drop_store_cache():
+    """The cold run's store out of the page cache (written back first): its next forward reads it from the disk."""
+    for f in store.glob("*.dat"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+times = {label: [] for label in models_}
+gs = {label: [] for label in models_}
+for t in range(repeats + 1):  # step 0 warms up (compiles the kernels) and is not counted
+    for label, model in models_.items():
+        if label == "offloaded (cold)":
+            drop_store_cache()
+        t0 = time.perf_counter()
+        rec = engines[label].step(t, 1e-6, lambda: _lm_loss(model, ids))
+        dt = time.perf_counter() - t0
+        gs[label].append(rec[0]["g"])
+        if t:
+            times[label].append(dt)
+med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+print(json.dumps({"threads": torch.get_num_threads(), "repeats": repeats, "median_s_per_step": med,
+                  "ratio_offloaded": round(med["offloaded"] / med["in_memory"], 2),
+                  "ratio_offloaded_cold": round(med["offloaded (cold)"] / med["in_memory"], 2),
+                  "g_bit_equal": gs["in_memory"] == gs["offloaded"] == gs["offloaded (cold)"],
+                  "g": {label: g[:3] for label, g in gs.items()}}))
