@@ -76,12 +76,14 @@ def trainable_set(model: torch.nn.Module, freeze: tuple[str, ...] | list[str] = 
             continue
         if adapter and not p.requires_grad:
             continue
-        tensor = stored.get(name, p)
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
+        if name in stored:
+            from .offload import storage_key
+
+            if storage_key(stored[name]) in seen:
+                continue
+            seen.add(storage_key(stored[name]))
         names.append(name)
-        params.append(tensor)
+        params.append(stored.get(name, p))
     if not params:
         raise ValueError("nothing to train: every parameter is frozen or not floating point (check [model] freeze)")
     return TrainableSet(names, params)
@@ -468,7 +470,7 @@ class Mezo:
         if any(hasattr(m, "_hf_hook") for m in model.modules()):
             from .offload import offloaded_owners
 
-            self._offloaded = offloaded_owners(model, self._name_of)
+            self._offloaded = offloaded_owners(model, trainable.names, trainable.params)
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
 
     # -- keys

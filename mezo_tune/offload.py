@@ -71,6 +71,12 @@ def stored_tensors(model) -> dict[str, torch.Tensor | None]:
     return out
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors over the same memory (one stored weight under two names): accelerate's CPU store holds
+    a tensor object per name, all views of one storage."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def _stored(weights_map, local: str) -> torch.Tensor | None:
     try:
         return weights_map[local]
@@ -134,8 +140,8 @@ def check_ties(model) -> None:
     first name only, as named_parameters does for a model in memory)."""
     stored = stored_tensors(model)
     tied_names = getattr(model, "all_tied_weights_keys", None) or {}
-    split = sorted(f"{a} = {b}" for a, b in tied_names.items()
-                   if (a in stored or b in stored) and (stored.get(a) is None or stored.get(a) is not stored.get(b)))
+    split = sorted(f"{a} = {b}" for a, b in tied_names.items() if (a in stored or b in stored) and (
+        stored.get(a) is None or stored.get(b) is None or storage_key(stored[a]) != storage_key(stored[b])))
     if split:
         raise OffloadError(f"the tied weights {', '.join(split)} are offloaded for one name and not as one tensor "
                            f"for the other, so MeZO would train two copies of what must stay one weight. Put the "
@@ -188,17 +194,17 @@ class _Chain(SequentialHook):
         return getattr(self.hooks[0], name)
 
 
-def offloaded_owners(model, name_of: dict[int, str]) -> list[tuple[torch.nn.Module, LoadedWeightsHook,
-                                                                  list[tuple[str, str]]]]:
+def offloaded_owners(model, names, tensors) -> list[tuple[torch.nn.Module, LoadedWeightsHook, list[tuple[str, str]]]]:
     """(module, its LoadedWeightsHook, [(local parameter name, trainable name)]) for every offloaded module that owns
-    trainable parameters. name_of: id(stored tensor) -> trainable name; a tied weight's second owner maps to the
-    name its shared store is trained under."""
+    trainable parameters (`names`, stored in `tensors`); a tied weight's second owner maps to the name its shared
+    store is trained under."""
+    name_of = {storage_key(t): n for n, t in zip(names, tensors)}
     owners = []
     for module in model.modules():
         hook = offloading_hook(module)
         if hook is None:
             continue
-        own = [(local, name_of.get(id(hook.weights_map[local]))) for local in module._parameters
+        own = [(local, name_of.get(storage_key(hook.weights_map[local]))) for local in module._parameters
                if module._parameters[local] is not None]
         own = [(local, name) for local, name in own if name is not None]
         if own:
