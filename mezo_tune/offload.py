@@ -52,10 +52,6 @@ def offloading_hook(module):
     return hook if hook is not None and hook.offload and not hook.place_submodules else None
 
 
-def is_offloaded(model) -> bool:
-    return any(offloading_hook(m) is not None for m in model.modules())
-
-
 def stored_tensors(model) -> dict[str, torch.Tensor | None]:
     """full parameter name -> the tensor its weights are stored in, for every parameter accelerate offloaded (None
     for one its weights map lacks: a tied weight whose other owner stayed in memory; check_ties refuses those)."""

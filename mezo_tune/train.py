@@ -101,6 +101,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if world.parallel:
             raise RunError("optim.type = \"adamw\" (the backprop baseline) runs in one process; start it without "
                            "torchrun")
+        if recipe.model.device_map:
+            raise RunError("optim.type = \"adamw\" (the backprop baseline) keeps gradients and moments beside every "
+                           "weight, so it cannot train an offloaded model; remove [model] device_map, or train with "
+                           "MeZO (optim.type = \"mezo\")")
         from .backprop import train_backprop
 
         return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)

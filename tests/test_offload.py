@@ -95,8 +95,8 @@ def test_perturbation_leaves_the_store_untouched(tiny_model_dirs, tokenizer, tmp
 
 
 def test_offloaded_run_replays_in_memory_bit_equal(tiny_model_dirs, lm_files, tmp_path):
-    """`train` with layer 1 on disk; `replay --in-memory` of its trajectory writes final/'s bits; an in-memory run of
-    the same recipe records the same steps."""
+    """`train` with layer 1 on disk; `replay` of its trajectory, in memory or offloaded, writes final/'s bits; an
+    in-memory run of the same recipe records the same steps."""
     model_dir = tiny_model_dirs("llama")
     train, _ = lm_files
     recipe = write_recipe(tmp_path / "offload.toml", model_dir, train, out=tmp_path / "run", steps=6)
@@ -105,8 +105,9 @@ def test_offloaded_run_replays_in_memory_bit_equal(tiny_model_dirs, lm_files, tm
     recipe.write_text(text.replace("[model]\n", f'[model]\ndevice_map = {{ {table} }}\n'
                                                 f'offload_dir = "{tmp_path / "offload"}"\n'))
     train_cli(recipe)
-    cli("replay", tmp_path / "run" / "trajectory.mezo", "--out", tmp_path / "replayed", "--in-memory", "-q")
-    assert_same_weights(tmp_path / "run" / "final" / "model.safetensors", tmp_path / "replayed" / "model.safetensors")
+    for how in ("--in-memory", "--verify"):  # whole, and offloaded as the recipe says
+        cli("replay", tmp_path / "run" / "trajectory.mezo", "--out", tmp_path / how, how, "-q")
+        assert_same_weights(tmp_path / "run" / "final" / "model.safetensors", tmp_path / how / "model.safetensors")
     plain = write_recipe(tmp_path / "plain.toml", model_dir, train, out=tmp_path / "plain", steps=6)
     train_cli(plain)
     offl, mem = read_trajectory(tmp_path / "run" / "trajectory.mezo"), read_trajectory(tmp_path / "plain" / "trajectory.mezo")
@@ -199,3 +200,14 @@ def test_cpu_offload_on_gpu_replays_on_cpu(tiny_model_dirs, tokenizer, tmp_path)
         replay.apply_record(rec)
     for name, p, q in zip(engine.trainable.names, engine.trainable.params, replay.trainable.params):
         assert torch.equal(p.cpu(), q), name
+
+
+def test_backprop_baseline_refuses_an_offloaded_model(tiny_model_dirs, lm_files, tmp_path):
+    recipe = write_recipe(tmp_path / "adamw.toml", tiny_model_dirs("llama"), lm_files[0], out=tmp_path / "run")
+    text = recipe.read_text().replace('device = "cpu"\n', 'device_map = { "model.layers.1" = "disk", "" = "cpu" }\n')
+    recipe.write_text(text + '\n[optim]\ntype = "adamw"\n')
+    result = train_cli(recipe, ok=False)
+    assert result.exit_code != 0
+    assert ('optim.type = "adamw" (the backprop baseline) keeps gradients and moments beside every weight, so it '
+            'cannot train an offloaded model; remove [model] device_map, or train with MeZO (optim.type = "mezo")'
+            ) in " ".join(result.output.split())
