@@ -504,7 +504,7 @@ class Mezo:
             return stream_keys[name]
 
         def perturb(out: torch.Tensor, w: torch.Tensor, name: str, offset: int = 0) -> None:
-            """out = θ ± εz for the elements [offset, offset + numel) of trainable tensor `name` (w: those values)."""
+            """out = θ ± εz for the elements [offset, offset + numel) of trainable tensor `name` (w: their values)."""
             if self.directions.forms(w):  # the whole tensor (formed z never takes the row-block paths)
                 z = self.directions.perturbation(self.seed, step, name, w, self.distribution)
                 out.copy_((w.to(torch.float32) + eps_on(w.device).to(torch.float32) * z).to(out.dtype))

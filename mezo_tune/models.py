@@ -260,7 +260,8 @@ def load(model_cfg, progress: bool = True):
     tokenizer = load_tokenizer(source)
     model = load_model(source, model_cfg.dtype, device, getattr(model_cfg, "quantization", "none"),
                        device_map=getattr(model_cfg, "device_map", None) or None,
-                       max_memory=getattr(model_cfg, "max_memory", None), offload_dir=getattr(model_cfg, "offload_dir", None))
+                       max_memory=getattr(model_cfg, "max_memory", None),
+                       offload_dir=getattr(model_cfg, "offload_dir", None))
     return model, tokenizer, source
 
 
