@@ -125,14 +125,16 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--merge", is_flag=True, help="Adapter runs: merge the adapter into the base and write full weights "
                                             "(unquantized bases only).")
+@click.option("--in-memory", is_flag=True, help="Load the whole base in memory, even if the run offloaded it "
+                                                "([model] device_map); the result is the same bits.")
 @click.option("--quiet", "-q", is_flag=True)
 @friendly
-def replay(trajectory, out_dir, base, steps, best, verify, device, merge, quiet):
+def replay(trajectory, out_dir, base, steps, best, verify, device, merge, in_memory, quiet):
     """Rebuild the trained weights from the base model and TRAJECTORY, bit for bit."""
     from .replay import replay as do_replay
 
     rebuilt = do_replay(trajectory, out_dir, merge=merge, base=base, steps=steps, best=best, verify=verify,
-                        device=device, progress=not quiet)
+                        device=device, in_memory=in_memory, progress=not quiet)
     click.echo(f"replayed {rebuilt.steps} steps"
                + (" (every keyframe verified)" if verify else "") + f"; wrote {out_dir}")
 

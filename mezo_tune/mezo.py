@@ -16,7 +16,8 @@ only decide the records' g; momentum rebuilt from the seeds (`UpdateRule`) and t
 Contract 3: the stored weights are never written by a perturbed forward. Just before a module that owns trainable
 weights runs, a hook forms θ ± εz into a scratch buffer and points the parameter at it; right after, the parameter
 points back at the untouched original. Nothing is perturbed in place and "subtracted back" (in fp16/bf16 that does
-not restore the weights).
+not restore the weights). A module accelerate offloaded (offload.py) has its weights only inside its forward: the
+same swap runs once accelerate has loaded them, on the execution device, and the update writes the stored copy.
 """
 
 from __future__ import annotations
@@ -43,10 +44,14 @@ ADAM_PREFIX = "mezo-tune/adam/"  # checkpoint tensor names of the Adam moments: 
 
 @dataclass
 class TrainableSet:
-    """The ordered named tensors MeZO trains. Tied weights appear once, under their first name."""
+    """The ordered named tensors MeZO trains. Tied weights appear once, under their first name.
+
+    params holds the tensors where the weights are stored: the module's parameter, or for a parameter accelerate
+    offloaded (on the meta device between forwards) the tensor of its offload store (offload.py), which the update,
+    digests and checkpoints read and write in place."""
 
     names: list[str]
-    params: list[torch.nn.Parameter]
+    params: list[torch.Tensor]
 
     def header(self) -> list[dict]:
         return [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
@@ -64,16 +69,33 @@ def trainable_set(model: torch.nn.Module, freeze: tuple[str, ...] | list[str] = 
     With adapter=True (a peft model), only the adapter tensors: the parameters peft marks trainable
     (requires_grad), in the model's named_parameters order; the base weights are never in the set."""
     names, params = [], []
+    stored = offloaded_weights(model)
+    seen = set()  # an offloaded tied weight has a meta parameter per owner but one store (offload.check_ties)
     for name, p in model.named_parameters():  # named_parameters yields a shared tensor once
         if not p.is_floating_point() or any(fnmatch.fnmatchcase(name, pat) for pat in freeze):
             continue
         if adapter and not p.requires_grad:
             continue
+        if name in stored:
+            from .offload import storage_key
+
+            if storage_key(stored[name]) in seen:
+                continue
+            seen.add(storage_key(stored[name]))
         names.append(name)
-        params.append(p)
+        params.append(stored.get(name, p))
     if not params:
         raise ValueError("nothing to train: every parameter is frozen or not floating point (check [model] freeze)")
     return TrainableSet(names, params)
+
+
+def offloaded_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> stored tensor of each parameter accelerate offloaded ({} for a model without accelerate's hooks)."""
+    if not any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return {}
+    from .offload import stored_tensors
+
+    return stored_tensors(model)
 
 
 # ---- digests (trajectory header and keyframes) ----------------------------------------------------------------------
@@ -443,6 +465,12 @@ class Mezo:
                     self._large_linears.append(module)
                     own = [p for p in own if p is not weight]
             self._owners.append((module, own))
+        # Offloaded modules: their weights exist only inside a forward, loaded by accelerate; perturbed after that.
+        self._offloaded = []
+        if any(hasattr(m, "_hf_hook") for m in model.modules()):
+            from .offload import offloaded_owners
+
+            self._offloaded = offloaded_owners(model, trainable.names, trainable.params)
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
 
     # -- keys
@@ -458,7 +486,7 @@ class Mezo:
         rows_kernel = zrng.kernel(zrng.perturb_rows_kernel, self.use_compile)
         eps_t: dict = {}
         stream_keys: dict = {}
-        swapped: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        swapped: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         handles = []
         touched = self.directions.touched(self.seed, step, self._names)
 
@@ -470,37 +498,36 @@ class Mezo:
                 eps_t[device] = torch.tensor(sign * self.eps, dtype=torch.float64, device=device)
             return eps_t[device]
 
-        def key_of(p) -> tuple[int, int]:
-            name = self._name_of[id(p)]
+        def key_of(name: str) -> tuple[int, int]:
             if name not in stream_keys:
                 stream_keys[name] = zrng.stream_key(self.seed, step, name)
             return stream_keys[name]
 
-        def perturb(out: torch.Tensor, w: torch.Tensor, p, offset: int = 0) -> None:
-            """out = θ ± εz for the elements [offset, offset + numel) of parameter p (w: those values)."""
+        def perturb(out: torch.Tensor, w: torch.Tensor, name: str, offset: int = 0) -> None:
+            """out = θ ± εz for the elements [offset, offset + numel) of trainable tensor `name` (w: their values)."""
             if self.directions.forms(w):  # the whole tensor (formed z never takes the row-block paths)
-                z = self.directions.perturbation(self.seed, step, self._name_of[id(p)], w, self.distribution)
+                z = self.directions.perturbation(self.seed, step, name, w, self.distribution)
                 out.copy_((w.to(torch.float32) + eps_on(w.device).to(torch.float32) * z).to(out.dtype))
                 return
             flat_w, flat_out = w.reshape(-1), out.view(-1)
             for a, b in zrng.chunks(flat_w.numel()):
-                key = zrng.key_tensor(*key_of(p), offset + a, w.device)
+                key = zrng.key_tensor(*key_of(name), offset + a, w.device)
                 kernel(flat_out[a:b], flat_w[a:b], key, eps_on(w.device), self.distribution)
 
-        def pre_hook(module, args, params):
-            for p in params:
-                if id(p) in swapped:  # already pointed at its perturbed copy (re-entrant or shared use)
+        def swap_in(named):
+            """Point each (name, parameter) at θ ± εz formed into a scratch buffer; the stored θ is kept aside."""
+            for name, p in named:
+                if name in swapped:  # already pointed at its perturbed copy (re-entrant or shared use)
                     continue
                 orig = p.data
                 buf = self._acquire(orig.shape, orig.dtype, orig.device)
-                perturb(buf, orig, p)
-                swapped[id(p)] = (p, orig)
+                perturb(buf, orig, name)
+                swapped[name] = (p, orig)
                 p.data = buf
 
-        def post_hook(module, args, output, params):
-            for p in params:
-                self._restore(swapped.pop(id(p), None))
-            return None
+        def swap_out(names):
+            for name in names:
+                self._restore(swapped.pop(name, None))
 
         def embedding_forward(module, ids):
             # A lookup reads only the rows of its ids: perturb those rows alone, and look up in them.
@@ -509,7 +536,7 @@ class Mezo:
             width = w.shape[1]
             index = (rows[:, None] * width + torch.arange(width, device=w.device)).reshape(-1)
             values = torch.empty(index.numel(), dtype=w.dtype, device=w.device)
-            rows_kernel(values, w[rows].reshape(-1), index, zrng.key_tensor(*key_of(w), 0, w.device),
+            rows_kernel(values, w[rows].reshape(-1), index, zrng.key_tensor(*key_of(self._name_of[id(w)]), 0, w.device),
                         eps_on(w.device), self.distribution)
             return torch.nn.functional.embedding(inverse, values.view(-1, width))
 
@@ -525,7 +552,7 @@ class Mezo:
             try:
                 for a in range(0, out_features, rows):
                     b = min(a + rows, out_features)
-                    perturb(block[: b - a], w[a:b], w, offset=a * in_features)
+                    perturb(block[: b - a], w[a:b], self._name_of[id(w)], offset=a * in_features)
                     o2[:, a:b] = x2 @ block[: b - a].t()
             finally:
                 self._release(block)
@@ -533,15 +560,20 @@ class Mezo:
                 out += module.bias
             return out
 
-        overridden = []
+        overridden, loading = [], []
         try:
             for module, params in self._owners:
-                params = [p for p in params if is_touched(p)]  # a module with none touched runs untouched, unhooked
-                if params:
-                    handles.append(module.register_forward_pre_hook(
-                        lambda m, a, ps=params: pre_hook(m, a, ps)))
+                named = [(self._name_of[id(p)], p) for p in params if is_touched(p)]
+                if named:  # a module with none touched runs untouched, unhooked
+                    handles.append(module.register_forward_pre_hook(lambda m, a, ps=named: swap_in(ps)))
                     handles.append(module.register_forward_hook(
-                        lambda m, a, o, ps=params: post_hook(m, a, o, ps)))
+                        lambda m, a, o, ns=[n for n, _ in named]: swap_out(ns)))
+            for module, hook, own in self._offloaded:  # swapped once accelerate has loaded the weights (offload.py)
+                own = [(local, name) for local, name in own if name in touched]
+                if own:
+                    hook.on_load = lambda m, o=own: swap_in([(name, m._parameters[local]) for local, name in o])
+                    hook.on_unload = lambda m, o=own: swap_out([name for _, name in o])
+                    loading.append(hook)
             for module, fn in [(m, embedding_forward) for m in self._embeddings] + [
                     (m, linear_forward) for m in self._large_linears]:
                 if is_touched(module.weight):
@@ -553,6 +585,8 @@ class Mezo:
                 del module.forward  # back to the class's forward
             for h in handles:
                 h.remove()
+            for hook in loading:
+                hook.on_load = hook.on_unload = None
             for entry in list(swapped.values()):  # a forward that raised leaves nothing perturbed behind
                 self._restore(entry)
             swapped.clear()

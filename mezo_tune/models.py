@@ -187,14 +187,24 @@ def quantization_config(quantization: str, dtype: str):
     raise ModelError(f"unknown quantization {quantization!r}: choose none, 8bit or 4bit")
 
 
-def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu", quantization: str = "none"):
+def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu", quantization: str = "none",
+               device_map=None, max_memory: dict | None = None, offload_dir: str | None = None):
     """The model in eval mode, in `dtype`, on `device`, without a KV cache (MeZO never generates while training).
 
-    With quantization "8bit"/"4bit", bitsandbytes quantizes the linear layers while loading (on `device`)."""
+    With quantization "8bit"/"4bit", bitsandbytes quantizes the linear layers while loading (on `device`).
+    With device_map (a strategy such as "auto", or module name -> "cpu" / "disk" / "cuda:N"), accelerate places the
+    modules, within max_memory, offloading to CPU RAM or to disk; the disk-offloaded weights get a writable store in a
+    scratch folder inside offload_dir (offload.py)."""
     from transformers import AutoModelForCausalLM
 
     qconfig = quantization_config(quantization, dtype)
     kw = {"quantization_config": qconfig, "device_map": {"": device}} if qconfig is not None else {}
+    folder = None
+    if device_map is not None:
+        from . import offload
+
+        folder = offload.scratch_folder(offload_dir)
+        kw = {"device_map": device_map, "max_memory": accelerate_max_memory(max_memory), "offload_folder": folder}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.load_path, revision=source.revision,
                                                      dtype=torch_dtype(dtype), **kw,
@@ -205,9 +215,22 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
         raise ModelError(f"could not load the model {source.spec}: {e}") from None
     model.config.use_cache = False
     model.requires_grad_(False)
-    if qconfig is None:
+    if folder is not None:
+        try:
+            offload.make_store(model, folder)
+            offload.check_ties(model)
+        except offload.OffloadError as e:
+            raise ModelError(str(e)) from None
+    elif qconfig is None:
         model = model.to(device)
     return model.eval()
+
+
+def accelerate_max_memory(max_memory: dict | None) -> dict | None:
+    """[model] max_memory as accelerate takes it: GPU keys ("0", "cuda:0") as ints, "cpu" / "disk" as they are."""
+    if not max_memory:
+        return None
+    return {int(k.removeprefix("cuda:")) if k.removeprefix("cuda:").isdigit() else k: v for k, v in max_memory.items()}
 
 
 def quiet_transformers() -> None:
@@ -235,7 +258,10 @@ def load(model_cfg, progress: bool = True):
         source.trust_remote_code = True
     device = resolve_device(getattr(model_cfg, "device", "auto"))
     tokenizer = load_tokenizer(source)
-    model = load_model(source, model_cfg.dtype, device, getattr(model_cfg, "quantization", "none"))
+    model = load_model(source, model_cfg.dtype, device, getattr(model_cfg, "quantization", "none"),
+                       device_map=getattr(model_cfg, "device_map", None) or None,
+                       max_memory=getattr(model_cfg, "max_memory", None),
+                       offload_dir=getattr(model_cfg, "offload_dir", None))
     return model, tokenizer, source
 
 
@@ -271,18 +297,33 @@ def keep_freed_memory() -> bool:
 _freed_memory_kept = False
 
 
+OFFLOADED_SHARD = "2GB"
+
+
 def save_model(model, tokenizer, out_dir: Path) -> None:
-    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads."""
+    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads.
+
+    An offloaded model (offload.py) is written in shards of at most OFFLOADED_SHARD: transformers gathers a shard's
+    offloaded weights in CPU memory before writing it (50 GB by default, more than such a machine has)."""
+    import warnings
+
+    from .mezo import offloaded_weights
+
     quiet_transformers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    shard = {"max_shard_size": OFFLOADED_SHARD} if offloaded_weights(model) else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(out_dir, safe_serialization=True, **shard)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
 
 def state_digests(model) -> dict[str, str]:
-    """name -> digest of every parameter and buffer in the state dict: the base identity in the trajectory."""
-    from .mezo import tensor_digest
+    """name -> digest of every parameter and buffer in the state dict: the base identity in the trajectory (an offloaded
+    parameter's from its stored weights, so the digests do not depend on where the weights live)."""
+    from .mezo import offloaded_weights, tensor_digest
 
-    return {name: tensor_digest(t) for name, t in model.state_dict().items()}
+    stored = offloaded_weights(model)
+    return {name: tensor_digest(stored.get(name, t)) for name, t in model.state_dict().items()}

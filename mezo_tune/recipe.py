@@ -76,6 +76,10 @@ PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]  # in (0, 1]
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for a device_map string
+_MAP_DEVICE = re.compile(r"cpu|disk|cuda(:\d+)?|\d+")  # where a device_map table puts a module
+_MEMORY_KEY = re.compile(r"cpu|cuda:\d+|\d+")  # what max_memory limits: CPU RAM or one GPU
+_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
 # Set while a recipe file is being validated: the loader reports cross-field problems itself, one
 # line per key, even when other fields of the same section are broken.
 _LOADER_CONTEXT = {"mezo_tune.recipe.loader": True}
@@ -103,6 +107,38 @@ class ModelConfig(_Section):
     device: StrictStr = "auto"
     freeze: tuple[StrictStr, ...] = ()
     trust_remote_code: StrictBool = False
+    device_map: StrictStr | dict[StrictStr, StrictStr | StrictInt] = ""
+    max_memory: dict[StrictStr, StrictStr | StrictInt] = {}
+    offload_dir: StrictStr = ""
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_device_map(cls, value):
+        if isinstance(value, str):
+            if value and value not in DEVICE_MAP_STRATEGIES:
+                raise PydanticCustomError(
+                    "recipe_device_map", 'must be "" (no offload), one of {choices}, or a table of module name = '
+                    '"cpu" | "disk" | "cuda:N" (got {got})',
+                    {"choices": ", ".join(f'"{c}"' for c in DEVICE_MAP_STRATEGIES), "got": _show(value)})
+            return value
+        bad = [f"{k} = {_show(v)}" for k, v in value.items()
+               if not _MAP_DEVICE.fullmatch(str(v)) or (isinstance(v, int) and v < 0)]
+        if not value or bad:
+            raise PydanticCustomError(
+                "recipe_device_map", 'a table must put each module on "cpu", "disk", "cuda" or "cuda:N" (got {got})',
+                {"got": ", ".join(bad) or "an empty table"})
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _known_memory(cls, value):
+        bad = [f"{k} = {_show(v)}" for k, v in value.items()
+               if not _MEMORY_KEY.fullmatch(k) or not (_MEMORY_SIZE.fullmatch(v) if isinstance(v, str) else v > 0)]
+        if bad:
+            raise PydanticCustomError(
+                "recipe_max_memory", 'must be a table of "cpu" | "cuda:N" = a size such as "20GiB" or a number of '
+                'bytes (got {got})', {"got": ", ".join(bad)})
+        return value
 
     @field_validator("revision")
     @classmethod
@@ -125,6 +161,31 @@ def _quantization_problems(quantization: str, adapter_type: str) -> list[tuple[s
                  'train an adapter on it ([adapter] type = "lora" or "prefix"), or load the base unquantized '
                  '(quantization = "none" with dtype = "bfloat16", "float16" or "float32")')]
     return []
+
+
+def _offload_problems(device_map, max_memory: dict, offload_dir: str, device: str, quantization: str,
+                      adapter_type: str) -> list[tuple[str, str]]:
+    """What [model] offloading (device_map, max_memory, offload_dir) cannot be combined with."""
+    if not device_map:
+        return [(key, "needs device_map (it only says how accelerate offloads)")
+                for key, value in (("max_memory", max_memory), ("offload_dir", offload_dir)) if value]
+    if quantization != "none":
+        return [("device_map", f'cannot offload a quantized base (quantization = "{quantization}"): bitsandbytes\' '
+                 'quantized weights stay on the one device they were quantized on, accelerate cannot store them on '
+                 'disk or load them back per forward. Drop device_map (the quantized base is small), or load the '
+                 'base unquantized (quantization = "none") and offload it for full-weight training')]
+    problems = []
+    if adapter_type != "none":
+        problems.append(("device_map", f'cannot train an adapter ({adapter_type}) on an offloaded base: peft creates '
+                         'the adapter tensors of an offloaded layer on the meta device, where they hold no values. '
+                         'Offload for full-weight training ([adapter] type = "none"), or load the base in memory '
+                         'for the adapter'))
+    if isinstance(device_map, dict) and max_memory:
+        problems.append(("max_memory", "limits the memory a device_map strategy (\"auto\", ...) may fill; a "
+                         "device_map table places every module itself: give one or the other"))
+    if device != "auto":
+        problems.append(("device", f'is "{device}", but device_map places the modules: leave device out'))
+    return problems
 
 
 def _adapter_init_problems(adapter_type: str, init: str, init_text: str) -> list[tuple[str, str]]:
@@ -439,8 +500,11 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _adapter_for_quantized_base(self, info: ValidationInfo) -> Recipe:
         if not _from_loader(info):
+            m = self.model
             _raise_problems([(f"model.{k}", t)
-                             for k, t in _quantization_problems(self.model.quantization, self.adapter.type)])
+                             for k, t in _quantization_problems(m.quantization, self.adapter.type)
+                             + _offload_problems(m.device_map, m.max_memory, m.offload_dir, m.device,
+                                                 m.quantization, self.adapter.type)])
         return self
 
 
@@ -768,6 +832,9 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     quantization, adapter_type = good("model", "quantization"), good("adapter", "type")
     if _MISSING_VALUE not in (quantization, adapter_type):
         found += [("model", k, t) for k, t in _quantization_problems(quantization, adapter_type)]
+    offload = [good("model", k) for k in ("device_map", "max_memory", "offload_dir", "device")]
+    if _MISSING_VALUE not in (*offload, quantization, adapter_type):
+        found += [("model", k, t) for k, t in _offload_problems(*offload, quantization, adapter_type)]
     init = [adapter_type, good("adapter", "init"), good("adapter", "init_text")]
     if _MISSING_VALUE not in init:
         found += [("adapter", k, t) for k, t in _adapter_init_problems(*init)]

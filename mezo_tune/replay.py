@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+IN_MEMORY = {"device_map": "", "max_memory": {}, "offload_dir": ""}  # [model] keys that load a base whole
+
+
 class ReplayError(Exception):
     """A replay that cannot be done or that diverged, said for people."""
 
@@ -99,10 +102,11 @@ def best_steps(data) -> int:
 
 
 def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = None, best: bool = False,
-            verify: bool = False, device: str = "auto", progress: bool = True,
+            verify: bool = False, device: str = "auto", in_memory: bool = False, progress: bool = True,
             log=lambda m: print(m, file=sys.stderr)) -> Rebuilt:
     """Load the base model named in the trajectory (or `base`), check it, and apply the recorded steps (the first
-    `steps` of them, or with best those up to the dev-best eval)."""
+    `steps` of them, or with best those up to the dev-best eval). The base is offloaded as the run's recipe says
+    ([model] device_map), unless in_memory: the updates are the same bits wherever the weights live."""
     from . import models
     from .directions import Directions
     from .mezo import Mezo, UpdateRule, trainable_set
@@ -125,7 +129,8 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
             raise ReplayError("--best and --steps both say which step to rebuild: give one of them")
         steps = best_steps(data)
     recipe = parse_recipe(header["recipe"], f"the recipe recorded in {trajectory_path}", check_files=False)
-    model_cfg = recipe.model.model_copy(update={"device": device, **({"path": base} if base else {})})
+    model_cfg = recipe.model.model_copy(update={"device": device, **({"path": base} if base else {}),
+                                                **(IN_MEMORY if in_memory else {})})
     model, tokenizer, source = models.load(model_cfg, progress)
     check_base(header, models.state_digests(model), model_cfg.path)
     if verify:

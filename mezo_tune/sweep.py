@@ -265,9 +265,9 @@ class LoadedBase:
         model = self.loaded[0]
         self.digests = models.state_digests(model)
         # A full-weight run writes the floating-point parameters in place: keep a CPU copy to copy back (adapter
-        # runs never write the base, so a sweep of adapter runs keeps none).
-        self.saved = ({n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                       if p.is_floating_point()} if keep_copy else None)
+        # runs never write the base, so a sweep of adapter runs keeps none). Offloaded ones: their stored weights.
+        self.saved = ({n: p.detach().to("cpu", copy=True) for n, p in self.weights().items()}
+                      if keep_copy else None)
         self.load_s = time.perf_counter() - t0
         self.adapter_attached = False  # set by the caller when a run attaches one
 
@@ -284,10 +284,17 @@ class LoadedBase:
             self.adapter_attached = False
         if self.saved is not None:
             with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in self.saved:
-                        p.copy_(self.saved[n])
+                for n, p in self.weights().items():
+                    p.copy_(self.saved[n])
         return time.perf_counter() - t0
+
+    def weights(self) -> dict:
+        """name -> where each floating-point parameter of the base is stored (an offloaded one: its store)."""
+        from .mezo import offloaded_weights
+
+        model = self.loaded[0]
+        stored = offloaded_weights(model)
+        return {n: stored.get(n, p) for n, p in model.named_parameters() if p.is_floating_point()}
 
     def check_started_from(self, point: Point) -> None:
         """Refuse (and remove) a run whose trajectory header records a base other than the one loaded."""

@@ -101,6 +101,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         if world.parallel:
             raise RunError("optim.type = \"adamw\" (the backprop baseline) runs in one process; start it without "
                            "torchrun")
+        if recipe.model.device_map:
+            raise RunError("optim.type = \"adamw\" (the backprop baseline) keeps gradients and moments beside every "
+                           "weight, so it cannot train an offloaded model; remove [model] device_map, or train with "
+                           "MeZO (optim.type = \"mezo\")")
         from .backprop import train_backprop
 
         return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
@@ -145,7 +149,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
             if not world.main:
                 return {}
             return export_finished(r, finished, progress, log)
-    if loaded is None and models.resolve_device(r.model.device) == "cpu":
+    if loaded is None and models.resolve_device(r.model.device) == "cpu" and not r.model.device_map:
         from .estimate import startup_memory_warning
 
         warning = startup_memory_warning(r)
