@@ -271,12 +271,13 @@ def keep_freed_memory() -> bool:
 _freed_memory_kept = False
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads."""
+def save_model(model, tokenizer, out_dir: Path, state: dict | None = None) -> None:
+    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads; state: the tensors to write
+    instead of the model's own (save_pretrained's state_dict)."""
     quiet_transformers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
