@@ -66,6 +66,17 @@ def shard_offset(p) -> int:
     return start * (p.numel() // rows) if rows else 0
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Drop every full weight FSDP still holds, so that the next forward all-gathers the shards as they are now.
+    FSDP2 keeps the root module's weights (here the embedding and the final norm) gathered after a forward, and
+    would not see shards written since: call this before writing any shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's whole state dict gathered onto the host of rank 0 (None on the other ranks); every rank must call
     it. save_pretrained(state_dict=...) writes it as one process's model would be written."""
@@ -73,6 +84,7 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 
     import torch.distributed as dist
 
+    reshard(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return state if dist.get_rank() == 0 else None
 
@@ -90,6 +102,7 @@ class ShardedMezo(Mezo):
         kernel = zrng.kernel(zrng.perturb_kernel, self.use_compile)
         touched = self.directions.touched(self.seed, step, self._names)
         saved = []
+        reshard(self.model)
         try:
             with torch.no_grad():
                 for name, w, offset in self._weights():
@@ -104,10 +117,15 @@ class ShardedMezo(Mezo):
                         kernel(flat[a:b], flat_stored[a:b], key, eps, self.distribution)
             yield
         finally:
+            reshard(self.model)
             with torch.no_grad():
                 for w, stored in saved:
                     w.copy_(stored)
                     self._release(stored)
+
+    def apply_update(self, step: int, c: float) -> None:
+        reshard(self.model)
+        super().apply_update(step, c)
 
     def use_digest(self, scheme: dict) -> None:
         if scheme != SUM_DIGEST:
