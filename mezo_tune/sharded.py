@@ -79,14 +79,20 @@ def reshard(model: torch.nn.Module) -> None:
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's whole state dict gathered onto the host of rank 0 (None on the other ranks); every rank must call
-    it. save_pretrained(state_dict=...) writes it as one process's model would be written."""
+    it. save_pretrained(state_dict=...) writes it as one process's model would be written (tied weights once)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     import torch.distributed as dist
 
     reshard(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: one tensor again, as in the
+        if name in state:                                             # model, so save_pretrained writes it once
+            state[name] = state[first.setdefault(id(p), name)]
+    return state
 
 
 class ShardedMezo(Mezo):
