@@ -10,7 +10,10 @@ its losses equal a one-process run's to float rounding, and a sharded resume rep
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +61,14 @@ def test_shards_draw_perturb_update_and_digest_as_one_process(tmp_path):
     embedding = "model.embed_tokens.weight"
     assert [f["offsets"][embedding] for f in found] == [[161, 0], [160, 161 * 32]]  # rows held, first flat index
     assert [f["offsets"]["model.norm.weight"] for f in found] == [[16, 0], [16, 16]]
+    checks = ("z", "perturbed", "restored", "updated", "digest_before", "digest_after")
     for f in found:
-        assert {k: f[k] for k in ("z", "perturbed", "restored", "updated", "digest_before", "digest_after")} == dict.fromkeys(
-            ("z", "perturbed", "restored", "updated", "digest_before", "digest_after"), True)
+        assert {k: f[k] for k in checks} == dict.fromkeys(checks, True)
         assert f["forwards"] == [True] * 4  # +, -, + again (FSDP's root weights regathered each time), after update
 
 
 def torchrun_probe(out: Path):
-    import os
-    import subprocess
-    import sys
-
+    """tests/shard_probe.py under `torchrun --nproc-per-node 2`, writing rank<r>.json into out."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PROBE_OUT": str(out)}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(REPO / "tests" / "shard_probe.py")], cwd=out, env=env, capture_output=True, text=True,
@@ -114,7 +114,8 @@ def test_sharded_losses_equal_a_one_process_run_within_fp32_reduction_order(shar
     for key in ("loss_plus", "loss_minus"):
         np.testing.assert_allclose(a[key], b[key], rtol=2e-6, atol=0)
     # evals score every row on every rank: the same rows in the same batches as one process
-    sharded_evals, one_evals = read_trajectory(out / "trajectory.mezo").evals, read_trajectory(tmp_path / "one/trajectory.mezo").evals
+    sharded_evals = read_trajectory(out / "trajectory.mezo").evals
+    one_evals = read_trajectory(tmp_path / "one/trajectory.mezo").evals
     assert [e["n"] for e in sharded_evals] == [len(CORPUS)] * 3
     assert sharded_evals[0] == one_evals[0]  # the base weights: the same forwards, the same bits
 
@@ -187,9 +188,11 @@ def test_what_sharded_weights_cannot_train_is_named(sharded_run):
 def test_sharded_cuda_run_replays_bit_equal_in_one_process(sharded_run, tmp_path):
     tmp, recipe, out, _, _ = sharded_run
     gpu = tmp_path / "gpu.toml"
-    gpu.write_text(recipe.read_text().replace('device = "cpu"', 'device = "cuda"').replace(str(out), str(tmp_path / "run")))
+    gpu.write_text(recipe.read_text().replace('device = "cpu"', 'device = "cuda"')
+                   .replace(str(out), str(tmp_path / "run")))
     done = torchrun("train", gpu, "-q", cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = cli("replay", tmp_path / "run/trajectory.mezo", "--out", tmp_path / "rep", "--verify", "--device", "cuda", "-q")
+    result = cli("replay", tmp_path / "run/trajectory.mezo", "--out", tmp_path / "rep", "--verify", "--device", "cuda",
+                 "-q")
     assert "every keyframe verified" in result.output
     assert_same_weights(tmp_path / "run/final/model.safetensors", tmp_path / "rep/model.safetensors")
