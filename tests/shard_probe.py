@@ -7,6 +7,7 @@ what it finds to $OUT/rank<r>.json, for the test to assert on:
   forwards:   the logits of perturbed forwards (+, -, + again) and of one after the update == one process's
   restored:   after the perturbed forwards, every shard bit-equal to before (contract 3)
   updated:    after apply_update, the gathered tensors == one process's Mezo.apply_update, bit for bit
+  stochastic: a stochastically rounded update, gathered == one process's
   digest:     ShardedMezo.digest() == Mezo.digest() of the unsharded model, before and after the update
 """
 
@@ -67,6 +68,12 @@ def main() -> None:
     for name, p in zip(sharded.trainable.names, sharded.trainable.params):
         found["updated"] &= torch.equal(p.full_tensor(), full[name])
     found["digest_after"] = sharded.digest() == one.digest()
+    # stochastic rounding: its uniforms come from zrng's rounding stream, keyed at the shard's offset too
+    rounding = dict(seed=SEED, eps=EPS, rounding="stochastic")
+    ShardedMezo(model, sharded.trainable, **rounding).apply_update(STEP + 1, C)
+    Mezo(whole, one.trainable, **rounding).apply_update(STEP + 1, C)
+    found["stochastic"] = all(torch.equal(p.full_tensor(), full[name])
+                              for name, p in zip(sharded.trainable.names, sharded.trainable.params))
     with torch.no_grad():
         found["forwards"].append(torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits))
     found["offset_of_embedding"] = shard_offset(sharded.trainable.params[0])

@@ -61,7 +61,7 @@ def test_shards_draw_perturb_update_and_digest_as_one_process(tmp_path):
     embedding = "model.embed_tokens.weight"
     assert [f["offsets"][embedding] for f in found] == [[161, 0], [160, 161 * 32]]  # rows held, first flat index
     assert [f["offsets"]["model.norm.weight"] for f in found] == [[16, 0], [16, 16]]
-    checks = ("z", "perturbed", "restored", "updated", "digest_before", "digest_after")
+    checks = ("z", "perturbed", "restored", "updated", "stochastic", "digest_before", "digest_after")
     for f in found:
         assert {k: f[k] for k in checks} == dict.fromkeys(checks, True)
         assert f["forwards"] == [True] * 4  # +, -, + again (FSDP's root weights regathered each time), after update
