@@ -119,10 +119,11 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     except ValueError as e:
         raise RunError(f"[mezo] {e}: lower it, or give a layer_fraction instead") from None
     device = str(next(model.parameters()).device)
-    engine = (ShardedMezo if shard else Mezo)(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
-                  distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
-                  use_compile=use_compile(recipe.mezo.compile, device),
-                  rule=update_rule(recipe.mezo), estimator=recipe.mezo.estimator, directions=directions)
+    engine_class = ShardedMezo if shard else Mezo
+    engine = engine_class(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
+                          distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
+                          use_compile=use_compile(recipe.mezo.compile, device),
+                          rule=update_rule(recipe.mezo), estimator=recipe.mezo.estimator, directions=directions)
     return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
 
 
