@@ -144,7 +144,11 @@ def _blake2b_digest(tensors) -> bytes:
 def _sum_digest(tensors) -> bytes:
     """SUM_DIGEST: each tensor reduced on its own device to one integer (`tensor_sum_hash`), then blake2b-256 over
     the scheme's name and each tensor's dtype, shape and integer, in order, on the host (8 bytes per tensor move)."""
-    sums = [tensor_sum_hash(t, device_sum=True) for t in tensors]
+    return sum_digest_of(tensors, device_sums([tensor_sum_hash(t, device_sum=True) for t in tensors]))
+
+
+def device_sums(sums: list[torch.Tensor]) -> list[int]:
+    """tensor_sum_hash's 0-d device sums as integers in [0, 2**64), one transfer per device."""
     by_device: dict = defaultdict(list)
     for i, s in enumerate(sums):
         by_device[s.device].append(i)
@@ -152,6 +156,12 @@ def _sum_digest(tensors) -> bytes:
     for idx in by_device.values():  # one transfer per device
         for i, v in zip(idx, torch.stack([sums[i] for i in idx]).tolist()):
             values[i] = v % (1 << 64)
+    return values
+
+
+def sum_digest_of(tensors, values: list[int]) -> bytes:
+    """SUM_DIGEST from each tensor's dtype, shape and sum hash (a sharded tensor: its global shape, and the sum of its
+    shards' sums, sharded.py)."""
     h = hashlib.blake2b(f"{SUM_DIGEST['name']}/v{SUM_DIGEST['version']}".encode(), digest_size=32)
     for t, v in zip(tensors, values):
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
@@ -474,9 +484,15 @@ class Mezo:
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
 
     # -- keys
-    def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM):
+    def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):
+        """(a, b, key) per chunk of `numel` elements whose first one is the tensor's element `offset` (a shard's)."""
         k0, k1 = zrng.stream_key(self.seed, step, name, stream)
-        return [(a, b, zrng.key_tensor(k0, k1, a, device)) for a, b in zrng.chunks(numel)]
+        return [(a, b, zrng.key_tensor(k0, k1, offset + a, device)) for a, b in zrng.chunks(numel)]
+
+    def _weights(self):
+        """(name, stored tensor, global index of its first element) per trainable tensor: the whole tensor here; a
+        rank's shard of it in sharded.ShardedMezo."""
+        return [(name, p.data, 0) for name, p in zip(self.trainable.names, self.trainable.params)]
 
     # -- contract 3
     @contextlib.contextmanager
@@ -653,8 +669,7 @@ class Mezo:
         c_t = {}
         touched = self.directions.touched(self.seed, step, self._names)
         with torch.no_grad():
-            for name, p in zip(self.trainable.names, self.trainable.params):
-                w = p.data
+            for name, w, offset in self._weights():
                 if name not in touched:
                     continue
                 if w.device not in c_t:
@@ -664,9 +679,9 @@ class Mezo:
                     w.copy_((w.to(torch.float64) - c_t[w.device] * z.to(torch.float64)).to(torch.float32).to(w.dtype))
                     continue
                 flat = w.view(-1) if w.is_contiguous() else w.reshape(-1).clone()
-                keys = self._chunk_keys(step, name, w.numel(), w.device)
+                keys = self._chunk_keys(step, name, w.numel(), w.device, offset=offset)
                 if self.rounding == "stochastic":
-                    rkeys = self._chunk_keys(step, name, w.numel(), w.device, zrng.ROUNDING_STREAM)
+                    rkeys = self._chunk_keys(step, name, w.numel(), w.device, zrng.ROUNDING_STREAM, offset)
                     for (a, b, key), (_, _, rkey) in zip(keys, rkeys):
                         kernel(flat[a:b], key, rkey, c_t[w.device], self.distribution)
                 else:

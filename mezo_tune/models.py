@@ -300,8 +300,9 @@ _freed_memory_kept = False
 OFFLOADED_SHARD = "2GB"
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads.
+def save_model(model, tokenizer, out_dir: Path, state: dict | None = None) -> None:
+    """A Hugging Face model directory (safetensors + tokenizer) that from_pretrained loads; state: the tensors to write
+    instead of the model's own (save_pretrained's state_dict; sharded weights gathered on rank 0).
 
     An offloaded model (offload.py) is written in shards of at most OFFLOADED_SHARD: transformers gathers a shard's
     offloaded weights in CPU memory before writing it (50 GB by default, more than such a machine has)."""
@@ -312,10 +313,12 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     quiet_transformers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard = {"max_shard_size": OFFLOADED_SHARD} if offloaded_weights(model) else {}
+    kw = {"max_shard_size": OFFLOADED_SHARD} if offloaded_weights(model) else {}
+    if state is not None:
+        kw["state_dict"] = state
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-        model.save_pretrained(out_dir, safe_serialization=True, **shard)
+        model.save_pretrained(out_dir, safe_serialization=True, **kw)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

@@ -476,6 +476,35 @@ def _dev_problems(eval_path: str | None, dev_from_train: int) -> list[tuple[str,
     return []
 
 
+class DistributedConfig(_Section):
+    """[distributed]: how a torchrun launch splits the run (data parallel needs no key)."""
+
+    shard_weights: StrictBool = False
+
+
+def _shard_problems(shard_weights: bool, adapter_type: str, adam: bool, direction_type: str,
+                    optim_type: str, device_map: Any) -> list[tuple[str, str]]:
+    """What sharded weights (sharded.py) cannot train: only full weights, dense or layer-wise z, SGD or momentum,
+    in memory (not offloaded)."""
+    if not shard_weights:
+        return []
+    found = []
+    if adapter_type != "none":
+        found.append(f'shards full weights; an adapter (adapter.type = "{adapter_type}") is small enough to train '
+                     f'data parallel: set shard_weights = false')
+    if optim_type != "mezo":
+        found.append('is for MeZO; the backprop baseline (optim.type = "adamw") runs in one process')
+    if adam:
+        found.append("cannot keep Adam's moments (mezo.adam = true) per shard yet: use mezo.momentum, or "
+                     "shard_weights = false")
+    if direction_type in ("sparse", "lowrank"):
+        found.append(f'draws z with the dense or layerwise generator only (mezo.direction_type = "{direction_type}")')
+    if device_map:
+        found.append("shards weights held in memory; offloading (model.device_map) is one process's alternative: "
+                     "set one of them")
+    return [("shard_weights", text) for text in found]
+
+
 class Recipe(_Section):
     model: ModelConfig
     adapter: AdapterConfig = AdapterConfig()
@@ -484,6 +513,7 @@ class Recipe(_Section):
     mezo: MezoConfig
     optim: OptimConfig = OptimConfig()
     output: OutputConfig
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _eval_data_for_eval_every(self, info: ValidationInfo) -> Recipe:
@@ -504,7 +534,10 @@ class Recipe(_Section):
             _raise_problems([(f"model.{k}", t)
                              for k, t in _quantization_problems(m.quantization, self.adapter.type)
                              + _offload_problems(m.device_map, m.max_memory, m.offload_dir, m.device,
-                                                 m.quantization, self.adapter.type)])
+                                                 m.quantization, self.adapter.type)]
+                            + [(f"distributed.{k}", t) for k, t in _shard_problems(
+                                self.distributed.shard_weights, self.adapter.type, self.mezo.adam,
+                                self.mezo.direction_type, self.optim.type, m.device_map)])
         return self
 
 
@@ -516,6 +549,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "mezo": MezoConfig,
     "optim": OptimConfig,
     "output": OutputConfig,
+    "distributed": DistributedConfig,
 }
 _REQUIRED_SECTIONS = [name for name, field in Recipe.model_fields.items() if field.is_required()]
 
@@ -838,6 +872,11 @@ def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: 
     init = [adapter_type, good("adapter", "init"), good("adapter", "init_text")]
     if _MISSING_VALUE not in init:
         found += [("adapter", k, t) for k, t in _adapter_init_problems(*init)]
+
+    shard = [good("distributed", "shard_weights"), adapter_type, good("mezo", "adam"), good("mezo", "direction_type"),
+             optim_type, good("model", "device_map")]
+    if _MISSING_VALUE not in shard:
+        found += [("distributed", k, t) for k, t in _shard_problems(*shard)]
 
     eval_path, eval_every, dev = good("data", "eval"), good("output", "eval_every"), good("data", "dev_from_train")
     if _MISSING_VALUE not in (eval_path, dev):

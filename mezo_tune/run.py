@@ -100,8 +100,15 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     from .directions import Directions
     from .mezo import Mezo, trainable_set
 
-    model, tokenizer, source = loaded or models.load(recipe.model, progress)
+    shard = recipe.distributed.shard_weights
+    # sharded: loaded on the host, then each layer's shard moved to this process's device (sharded.shard_model)
+    model_cfg = recipe.model.model_copy(update={"device": "cpu"}) if shard else recipe.model
+    model, tokenizer, source = loaded or models.load(model_cfg, progress)
     base_digests = models.state_digests(model)
+    if shard:
+        from .sharded import ShardedMezo, shard_model
+
+        shard_model(model, models.resolve_device(recipe.model.device))
     if recipe.adapter.type != "none":
         model = attach_adapter(model, recipe.adapter, recipe.mezo.seed, tokenizer)
     task = make_task(recipe, tokenizer)
@@ -112,10 +119,11 @@ def build_run(recipe: Recipe, progress: bool = True, loaded: tuple | None = None
     except ValueError as e:
         raise RunError(f"[mezo] {e}: lower it, or give a layer_fraction instead") from None
     device = str(next(model.parameters()).device)
-    engine = Mezo(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
-                  distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
-                  use_compile=use_compile(recipe.mezo.compile, device),
-                  rule=update_rule(recipe.mezo), estimator=recipe.mezo.estimator, directions=directions)
+    engine_class = ShardedMezo if shard else Mezo
+    engine = engine_class(model, trainable, seed=recipe.mezo.seed, eps=recipe.mezo.eps,
+                          distribution=recipe.mezo.distribution, rounding=recipe.mezo.rounding,
+                          use_compile=use_compile(recipe.mezo.compile, device),
+                          rule=update_rule(recipe.mezo), estimator=recipe.mezo.estimator, directions=directions)
     return Run(recipe, model, tokenizer, source, task, train_rows, eval_rows, trainable, engine, base_digests)
 
 

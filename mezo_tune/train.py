@@ -108,6 +108,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, prog
         from .backprop import train_backprop
 
         return train_backprop(recipe, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    if recipe.distributed.shard_weights and not world.parallel:
+        raise RunError("distributed.shard_weights = true splits the weights over the processes torchrun starts: run "
+                       "`torchrun --nproc-per-node N -m mezo_tune train ...` with N > 1, or set shard_weights = false")
     if world.parallel and recipe.mezo.batch_size < world.size:
         raise RunError(f"mezo.batch_size = {recipe.mezo.batch_size} is smaller than the {world.size} processes "
                        f"torchrun started: every process scores a share of each batch, so use --nproc-per-node "
@@ -141,6 +144,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
 
     r = recipe
     out = Path(r.output.dir)
+    sharded = r.distributed.shard_weights  # sharded.py: no checkpoints (resume replays), evals on every rank
     if world.main or resume:  # resume: only checks that there is a run
         prepare_dir(out, resume, overwrite)
     if resume and r.output.save_final and not (out / "final").exists():
@@ -191,7 +195,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
         check_base(data.header, run.base_digests, r.model.path)
         start, partial = divmod(len(data.steps), K)
         whole = start * K  # records of whole steps: applied now; a partial step's are reused by Mezo.step
-        from_ckpt = load_checkpoint(out, run, whole - 1)
+        from_ckpt = -1 if sharded else load_checkpoint(out, run, whole - 1)
         unit = "step" if K == 1 else "record"
         todo = [rec for rec in data.steps[:whole] if rec.step > from_ckpt]
         log(f"resuming {traj_path} after step {start - 1}"
@@ -230,7 +234,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
         """Score the weights after step t on the eval rows; recorded in the trajectory and metrics.jsonl."""
         if run.eval_rows is None:
             return
-        rows, reduce = distributed.eval_share(run.eval_rows, world)
+        rows, reduce = (run.eval_rows, None) if sharded else distributed.eval_share(run.eval_rows, world)
         result = run.task.evaluate(run.model, rows, batch_size=r.mezo.batch_size, progress=progress, reduce=reduce)
         step = last_record(t)
         writer.append_eval(step, result)
@@ -265,7 +269,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
             if (t + 1) % r.mezo.keyframe_every == 0:
                 last_keyframe = (last_record(t), run.engine.digest())
                 writer.append_keyframe(*last_keyframe)
-            if world.main and r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0:
+            if world.main and not sharded and r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0:
                 writer.flush()  # the checkpoint never runs ahead of the intact trajectory
                 save_checkpoint(out, run, last_record(t))
             dt = time.perf_counter() - t0
@@ -319,6 +323,11 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
     best = best_eval(evals, select)
     if best is not None:
         summary.update(best=best, select=select)
+    state = None
+    if r.output.save_final and sharded:
+        from .sharded import full_state
+
+        state = full_state(run.model)  # every rank sends its shards; rank 0 gets the whole tensors
     if r.output.save_final and world.main:
         model, tokenizer = run.model, run.tokenizer
         if r.output.keep == "best" and best is not None and best["step"] != n_records - 1:
@@ -329,7 +338,8 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
 
             model = rebuild(traj_path, steps=best["step"] + 1, verify=True, device=r.model.device,
                             progress=progress, log=log).model
-        save_final(model, tokenizer, out)
+            state = None
+        save_final(model, tokenizer, out, state)
         summary["final"] = str(out / "final")
         summary["kept"] = r.output.keep
     if world.main:
@@ -337,15 +347,16 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
     return summary
 
 
-def save_final(model, tokenizer, out: Path) -> None:
+def save_final(model, tokenizer, out: Path, state: dict | None = None) -> None:
     """out/final, written as final.tmp and renamed (an older final/, e.g. of a resumed run, moved aside first): a kill
     during the export leaves no final/ (never a torn one), and `--resume` then rebuilds it from the finished
-    trajectory (export_finished)."""
+    trajectory (export_finished). state: the weights to write instead of the model's own (a sharded model's, gathered
+    by sharded.full_state)."""
     from . import models
 
     tmp, final, old = out / "final.tmp", out / "final", out / "final.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    models.save_model(model, tokenizer, tmp)
+    models.save_model(model, tokenizer, tmp, state)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

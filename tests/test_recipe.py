@@ -129,6 +129,7 @@ def test_minimal_lm_recipe_fills_defaults():
             "flush_every": 16,
             "flush_seconds": 30.0,
         },
+        "distributed": {"shard_weights": False},
     }
 
 
