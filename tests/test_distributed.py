@@ -56,17 +56,24 @@ def rank_output(logs: Path, rank: int) -> str:
     return "".join(f.read_text() for f in files)
 
 
-@pytest.fixture(scope="module")
-def dp_run(tmp_path_factory, tiny_model_dirs):
-    """The 2-process reference run: (tmp dir, recipe, its output dir, audit dir, log dir)."""
-    tmp = tmp_path_factory.mktemp("dp")
+def two_process_run(tmp_path_factory, name: str, model_dir, run: dict, extra: str = ""):
+    """`train` under torchrun with 2 processes on the CORPUS rows: (tmp dir, recipe, its output dir, audit dir, log
+    dir). run: write_recipe's keys; extra: TOML appended to the recipe."""
+    tmp = tmp_path_factory.mktemp(name)
     rows = [{"text": t} for t in CORPUS]
     train, ev = write_jsonl(tmp / "train.jsonl", rows * 2), write_jsonl(tmp / "eval.jsonl", rows)
-    recipe = write_recipe(tmp / "dp.toml", tiny_model_dirs("llama", "float32"), train, ev, out=tmp / "runs/dp", **RUN)
+    recipe = write_recipe(tmp / f"{name}.toml", model_dir, train, ev, out=tmp / f"runs/{name}", **run)
+    recipe.write_text(recipe.read_text() + extra)
     audit, logs = tmp_path_factory.mktemp("audit"), tmp_path_factory.mktemp("logs")
     done = torchrun("train", recipe, "-q", cwd=tmp, audit=audit, logs=logs)
     assert done.returncode == 0, done.stderr[-3000:]
-    return tmp, recipe, tmp / "runs/dp", audit, logs
+    return tmp, recipe, tmp / f"runs/{name}", audit, logs
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory, tiny_model_dirs):
+    """The 2-process reference run: (tmp dir, recipe, its output dir, audit dir, log dir)."""
+    return two_process_run(tmp_path_factory, "dp", tiny_model_dirs("llama", "float32"), RUN)
 
 
 def test_dp_losses_equal_a_one_process_run_within_fp32_reduction_order(dp_run, tmp_path):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, save_tiny, write_jsonl
-from test_distributed import rank_output, torchrun
+from conftest import CORPUS, save_tiny
+from test_distributed import rank_output, torchrun, two_process_run
 from test_train import assert_same_weights, cli, step_columns, train_cli, write_recipe
 
 from mezo_tune import zrng
@@ -78,16 +78,8 @@ def torchrun_probe(out: Path):
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
     """The 2-process sharded run: (tmp dir, recipe, its output dir, audit dir, log dir)."""
-    tmp = tmp_path_factory.mktemp("sharded")
-    model = save_tiny(tmp / "model", "llama", torch.float32, vocab_size=321)
-    rows = [{"text": t} for t in CORPUS]
-    train, ev = write_jsonl(tmp / "train.jsonl", rows * 2), write_jsonl(tmp / "eval.jsonl", rows)
-    recipe = write_recipe(tmp / "shard.toml", model, train, ev, out=tmp / "runs/shard", checkpoint_every=2, **RUN)
-    recipe.write_text(recipe.read_text() + SHARD)
-    audit, logs = tmp_path_factory.mktemp("audit"), tmp_path_factory.mktemp("logs")
-    done = torchrun("train", recipe, "-q", cwd=tmp, audit=audit, logs=logs)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp, recipe, tmp / "runs/shard", audit, logs
+    model = save_tiny(tmp_path_factory.mktemp("model") / "model", "llama", torch.float32, vocab_size=321)
+    return two_process_run(tmp_path_factory, "shard", model, {**RUN, "checkpoint_every": 2}, SHARD)
 
 
 def test_sharded_trajectory_replays_bit_equal_in_one_process(sharded_run, tmp_path):
