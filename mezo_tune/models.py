@@ -236,7 +236,8 @@ def accelerate_max_memory(max_memory: dict | None) -> dict | None:
 def quiet_transformers() -> None:
     """Our own progress bars and messages say what happens; transformers' per-shard bars are noise here, and so are
     two library messages no user can act on: bitsandbytes' CPU backend regretting an optional hub-downloaded kernel
-    (`kernels`), and transformers' deprecation warning about an attribute peft still reads."""
+    (`kernels`), and transformers' deprecation warnings about what peft still uses (an attribute it reads, and the
+    `past_key_values` argument its prefix tuning passes to every forward)."""
     import logging as std_logging
     import warnings
 
@@ -246,6 +247,7 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
     std_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(std_logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 def load(model_cfg, progress: bool = True):
