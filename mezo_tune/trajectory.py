@@ -89,6 +89,13 @@ _BYTES_PER_STEP_RAW = 4 * 4 + 1  # four float32 columns and the flags byte
 _RESUME_HINT = "run `mezo-tune train --resume` to continue from there"
 MAX_STEPS_PER_BLOCK = 1 << 16  # the writer writes flush_every (<= this) steps per block; a reader never inflates more
 
+JOURNAL_SUFFIX = ".journal"  # the step journal of `<trajectory>` is `<trajectory>.journal`, next to it
+JOURNAL_MAGIC = b"MEZOJNL1"
+JOURNAL_FSYNC = False  # a SIGKILL keeps what reached the OS; fsync per step only helps on power loss (docstring)
+_JOURNAL_HEAD = struct.Struct("<8sI")  # magic, run identity: the CRC32 of the trajectory's header
+_JOURNAL_RECORD = struct.Struct("<Q16sB")  # step, the four float32 values (g, eta, L+, L-) as stored, flags
+JOURNAL_RECORD_BYTES = _JOURNAL_RECORD.size + _U32.size  # 29: the record and its CRC32
+
 
 class TrajectoryError(Exception):
     """A trajectory cannot be read or written. The message names the file, what is wrong and what to do."""
@@ -115,6 +122,9 @@ class TrajectoryData:
     problem: str | None
     header_bytes: int = 0  # offset where the blocks start (magic + header length + header + header CRC)
     evals: list[dict] = field(default_factory=list)  # {"step": s, **metrics}, in the order they were recorded
+    header_crc: int = 0  # the header's CRC32: the run identity a step journal must carry
+    from_journal: int = 0  # read_for_resume: how many of `steps` (the last ones) came from the step journal
+    journal_note: str | None = None  # read_for_resume: why (part of) the journal was not used, if it was not
 
     def as_arrays(self) -> dict:
         """Columns as numpy arrays: step (int64), g/eta/loss_plus/loss_minus (float32), skipped (bool)."""
@@ -260,8 +270,8 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
         raise TrajectoryError(f"{path}: the trajectory header is truncated (needs {pos + hlen + 4} bytes, file has "
                               f"{len(buf)}); the run stopped before writing it, start the run again.")
     body = buf[pos : pos + hlen]
-    (crc,) = _U32.unpack_from(buf, pos + hlen)
-    if zlib.crc32(body) != crc:
+    (header_crc,) = _U32.unpack_from(buf, pos + hlen)
+    if zlib.crc32(body) != header_crc:
         raise TrajectoryError(f"{path}: the trajectory header is corrupt (checksum mismatch); the file was damaged "
                               f"after it was written, restore it from a copy.")
     try:
@@ -343,7 +353,7 @@ def _parse(path: str, buf: bytes) -> TrajectoryData:
     ]
     return TrajectoryData(
         path=path, header=header, steps=steps, keyframes=keyframes, end=end, intact_bytes=pos,
-        problem=problem, header_bytes=header_end, evals=evals,
+        problem=problem, header_bytes=header_end, evals=evals, header_crc=header_crc,
     )
 
 
@@ -382,6 +392,89 @@ def _concat(columns: list[dict]) -> dict:
     return {k: np.concatenate([c[k] for c in columns]) for k in names}
 
 
+# ----------------------------------------------------------------------------------------------- the step journal
+
+
+def journal_path(path) -> str:
+    """Where the step journal of the trajectory at `path` lives."""
+    return os.fspath(path) + JOURNAL_SUFFIX
+
+
+def discard_journal(path) -> None:
+    """Remove the step journal of the trajectory at `path`, if there is one."""
+    try:
+        os.unlink(journal_path(path))
+    except OSError:
+        pass
+
+
+def _encode_journal_record(rec: StepRecord) -> bytes:
+    # the float32 conversion _encode_steps makes, so a recovered record is the one its S block would have held
+    floats = np.array([rec.g, rec.eta, rec.loss_plus, rec.loss_minus], dtype="<f4").tobytes()
+    body = _JOURNAL_RECORD.pack(rec.step, floats, _FLAG_SKIPPED if rec.skipped else 0)
+    return body + _U32.pack(zlib.crc32(body))
+
+
+def _decode_journal_record(raw: bytes) -> StepRecord | None:
+    """A journal record, or None when it is torn (short), fails its CRC or has unknown flag bits."""
+    if len(raw) != JOURNAL_RECORD_BYTES or zlib.crc32(raw[: _JOURNAL_RECORD.size]) != _U32.unpack_from(
+            raw, _JOURNAL_RECORD.size)[0]:
+        return None
+    step, floats, flags = _JOURNAL_RECORD.unpack_from(raw)
+    if flags & ~_FLAG_SKIPPED:
+        return None
+    g, eta, loss_plus, loss_minus = (float(x) for x in np.frombuffer(floats, dtype="<f4"))
+    return StepRecord(step, g, eta, loss_plus, loss_minus, bool(flags & _FLAG_SKIPPED))
+
+
+def _recover_journal(data: TrajectoryData) -> tuple[list[StepRecord], str | None]:
+    """The step journal's records that continue data's intact steps, and a note when (part of) it is not used.
+
+    It is trusted only when it names this run (the header's CRC32) and its first record not yet in the file is the
+    file's next step; it is read up to its first torn, corrupt or out-of-order record. Records the file already
+    holds (a kill between a block's write and the journal's truncation) are dropped without a note."""
+    jpath = journal_path(data.path)
+    try:
+        with open(jpath, "rb") as f:
+            buf = f.read()
+    except FileNotFoundError:
+        return [], None
+    except OSError as exc:
+        return [], f"ignored {jpath}: cannot read it ({exc.strerror or exc})"
+    if len(buf) < _JOURNAL_HEAD.size or buf[: len(JOURNAL_MAGIC)] != JOURNAL_MAGIC:
+        return [], f"ignored {jpath}: it is not a mezo-tune step journal"
+    (_, run_id) = _JOURNAL_HEAD.unpack_from(buf)
+    if run_id != data.header_crc:
+        return [], (f"ignored {jpath}: it belongs to another run (run identity {run_id:08x}, the trajectory's "
+                    f"header has {data.header_crc:08x})")
+    records, note = [], None
+    for pos in range(_JOURNAL_HEAD.size, len(buf), JOURNAL_RECORD_BYTES):
+        rec = _decode_journal_record(buf[pos : pos + JOURNAL_RECORD_BYTES])
+        if rec is None or (records and rec.step != records[-1].step + 1):
+            note = f"{jpath}: a torn or corrupt record at byte {pos}, the journal is used up to there"
+            break
+        records.append(rec)
+    next_step = len(data.steps)
+    records = [rec for rec in records if rec.step >= next_step]
+    if records and records[0].step != next_step:
+        return [], (f"ignored {jpath}: its records start at step {records[0].step}, but the trajectory's intact "
+                    f"steps end at step {next_step - 1} (they are not contiguous)")
+    return records, note
+
+
+def read_for_resume(path) -> TrajectoryData:
+    """read_trajectory, and then the step journal's records that continue the intact steps (from_journal of them,
+    at the end of data.steps; why a journal was not used is in data.journal_note). Reads only; `train --resume`
+    reads this on every process. A finished trajectory is returned as it is."""
+    data = read_trajectory(path)
+    if data.end is not None:
+        return data
+    records, note = _recover_journal(data)
+    data.steps = data.steps + records
+    data.from_journal, data.journal_note = len(records), note
+    return data
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -389,7 +482,7 @@ class TrajectoryWriter:
     """Appends steps, keyframes and the end block to a trajectory. Use create() or open_for_resume()."""
 
     def __init__(self, path: str, fd: int, intact_bytes: int, next_step: int, flush_every: int,
-                 flush_seconds: float = 0.0):
+                 flush_seconds: float = 0.0, log=None):
         if not 1 <= flush_every <= MAX_STEPS_PER_BLOCK:
             raise TrajectoryError(f"{path}: flush_every must be between 1 and {MAX_STEPS_PER_BLOCK}, "
                                   f"got {flush_every}.")
@@ -406,12 +499,16 @@ class TrajectoryWriter:
         self._durable_steps = next_step  # steps 0.._durable_steps-1 are in intact blocks
         self._pending: list[StepRecord] = []
         self._broken: str | None = None
+        self._journal_fd: int | None = None  # the step journal of the pending steps; None: none (or it failed)
+        self._log = log or (lambda msg: None)
 
     # -- construction
 
     @classmethod
-    def create(cls, path, header: dict, flush_every: int = 16, flush_seconds: float = 0.0) -> "TrajectoryWriter":
-        """Start a new trajectory; never overwrites. The header gains "format_version" and is fsynced."""
+    def create(cls, path, header: dict, flush_every: int = 16, flush_seconds: float = 0.0,
+               log=None) -> "TrajectoryWriter":
+        """Start a new trajectory; never overwrites. The header gains "format_version" and is fsynced. A step
+        journal next to it (any earlier one replaced) starts empty; log(message) is told if it cannot be written."""
         path = os.fspath(path)
         data = _encode_header(header, path)
         try:
@@ -423,7 +520,7 @@ class TrajectoryWriter:
             ) from None
         except OSError as exc:
             raise TrajectoryError(f"{path}: cannot create the trajectory ({exc.strerror or exc}).") from None
-        writer = cls(path, fd, 0, 0, flush_every, flush_seconds)
+        writer = cls(path, fd, 0, 0, flush_every, flush_seconds, log)
         try:
             writer._write_durably(data)
         except TrajectoryError:
@@ -431,12 +528,15 @@ class TrajectoryWriter:
             os.unlink(path)  # a file without a whole header is useless; let the retry create it again
             raise
         _fsync_dir(path)
+        writer._start_journal(_U32.unpack_from(data, len(data) - _U32.size)[0], [])
         return writer
 
     @classmethod
-    def open_for_resume(cls, path, flush_every: int = 16,
-                        flush_seconds: float = 0.0) -> tuple["TrajectoryWriter", TrajectoryData]:
-        """Cut a torn/corrupt tail (reported in data.problem) and return a writer at data.intact_bytes.
+    def open_for_resume(cls, path, flush_every: int = 16, flush_seconds: float = 0.0,
+                        log=None) -> tuple["TrajectoryWriter", TrajectoryData]:
+        """Cut a torn/corrupt tail (reported in data.problem) and return a writer at data.intact_bytes, with the
+        steps recovered from the step journal (read_for_resume: the last data.from_journal of data.steps) pending,
+        in a fresh journal, as if they had just been appended: the block they belong to closes where it would have.
 
         The caller continues at writer.next_step == len(data.steps). A crash can land between a keyframe's
         flushed steps block and its K block, so if the keyframe schedule calls for one at next_step - 1 and
@@ -444,7 +544,7 @@ class TrajectoryWriter:
         then the resumed file is byte-identical to an uninterrupted one. A finished run is refused.
         """
         path = os.fspath(path)
-        data = read_trajectory(path)
+        data = read_for_resume(path)
         if data.end is not None:
             raise TrajectoryError(
                 f"{path}: this run already finished ({data.end.get('steps')} steps); there is nothing to resume. "
@@ -458,7 +558,10 @@ class TrajectoryWriter:
             os.lseek(fd, data.intact_bytes, os.SEEK_SET)
         except OSError as exc:
             raise TrajectoryError(f"{path}: cannot open the trajectory to resume ({exc.strerror or exc}).") from None
-        return cls(path, fd, data.intact_bytes, len(data.steps), flush_every, flush_seconds), data
+        in_file = len(data.steps) - data.from_journal
+        writer = cls(path, fd, data.intact_bytes, in_file, flush_every, flush_seconds, log)
+        writer._start_journal(data.header_crc, data.steps[in_file:])
+        return writer, data
 
     # -- appending
 
@@ -484,6 +587,7 @@ class TrajectoryWriter:
         )
         self._pending.append(rec)
         self._next_step += 1
+        self._journal_append(_encode_journal_record(rec))
         if self._next_step % self.flush_every == 0 or (
                 self.flush_seconds and time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
@@ -516,12 +620,14 @@ class TrajectoryWriter:
         self._write_durably(_encode_block(_TYPE_EVAL, payload))
 
     def flush(self) -> None:
-        """Write the pending steps as one S block (write + fsync). Everything recorded is then on disk, so the
-        flush_seconds clock restarts here even when nothing was pending (a block boundary or an eval)."""
+        """Write the pending steps as one S block (write + fsync), then empty the step journal. Everything recorded
+        is then on disk, so the flush_seconds clock restarts here even when nothing was pending (a block boundary
+        or an eval)."""
         self._check_open()
         if self._pending:
             self._write_durably(_encode_steps(self._pending), steps_after=self._pending[-1].step + 1)
             self._pending = []
+            self._journal_truncate()
         self._last_flush = time.monotonic()
 
     def finish(self, steps: int, digest: bytes) -> None:
@@ -534,6 +640,8 @@ class TrajectoryWriter:
         self.close()
 
     def close(self) -> None:
+        """Write the pending steps and close. A closed writer leaves no step journal: its steps are in the file,
+        or (after a failed write) the file says where it is intact and the steps after that are to be recomputed."""
         if self._fd is None:
             return
         try:
@@ -542,6 +650,7 @@ class TrajectoryWriter:
         finally:
             fd, self._fd = self._fd, None
             os.close(fd)
+            self._journal_close()
 
     def __enter__(self) -> "TrajectoryWriter":
         return self
@@ -574,6 +683,7 @@ class TrajectoryWriter:
             self._durable_steps = steps_after
 
     def _fail(self, exc: OSError) -> None:
+        self._journal_close()  # the message below says where the file is intact: a resume goes on from there
         try:  # best effort: drop the torn block so the file ends on an intact one
             os.ftruncate(self._fd, self._intact)
             os.lseek(self._fd, self._intact, os.SEEK_SET)
@@ -589,6 +699,64 @@ class TrajectoryWriter:
             self._broken = (f"{self.path}: could not append to the trajectory: {what}. The trajectory is {kept}; "
                             f"free space, then {_RESUME_HINT}.")
         raise TrajectoryError(self._broken) from exc
+
+    def _start_journal(self, run_id: int, recovered: list[StepRecord]) -> None:
+        """A fresh step journal holding `recovered` (then pending), replacing any journal there in one rename, so
+        a kill now leaves either the old journal or the new one, both with those steps."""
+        jpath = journal_path(self.path)
+        tmp = jpath + ".tmp"
+        data = _JOURNAL_HEAD.pack(JOURNAL_MAGIC, run_id) + b"".join(map(_encode_journal_record, recovered))
+        self._pending = list(recovered)
+        self._next_step += len(recovered)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
+            os.replace(tmp, jpath)
+            self._journal_fd = os.open(jpath, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_append(self, record: bytes) -> None:
+        """One step's record, in one write system call: a SIGKILL keeps it once the call returned."""
+        if self._journal_fd is None:
+            return
+        try:
+            if os.write(self._journal_fd, record) != len(record):  # a torn record: resume stops before it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if JOURNAL_FSYNC:
+                os.fsync(self._journal_fd)
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_truncate(self) -> None:
+        """Keep the journal's head only: its steps are now in an intact block."""
+        if self._journal_fd is None:
+            return
+        try:
+            os.ftruncate(self._journal_fd, _JOURNAL_HEAD.size)
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        """The journal is a help, not the record: when it cannot be written the run goes on without it, said once."""
+        self._journal_close()
+        self._log(f"note: the step journal {journal_path(self.path)} cannot be written "
+                  f"({exc.strerror or exc}); the run goes on without it, a kill now loses the steps not yet in a "
+                  f"block of {self.path} (up to output.flush_every)")
+
+    def _journal_close(self) -> None:
+        fd, self._journal_fd = self._journal_fd, None
+        if fd is not None:
+            os.close(fd)
+        discard_journal(self.path)
+        try:
+            os.unlink(journal_path(self.path) + ".tmp")
+        except OSError:
+            pass
 
 
 def _fsync_dir(path: str) -> None:
