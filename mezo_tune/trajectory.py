@@ -750,8 +750,11 @@ class TrajectoryWriter:
 
     def _journal_close(self) -> None:
         fd, self._journal_fd = self._journal_fd, None
-        if fd is not None:
-            os.close(fd)
+        try:
+            if fd is not None:
+                os.close(fd)
+        except OSError:
+            pass
         discard_journal(self.path)
         try:
             os.unlink(journal_path(self.path) + ".tmp")
