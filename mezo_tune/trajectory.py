@@ -92,7 +92,8 @@ MAX_STEPS_PER_BLOCK = 1 << 16  # the writer writes flush_every (<= this) steps p
 JOURNAL_SUFFIX = ".journal"  # the step journal of `<trajectory>` is `<trajectory>.journal`, next to it
 JOURNAL_MAGIC = b"MEZOJNL1"
 JOURNAL_FSYNC = False  # a SIGKILL keeps what reached the OS; fsync per step only helps on power loss (docstring)
-_JOURNAL_HEAD = struct.Struct("<8sI")  # magic, run identity: the CRC32 of the trajectory's header
+# magic, run identity (the CRC32 of the trajectory's header), the trajectory's length when the records began
+_JOURNAL_HEAD = struct.Struct("<8sIQ")
 _JOURNAL_RECORD = struct.Struct("<Q16sB")  # step, the four float32 values (g, eta, L+, L-) as stored, flags
 JOURNAL_RECORD_BYTES = _JOURNAL_RECORD.size + _U32.size  # 29: the record and its CRC32
 
@@ -430,9 +431,10 @@ def _decode_journal_record(raw: bytes) -> StepRecord | None:
 def _recover_journal(data: TrajectoryData) -> tuple[list[StepRecord], str | None]:
     """The step journal's records that continue data's intact steps, and a note when (part of) it is not used.
 
-    It is trusted only when it names this run (the header's CRC32) and its first record not yet in the file is the
-    file's next step; it is read up to its first torn, corrupt or out-of-order record. Records the file already
-    holds (a kill between a block's write and the journal's truncation) are dropped without a note."""
+    It is trusted only when it names this run (the header's CRC32), continues the file where its intact part ends
+    now (the length in its head: no block, not even a keyframe, was lost after the journal began) and its first
+    record is the file's next step; it is read up to its first torn, corrupt or out-of-order record. Records the
+    file already holds (a kill between a block's write and the journal's truncation) are dropped without a note."""
     jpath = journal_path(data.path)
     try:
         with open(jpath, "rb") as f:
@@ -441,9 +443,11 @@ def _recover_journal(data: TrajectoryData) -> tuple[list[StepRecord], str | None
         return [], None
     except OSError as exc:
         return [], f"ignored {jpath}: cannot read it ({exc.strerror or exc})"
+    if not buf:  # emptied after a block
+        return [], None
     if len(buf) < _JOURNAL_HEAD.size or buf[: len(JOURNAL_MAGIC)] != JOURNAL_MAGIC:
-        return [], f"ignored {jpath}: it is not a mezo-tune step journal"
-    (_, run_id) = _JOURNAL_HEAD.unpack_from(buf)
+        return [], f"ignored {jpath}: it does not start with a step journal's head"
+    (_, run_id, file_bytes) = _JOURNAL_HEAD.unpack_from(buf)
     if run_id != data.header_crc:
         return [], (f"ignored {jpath}: it belongs to another run (run identity {run_id:08x}, the trajectory's "
                     f"header has {data.header_crc:08x})")
@@ -456,9 +460,14 @@ def _recover_journal(data: TrajectoryData) -> tuple[list[StepRecord], str | None
         records.append(rec)
     next_step = len(data.steps)
     records = [rec for rec in records if rec.step >= next_step]
-    if records and records[0].step != next_step:
+    if not records:
+        return [], note
+    if records[0].step != next_step:
         return [], (f"ignored {jpath}: its records start at step {records[0].step}, but the trajectory's intact "
                     f"steps end at step {next_step - 1} (they are not contiguous)")
+    if file_bytes != data.intact_bytes:
+        return [], (f"ignored {jpath}: it continues the trajectory at byte {file_bytes}, but the trajectory is "
+                    f"intact up to byte {data.intact_bytes} (a block after its last steps block is lost)")
     return records, note
 
 
@@ -500,6 +509,8 @@ class TrajectoryWriter:
         self._pending: list[StepRecord] = []
         self._broken: str | None = None
         self._journal_fd: int | None = None  # the step journal of the pending steps; None: none (or it failed)
+        self._run_id = 0  # the header's CRC32, in the journal's head
+        self._journal_empty = True  # the next record is written with the journal's head (_journal_append)
         self._log = log or (lambda msg: None)
 
     # -- construction
@@ -561,6 +572,8 @@ class TrajectoryWriter:
         in_file = len(data.steps) - data.from_journal
         writer = cls(path, fd, data.intact_bytes, in_file, flush_every, flush_seconds, log)
         writer._start_journal(data.header_crc, data.steps[in_file:])
+        if writer._pending and writer.next_step % flush_every == 0:
+            writer.flush()  # the last recovered step closed a block (whose write was then lost): close it again
         return writer, data
 
     # -- appending
@@ -705,7 +718,8 @@ class TrajectoryWriter:
         a kill now leaves either the old journal or the new one, both with those steps."""
         jpath = journal_path(self.path)
         tmp = jpath + ".tmp"
-        data = _JOURNAL_HEAD.pack(JOURNAL_MAGIC, run_id) + b"".join(map(_encode_journal_record, recovered))
+        self._run_id, self._journal_empty = run_id, not recovered
+        data = b"" if not recovered else self._journal_head() + b"".join(map(_encode_journal_record, recovered))
         self._pending = list(recovered)
         self._next_step += len(recovered)
         try:
@@ -721,9 +735,14 @@ class TrajectoryWriter:
             self._journal_failed(exc)
 
     def _journal_append(self, record: bytes) -> None:
-        """One step's record, in one write system call: a SIGKILL keeps it once the call returned."""
+        """One step's record (the first after a block with the journal's head, which names the file's length now:
+        the file does not grow while the journal holds steps), in one write system call: a SIGKILL keeps it once
+        the call returned."""
         if self._journal_fd is None:
             return
+        if self._journal_empty:
+            record = self._journal_head() + record
+            self._journal_empty = False
         try:
             if os.write(self._journal_fd, record) != len(record):  # a torn record: resume stops before it
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -732,12 +751,16 @@ class TrajectoryWriter:
         except OSError as exc:
             self._journal_failed(exc)
 
+    def _journal_head(self) -> bytes:
+        return _JOURNAL_HEAD.pack(JOURNAL_MAGIC, self._run_id, self._intact)
+
     def _journal_truncate(self) -> None:
-        """Keep the journal's head only: its steps are now in an intact block."""
+        """Empty the journal: its steps are now in an intact block."""
         if self._journal_fd is None:
             return
+        self._journal_empty = True
         try:
-            os.ftruncate(self._journal_fd, _JOURNAL_HEAD.size)
+            os.ftruncate(self._journal_fd, 0)
         except OSError as exc:
             self._journal_failed(exc)
 
