@@ -221,7 +221,8 @@ def test_a_dp_resume_takes_the_journaled_steps_on_every_rank(dp_run, killed_dp_r
     os.close(writer._journal_fd)
     assert os.path.getsize(journal_path(traj)) == 20 + 3 * 29
     logs = tmp_path / "logs"
-    done = torchrun("train", work / "dp.toml", "-q", "--resume", cwd=work, logs=logs)
+    # blocks of 16 from here, so the recovered steps stay pending (in rank 0's journal) while rank 1 reads
+    done = torchrun("train", work / "dp.toml", "-q", "--resume", "--set", "output.flush_every=16", cwd=work, logs=logs)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "steps 5-7 recovered from the step journal" in rank_output(logs, 0) and rank_output(logs, 1) == ""
     assert step_columns(traj) == step_columns(ref / "trajectory.mezo")
