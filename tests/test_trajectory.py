@@ -8,6 +8,7 @@ import json
 import math
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -385,7 +386,7 @@ def killed_copy(path, to) -> None:
     """What a SIGKILL leaves: the trajectory and its journal as they are now (the writer never closed)."""
     to.write_bytes(path.read_bytes())
     if os.path.exists(journal_path(path)):
-        open(journal_path(to), "wb").write(open(journal_path(path), "rb").read())
+        Path(journal_path(to)).write_bytes(Path(journal_path(path)).read_bytes())
 
 
 def odd_records(n: int) -> list[StepRecord]:
@@ -439,7 +440,7 @@ def test_a_kill_during_a_block_write_loses_nothing_and_resume_writes_the_same_by
 
     def torn_block_write():  # what the files hold when a kill tears the steps block just written: half of it
         whole, start = path.read_bytes(), starts[-1]
-        kills.append((whole[: start + (len(whole) - start) // 2], open(journal_path(path), "rb").read(), w.next_step))
+        kills.append((whole[: start + (len(whole) - start) // 2], Path(journal_path(path)).read_bytes(), w.next_step))
         truncate()
 
     w._write_durably, w._journal_truncate = block_write, torn_block_write
@@ -449,7 +450,7 @@ def test_a_kill_during_a_block_write_loses_nothing_and_resume_writes_the_same_by
     for torn, journal, n in kills:
         crash = tmp_path / f"crash{n}.bin"
         crash.write_bytes(torn)
-        open(journal_path(crash), "wb").write(journal)
+        Path(journal_path(crash)).write_bytes(journal)
         r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
         assert data.problem.startswith("truncated block at byte") and data.steps == recs[:n] and data.from_journal
         run(r, recs, 60, keyframe_every=25, keyframes=data.keyframes)
@@ -463,7 +464,7 @@ def test_a_torn_or_corrupt_journal_record_ends_what_is_recovered(tmp_path):
     w = TrajectoryWriter.create(path, HEADER, flush_every=16)
     for r in recs[:40]:
         w.append_step(r)
-    journal = open(journal_path(path), "rb").read()  # steps 32..39
+    journal = Path(journal_path(path)).read_bytes()  # steps 32..39
     assert len(journal) == JOURNAL_HEAD + 8 * JOURNAL_RECORD_BYTES
     torn = JOURNAL_HEAD + 5 * JOURNAL_RECORD_BYTES
     for name, damaged, recovered in (("torn", journal[: torn + 11], 5),  # power lost during record 37's write
@@ -471,7 +472,7 @@ def test_a_torn_or_corrupt_journal_record_ends_what_is_recovered(tmp_path):
                                      ("head", journal[:7], 0)):
         crash = tmp_path / f"{name}.bin"
         killed_copy(path, crash)
-        open(journal_path(crash), "wb").write(damaged)
+        Path(journal_path(crash)).write_bytes(damaged)
         r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
         assert data.steps == recs[: 32 + recovered] and data.from_journal == recovered
         if name == "head":
@@ -516,7 +517,7 @@ def test_a_foreign_or_stale_journal_is_ignored_with_a_note(tmp_path):
                                           f"block is lost)")):
         crash = tmp_path / f"{name}.bin"
         killed_copy(file_of, crash)
-        open(journal_path(crash), "wb").write(open(journal_path(journal_of), "rb").read())
+        Path(journal_path(crash)).write_bytes(Path(journal_path(journal_of)).read_bytes())
         if name == "lost keyframe":  # the K block after step 31 cut off (at a block boundary: no problem seen)
             os.truncate(crash, size - keyframe)
         r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
@@ -535,11 +536,11 @@ def test_journal_records_the_file_already_holds_are_dropped_quietly(tmp_path):
     w = TrajectoryWriter.create(path, HEADER, flush_every=16)
     for r in recs[:15]:
         w.append_step(r)
-    journal = open(journal_path(path), "rb").read()  # steps 0..14
+    journal = Path(journal_path(path)).read_bytes()  # steps 0..14
     w.append_step(recs[15])  # closes the block 0..15 and empties the journal
     crash = tmp_path / "crash.bin"
     killed_copy(path, crash)
-    open(journal_path(crash), "wb").write(journal)
+    Path(journal_path(crash)).write_bytes(journal)
     r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
     assert (data.steps, data.from_journal, data.journal_note) == (recs[:16], 0, None)
     r.close()
