@@ -294,7 +294,9 @@ def prepare_dir(out: Path, resume: bool, overwrite: bool) -> None:
         if not overwrite:
             raise RunError(f"output dir {out} holds another run ({TRAJECTORY}); use --resume to continue it, "
                            f"--overwrite to replace it, or set output.dir to a new directory")
-        for name in (TRAJECTORY, "metrics.jsonl", "recipe.toml"):
+        from .trajectory import JOURNAL_SUFFIX
+
+        for name in (TRAJECTORY, TRAJECTORY + JOURNAL_SUFFIX, "metrics.jsonl", "recipe.toml"):
             (out / name).unlink(missing_ok=True)
         for name in ("final", "checkpoint", "checkpoint.tmp", "checkpoint.old"):
             shutil.rmtree(out / name, ignore_errors=True)

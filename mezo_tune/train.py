@@ -140,7 +140,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
     from .data import batch_indices
     from .mezo import learning_rate
     from .replay import apply_records
-    from .trajectory import StepRecord, TrajectoryError, TrajectoryWriter, best_eval, read_trajectory
+    from .trajectory import StepRecord, TrajectoryError, TrajectoryWriter, best_eval, read_for_resume, read_trajectory
 
     r = recipe
     out = Path(r.output.dir)
@@ -182,11 +182,12 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
     if resume:
         if world.main:
             writer, data = TrajectoryWriter.open_for_resume(traj_path, flush_every=r.output.flush_every,
-                                                                 flush_seconds=r.output.flush_seconds)
+                                                                 flush_seconds=r.output.flush_seconds, log=log)
             recover_checkpoint(out)
-        world.barrier()  # rank 0 has cut a damaged tail: the others now read the same intact records
+        world.barrier()  # rank 0 has cut a damaged tail: the others now read the same intact records ...
         if not world.main:
-            writer, data = NoFiles(), read_trajectory(traj_path)
+            writer, data = NoFiles(), read_for_resume(traj_path)
+        world.barrier()  # ... and the same journal, before rank 0 moves its steps into a block and empties it
         if restore_recorded_init(run, data.header.get("adapter")):
             header["adapter"] = adapter_header(run)  # the entry that holds the restored values
         check_resumable(data.header, header)
@@ -202,7 +203,10 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
             + (f" and {partial} of its {K} directions" if partial else "")
             + (f" (checkpoint at {unit} {from_ckpt}, replaying {len(todo)} {unit}s)" if from_ckpt >= 0
                else f" (replaying {len(todo)} {unit}s from the base model)")
-            + (f"; cut off a damaged tail: {data.problem}" if data.problem else ""))
+            + (f"; {unit}s {len(data.steps) - data.from_journal}-{len(data.steps) - 1} recovered from the step "
+               f"journal" if data.from_journal else "")
+            + (f"; cut off a damaged tail: {data.problem}" if data.problem else "")
+            + (f"; {data.journal_note}" if data.journal_note else ""))
         recorded_n = distributed.recorded_processes(data.header["recipe"])
         if recorded_n != world.size:
             log(f"note: this run was trained by {recorded_n} process{'es' if recorded_n > 1 else ''} and resumes on "
@@ -221,7 +225,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
     elif world.main:
         (out / "recipe.toml").write_text(header["recipe"])
         writer = TrajectoryWriter.create(traj_path, header, flush_every=r.output.flush_every,
-                                         flush_seconds=r.output.flush_seconds)
+                                         flush_seconds=r.output.flush_seconds, log=log)
         writer.append_keyframe(-1, bytes.fromhex(header["initial_digest"]))
         start = 0
         keyframes_done = {-1}
@@ -369,9 +373,10 @@ def export_finished(r: Recipe, data, progress: bool, log) -> dict:
     final/ rebuilt from the trajectory, the weights training ended with (or, with output.keep = "best", the dev-best
     ones), checked against the recorded digest before they are written."""
     from .replay import rebuild
-    from .trajectory import best_eval
+    from .trajectory import best_eval, discard_journal
 
     out = Path(r.output.dir)
+    discard_journal(data.path)  # killed between the end block and its removal: the end block has every step
     best = best_eval(data.evals, data.header.get("select")) if r.output.keep == "best" else None
     steps = best["step"] + 1 if best else data.end["steps"]
     log(f"the run finished ({data.end['steps']} records) but final/ was not written: rebuilding it from "

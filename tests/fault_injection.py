@@ -13,7 +13,8 @@ installed (`arm`) that SIGKILL it from inside, at the n-th occurrence of its pha
   export      during the final export: the safetensors file of final.tmp cut at a fraction
 Then `mezo-tune train --resume` (in this process) finishes the run; its records, keyframes, evals, end block (and,
 without a time-based flush, every byte after the header) and final weights must equal the uninterrupted run's.
-Steps lost = steps the killed process had finished (appended) minus the steps intact in the file after the kill.
+Steps lost = steps the killed process had finished (appended) minus the steps a resume recovers after the kill: those
+intact in the file and those in the step journal that continue them (trajectory.read_for_resume).
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def inject(kill: Kill, recipe_for, ref: dict, work: Path) -> dict:
     """One kill in a fresh run directory, its resume, and the comparison. recipe_for(out_dir) writes the recipe."""
     from mezo_tune.recipe import load_recipe
     from mezo_tune.train import train
-    from mezo_tune.trajectory import read_trajectory
+    from mezo_tune.trajectory import read_for_resume
 
     out = work / "run"
     shutil.rmtree(work, ignore_errors=True)
@@ -228,14 +229,16 @@ def inject(kill: Kill, recipe_for, ref: dict, work: Path) -> dict:
     recipe = recipe_for(work / "recipe.toml", out)
     t0 = time.perf_counter()
     appended = run_killed(recipe, kill, work / "kill.json")
-    data = read_trajectory(out / "trajectory.mezo")
+    data = read_for_resume(out / "trajectory.mezo")
     finished = data.end is not None
     lost = 0 if finished else appended - len(data.steps)
     train(load_recipe(recipe), resume=True, progress=False, log=lambda m: None)
     got = outcome(out)
     same = {k: got[k] == ref[k] for k in ref}
-    return {"kill": kill, "appended": appended, "intact": len(data.steps), "lost": lost,
-            "torn_tail": data.problem is not None, "same": same, "seconds": time.perf_counter() - t0}
+    same["journal removed"] = not (out / "trajectory.mezo.journal").exists()
+    return {"kill": kill, "appended": appended, "intact": len(data.steps) - data.from_journal,
+            "journal": data.from_journal, "lost": lost, "torn_tail": data.problem is not None, "same": same,
+            "seconds": time.perf_counter() - t0}
 
 
 def reference(recipe_for, root: Path) -> dict:
@@ -305,20 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase:
         kills = [k for k in draw_kills(args.kills * len(PHASES), args.seed, **sizes) if k.phase == args.phase]
         kills = kills[: args.kills]
-    print(f"| # | phase | moment | steps done | intact | lost | resumed = uninterrupted | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| # | phase | moment | steps done | in the file | in the journal | lost | resumed = uninterrupted | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for i, kill in enumerate(kills, 1):
         r = inject(kill, recipe_for, ref, root / f"kill{i}")
         results.append(r)
         differs = [k for k, ok in r["same"].items() if not ok]
         print(f"| {i} | {kill.phase} | {kill.where()} | {r['appended']} | {r['intact']}"
-              f"{' (torn tail cut)' if r['torn_tail'] else ''} | {r['lost']} | "
+              f"{' (torn tail cut)' if r['torn_tail'] else ''} | {r['journal']} | {r['lost']} | "
               f"{'yes' if not differs else 'NO: ' + ', '.join(differs)} | {r['seconds']:.1f} |", flush=True)
     lost = [r["lost"] for r in results]
     bad = [r for r in results if not all(v for k, v in r["same"].items() if k != "blocks")]
     print(f"{len(results)} kills: steps lost max {max(lost)}, mean {sum(lost) / len(lost):.1f}; "
-          f"{len(results) - len(bad)} resumed bit-identical (records, keyframes, evals, end, weights); "
+          f"{len(results) - len(bad)} resumed bit-identical (records, keyframes, evals, end, weights; journal "
+          f"removed); "
           f"{sum(r['same']['blocks'] for r in results)} byte-identical after the header; "
           f"{time.perf_counter() - t0:.0f} s in all")
     return 1 if bad else 0

@@ -25,7 +25,7 @@ from conftest import CORPUS, write_jsonl
 from test_train import assert_same_weights, cli, step_columns, train_cli, write_recipe
 
 from mezo_tune import distributed
-from mezo_tune.trajectory import TrajectoryError, read_trajectory
+from mezo_tune.trajectory import TrajectoryError, TrajectoryWriter, journal_path, read_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 # 12 steps of a batch of 3 rows: shards of 1 and 2 rows (an uneven split); evals, keyframes and checkpoints on the way
@@ -210,6 +210,32 @@ def test_killed_dp_run_resumes_bit_identical(dp_run, killed_dp_run, tmp_path):
     assert step_columns(work / "run/trajectory.mezo") == step_columns(ref / "trajectory.mezo")
     assert read_trajectory(work / "run/trajectory.mezo").keyframes == read_trajectory(ref / "trajectory.mezo").keyframes
     assert_same_weights(work / "run/final/model.safetensors", ref / "final/model.safetensors")
+
+
+def test_a_dp_resume_takes_the_journaled_steps_on_every_rank(dp_run, killed_dp_run, tmp_path):
+    """Rank 0 killed after steps 5..7 reached the step journal only: every rank takes them from there (rank 1 reads
+    the journal that rank 0 keeps), so both go on at step 8 together, to the uninterrupted run's records."""
+    _, _, ref, _, _ = dp_run
+    work = tmp_path / "w"
+    shutil.copytree(killed_dp_run, work)
+    (work / "dp.toml").write_text((work / "dp.toml").read_text().replace(str(killed_dp_run), str(work)))
+    traj = work / "run/trajectory.mezo"
+    writer, data = TrajectoryWriter.open_for_resume(traj, flush_every=16)
+    assert len(data.steps) == 5
+    for rec in read_trajectory(ref / "trajectory.mezo").steps[5:8]:  # this run's records (it is the same run)
+        writer.append_step(rec)
+    os.close(writer._fd)  # killed: the writer never closes, steps 5..7 are in the journal only
+    os.close(writer._journal_fd)
+    assert os.path.getsize(journal_path(traj)) == 20 + 3 * 29
+    logs = tmp_path / "logs"
+    # blocks of 16 from here, so the recovered steps stay pending (in rank 0's journal) while rank 1 reads
+    done = torchrun("train", work / "dp.toml", "-q", "--resume", "--set", "output.flush_every=16", cwd=work, logs=logs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "steps 5-7 recovered from the step journal" in rank_output(logs, 0) and rank_output(logs, 1) == ""
+    assert step_columns(traj) == step_columns(ref / "trajectory.mezo")
+    assert read_trajectory(traj).keyframes == read_trajectory(ref / "trajectory.mezo").keyframes
+    assert_same_weights(work / "run/final/model.safetensors", ref / "final/model.safetensors")
+    assert not os.path.exists(journal_path(traj))
 
 
 def test_resume_on_another_number_of_processes_is_said_and_replays_exactly(killed_dp_run, tmp_path):

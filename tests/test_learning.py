@@ -7,6 +7,7 @@ Tiny llama of conftest.py on CPU, `mezo.compile = "off"`; runs go through the cl
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -115,8 +116,9 @@ def test_directions_record_k_scalars_per_step_and_replay_bit_equal(tmp_path, tin
     assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
 
 
-def _copy_first_records(src: Path, dst: Path, n: int) -> None:
-    """A trajectory as a crash after record n - 1 leaves it: the first n records, keyframes and evals up to there."""
+def _copy_first_records(src: Path, dst: Path, n: int, killed: bool = False) -> None:
+    """A trajectory as a crash after record n - 1 leaves it: the first n records, keyframes and evals up to there;
+    killed: as a SIGKILL leaves it, the records after the last block in the step journal only."""
     data = read_trajectory(src)
     evals = {e["step"]: {k: v for k, v in e.items() if k != "step"} for e in data.evals}
     dst.parent.mkdir(parents=True)
@@ -128,7 +130,11 @@ def _copy_first_records(src: Path, dst: Path, n: int) -> None:
             w.append_keyframe(step, data.keyframes[step])
         if step in evals:
             w.append_eval(step, evals[step])
-    w.close()
+    if killed:  # the writer never closes
+        os.close(w._fd)
+        os.close(w._journal_fd)
+    else:
+        w.close()
 
 
 @pytest.mark.parametrize("cut", [7, 9], ids=["inside-a-step", "at-a-step-end"])

@@ -21,7 +21,7 @@ from test_train import assert_same_weights, cli, train_cli
 from mezo_tune.mezo import (AdamRule, AdamState, Mezo, UpdateRule, adam_update, applied_scale, exact_sqrt,
                             normalised_differences, trainable_set)
 from mezo_tune.recipe import RecipeError, parse_recipe
-from mezo_tune.trajectory import read_trajectory
+from mezo_tune.trajectory import read_for_resume, read_trajectory
 
 
 def ids_loss(model):
@@ -123,13 +123,17 @@ def test_compare_counts_fzoo_forwards_and_labels_adam():
     assert optimizer_label(header) == "fzoo K=4, adam beta1=0.9 beta2=0.999 eps=1e-08, lr 0.001 constant"
 
 
-@pytest.mark.parametrize("cut", [6, 8], ids=["inside-a-step", "at-a-step-end"])
-def test_fzoo_resume_is_bit_identical(tmp_path, tiny_model_dirs, cut):
+@pytest.mark.parametrize("cut,killed", [(6, False), (8, False), (6, True)],
+                         ids=["inside-a-step", "at-a-step-end", "inside-a-step-journaled"])
+def test_fzoo_resume_is_bit_identical(tmp_path, tiny_model_dirs, cut, killed):
     mezo = {"estimator": "fzoo", "directions": 4, "steps": 4}
     train_cli(recipe_file(tmp_path, tiny_model_dirs(), mezo=mezo))
     full = read_trajectory(tmp_path / "runs/x/trajectory.mezo")
     crashed = recipe_file(tmp_path, tiny_model_dirs(), out="runs/y", mezo=mezo, name="y.toml")
-    _copy_first_records(tmp_path / "runs/x/trajectory.mezo", tmp_path / "runs/y/trajectory.mezo", cut)
+    _copy_first_records(tmp_path / "runs/x/trajectory.mezo", tmp_path / "runs/y/trajectory.mezo", cut, killed)
+    if killed:  # records 0..5 (step 0's four, two of step 1's) wait in the step journal: none is in a block yet
+        assert (len(read_trajectory(tmp_path / "runs/y/trajectory.mezo").steps),
+                read_for_resume(tmp_path / "runs/y/trajectory.mezo").from_journal) == (0, 6)
     train_cli(crashed, "--resume")
     resumed = read_trajectory(tmp_path / "runs/y/trajectory.mezo")
     # inside a step the recorded directions' l_i and l_0 come from their records: σ, and so every g, is the same

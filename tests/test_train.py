@@ -28,7 +28,7 @@ from mezo_tune import models, run as run_mod, train as train_mod, trajectory
 from mezo_tune.cli import main
 from mezo_tune.recipe import load_recipe
 from mezo_tune.replay import rebuild
-from mezo_tune.trajectory import StepRecord, TrajectoryWriter, read_trajectory
+from mezo_tune.trajectory import StepRecord, TrajectoryWriter, read_for_resume, read_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -279,11 +279,14 @@ def test_resume_with_checkpoint_replays_only_the_tail(crashed_run, tmp_path):
     ckpt_step = json.loads((run / "checkpoint" / "meta.json").read_text())["step"]
     n = len(before.steps)
     assert ckpt_step % 20 == 19 and n - 20 <= ckpt_step < n
+    resumed = read_for_resume(run / "trajectory.mezo")  # and the steps in the journal after those n (if any)
+    m, j = len(resumed.steps), resumed.from_journal
     messages = []
     recipe = load_recipe(killed, [f"output.dir={run}"])
     train_mod.train(recipe, resume=True, progress=False, log=messages.append)
-    assert messages[0] == (f"resuming {run}/trajectory.mezo after step {n - 1} (checkpoint at step {ckpt_step}, "
-                           f"replaying {n - 1 - ckpt_step} steps)")
+    assert messages[0] == (f"resuming {run}/trajectory.mezo after step {m - 1} (checkpoint at step {ckpt_step}, "
+                           f"replaying {m - 1 - ckpt_step} steps)"
+                           + (f"; steps {n}-{m - 1} recovered from the step journal" if j else ""))
     assert_same_weights(tmp / "ref/final/model.safetensors", run / "final/model.safetensors")
 
 

@@ -8,16 +8,20 @@ import json
 import math
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mezo_tune.trajectory import (
     FORMAT_VERSION,
+    JOURNAL_RECORD_BYTES,
     StepRecord,
     TrajectoryError,
     TrajectoryWriter,
     format_summary,
+    journal_path,
+    read_for_resume,
     read_trajectory,
     summarize,
 )
@@ -366,6 +370,198 @@ def test_resume_of_finished_run_refused(tmp_path):
     write_full(path, make_records(10), keyframe_every=5)
     with pytest.raises(TrajectoryError, match=r"this run already finished \(10 steps\); there is nothing to resume"):
         TrajectoryWriter.open_for_resume(path)
+
+
+# ------------------------------------------------------------------------------------------ the step journal
+
+JOURNAL_HEAD = 20  # magic, run identity, the trajectory's length when its records began
+
+
+def record_bits(records: list[StepRecord]) -> list[tuple]:
+    """Records with their floats as float32 bit patterns (NaN == NaN, -0.0 != 0.0)."""
+    return [(r.step, bits(r.g), bits(r.eta), bits(r.loss_plus), bits(r.loss_minus), r.skipped) for r in records]
+
+
+def killed_copy(path, to) -> None:
+    """What a SIGKILL leaves: the trajectory and its journal as they are now (the writer never closed)."""
+    to.write_bytes(path.read_bytes())
+    if os.path.exists(journal_path(path)):
+        Path(journal_path(to)).write_bytes(Path(journal_path(path)).read_bytes())
+
+
+def odd_records(n: int) -> list[StepRecord]:
+    """make_records with a skipped step whose L+ is NaN, an infinite L-, and a g of -0.0."""
+    recs = make_records(n, seed=9)
+    recs[33] = StepRecord(33, -0.0, recs[33].eta, float("nan"), float("inf"), True)
+    return recs
+
+
+def test_a_kill_after_any_step_loses_nothing_and_resume_writes_the_same_bytes(tmp_path):
+    recs = odd_records(60)
+    reference = write_full(tmp_path / "ref.bin", recs, keyframe_every=25, flush_every=16)
+    assert not os.path.exists(journal_path(tmp_path / "ref.bin"))  # a finished run leaves no journal
+    path = tmp_path / "live.bin"
+    w = TrajectoryWriter.create(path, HEADER, flush_every=16)
+    w.append_keyframe(-1, digest(-1))  # as run() writes the reference
+    for t in range(60):
+        w.append_step(recs[t])
+        if (t + 1) % 25 == 0:
+            w.append_keyframe(t, digest(t))
+        pending = t + 1 - len(read_trajectory(path).steps)  # blocks close after steps 15, 24 (keyframe), 31, 47
+        assert os.path.getsize(journal_path(path)) == (JOURNAL_HEAD + pending * JOURNAL_RECORD_BYTES if pending else 0)
+        crash = tmp_path / f"crash{t}.bin"
+        killed_copy(path, crash)
+        assert record_bits(read_trajectory(crash).steps) == record_bits(recs[: t + 1 - pending])  # replay: the file
+        r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
+        assert record_bits(data.steps) == record_bits(recs[: t + 1]), t  # nothing lost, bit for bit
+        assert (data.from_journal, data.journal_note, r.next_step) == (pending, None, t + 1)
+        run(r, recs, 60, keyframe_every=25, keyframes=data.keyframes)
+        r.finish(60, digest(59))
+        assert crash.read_bytes() == reference, t  # the recovered steps close their block where it would have
+        assert not os.path.exists(journal_path(crash))
+    w.close()
+    assert not os.path.exists(journal_path(path))  # closed: every step is in a block
+
+
+def test_a_kill_during_a_block_write_loses_nothing_and_resume_writes_the_same_bytes(tmp_path):
+    """The block torn half way, the journal still holding its steps (it is emptied after the block is written): the
+    resume takes them from the journal and closes their block again, where it was."""
+    recs = make_records(60)
+    reference = write_full(tmp_path / "ref.bin", recs, keyframe_every=25, flush_every=16)
+    path = tmp_path / "live.bin"
+    w = TrajectoryWriter.create(path, HEADER, flush_every=16)
+    w.append_keyframe(-1, digest(-1))
+    kills, starts = [], []
+    truncate, write = w._journal_truncate, w._write_durably
+
+    def block_write(data, steps_after=None):
+        starts.append(os.path.getsize(path))
+        write(data, steps_after)
+
+    def torn_block_write():  # what the files hold when a kill tears the steps block just written: half of it
+        whole, start = path.read_bytes(), starts[-1]
+        kills.append((whole[: start + (len(whole) - start) // 2], Path(journal_path(path)).read_bytes(), w.next_step))
+        truncate()
+
+    w._write_durably, w._journal_truncate = block_write, torn_block_write
+    run(w, recs, 60, keyframe_every=25, keyframes={-1: digest(-1)})
+    w.close()
+    assert [n for _, _, n in kills] == [16, 25, 32, 48, 50, 60]  # after steps 15, 24 (keyframe), 31, 47, 49, 59
+    for torn, journal, n in kills:
+        crash = tmp_path / f"crash{n}.bin"
+        crash.write_bytes(torn)
+        Path(journal_path(crash)).write_bytes(journal)
+        r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
+        assert data.problem.startswith("truncated block at byte") and data.steps == recs[:n] and data.from_journal
+        run(r, recs, 60, keyframe_every=25, keyframes=data.keyframes)
+        r.finish(60, digest(59))
+        assert crash.read_bytes() == reference, n
+
+
+def test_a_torn_or_corrupt_journal_record_ends_what_is_recovered(tmp_path):
+    recs = make_records(40)
+    path = tmp_path / "live.bin"
+    w = TrajectoryWriter.create(path, HEADER, flush_every=16)
+    for r in recs[:40]:
+        w.append_step(r)
+    journal = Path(journal_path(path)).read_bytes()  # steps 32..39
+    assert len(journal) == JOURNAL_HEAD + 8 * JOURNAL_RECORD_BYTES
+    torn = JOURNAL_HEAD + 5 * JOURNAL_RECORD_BYTES
+    for name, damaged, recovered in (("torn", journal[: torn + 11], 5),  # power lost during record 37's write
+                                     ("flipped", journal[: torn + 9] + b"\xff" + journal[torn + 10 :], 5),
+                                     ("head", journal[:7], 0)):
+        crash = tmp_path / f"{name}.bin"
+        killed_copy(path, crash)
+        Path(journal_path(crash)).write_bytes(damaged)
+        r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
+        assert data.steps == recs[: 32 + recovered] and data.from_journal == recovered
+        if name == "head":
+            assert data.journal_note == f"ignored {journal_path(crash)}: it does not start with a step journal's head"
+        else:
+            assert data.journal_note == (f"{journal_path(crash)}: a torn or corrupt record at byte {torn}, the "
+                                         f"journal is used up to there")
+        assert os.path.getsize(journal_path(crash)) == (JOURNAL_HEAD + recovered * JOURNAL_RECORD_BYTES  # rewritten
+                                                        if recovered else 0)
+        for t in range(32 + recovered, 40):
+            r.append_step(recs[t])
+        r.close()
+        assert read_trajectory(crash).steps == recs
+    w.close()
+
+
+def test_a_foreign_or_stale_journal_is_ignored_with_a_note(tmp_path):
+    recs = make_records(40)
+    other = tmp_path / "other.bin"  # another run: its header differs in the seed only
+    o = TrajectoryWriter.create(other, {**HEADER, "seed": 99}, flush_every=16)
+    early = tmp_path / "early.bin"  # this run killed after step 20: steps 0..15 in the file, 16..20 in the journal
+    e = TrajectoryWriter.create(early, HEADER, flush_every=16)
+    path = tmp_path / "live.bin"  # this run killed after step 39: 0..31 and a keyframe in the file, 32..39 journaled
+    w = TrajectoryWriter.create(path, HEADER, flush_every=16)
+    for t in range(40):
+        o.append_step(recs[t])
+        w.append_step(recs[t])
+        if t == 31:
+            w.append_keyframe(31, digest(31))
+        if t <= 20:
+            e.append_step(recs[t])
+    ours, theirs = read_trajectory(path).header_crc, read_trajectory(other).header_crc
+    size = os.path.getsize(path)
+    keyframe = 2 + 1 + 4 + 8 + 32 + 4
+    for name, file_of, journal_of, kept, note in (
+        ("foreign", path, other, 32, f"it belongs to another run (run identity {theirs:08x}, the trajectory's "
+                                     f"header has {ours:08x})"),
+        ("stale", early, path, 16, "its records start at step 32, but the trajectory's intact steps end at step 15 "
+                                   "(they are not contiguous)"),
+        ("lost keyframe", path, path, 32, f"it continues the trajectory at byte {size}, but the trajectory is "
+                                          f"intact up to byte {size - keyframe} (a block after its last steps "
+                                          f"block is lost)")):
+        crash = tmp_path / f"{name}.bin"
+        killed_copy(file_of, crash)
+        Path(journal_path(crash)).write_bytes(Path(journal_path(journal_of)).read_bytes())
+        if name == "lost keyframe":  # the K block after step 31 cut off (at a block boundary: no problem seen)
+            os.truncate(crash, size - keyframe)
+        r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
+        assert data.steps == recs[:kept] and data.from_journal == 0 and data.problem is None
+        assert data.journal_note == f"ignored {journal_path(crash)}: {note}"
+        assert os.path.getsize(journal_path(crash)) == 0  # replaced by this run's, empty
+        r.close()
+    for writer in (o, e, w):
+        writer.close()
+
+
+def test_journal_records_the_file_already_holds_are_dropped_quietly(tmp_path):
+    """A kill between a block's write and the journal's truncation: the journal repeats the block's steps."""
+    recs = make_records(20)
+    path = tmp_path / "live.bin"
+    w = TrajectoryWriter.create(path, HEADER, flush_every=16)
+    for r in recs[:15]:
+        w.append_step(r)
+    journal = Path(journal_path(path)).read_bytes()  # steps 0..14
+    w.append_step(recs[15])  # closes the block 0..15 and empties the journal
+    crash = tmp_path / "crash.bin"
+    killed_copy(path, crash)
+    Path(journal_path(crash)).write_bytes(journal)
+    r, data = TrajectoryWriter.open_for_resume(crash, flush_every=16)
+    assert (data.steps, data.from_journal, data.journal_note) == (recs[:16], 0, None)
+    r.close()
+    w.close()
+
+
+def test_a_journal_that_cannot_be_written_is_left_out_with_a_note(tmp_path):
+    recs = make_records(20)
+    path = tmp_path / "live.bin"
+    notes = []
+    w = TrajectoryWriter.create(path, HEADER, flush_every=16, log=notes.append)
+    os.close(w._journal_fd)  # the next journal write fails (EBADF: read-only), as a full disk would fail it
+    w._journal_fd = os.open(journal_path(path), os.O_RDONLY)
+    for r in recs:
+        w.append_step(r)
+    assert notes == [f"note: the step journal {journal_path(path)} cannot be written (Bad file descriptor); the "
+                     f"run goes on without it, a kill now loses the steps not yet in a block of {path} (up to "
+                     f"output.flush_every)"]
+    assert not os.path.exists(journal_path(path))
+    w.close()
+    assert read_trajectory(path).steps == recs
 
 
 # ------------------------------------------------------------------------------------------ disk full
