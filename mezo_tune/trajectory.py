@@ -67,7 +67,7 @@ in a block; the file never grows while it holds any (a keyframe or eval block is
 it). A closed or finished writer removes it. A record that reached the OS survives a SIGKILL of the process, so a kill
 loses no finished step (measured: tests/fault_injection.py, 20 kills, 0 lost; the step in progress is recomputed).
 Power loss can lose the journal's unsynced tail, which the blocks bound as above; an fsync per step would cost ~0.3 ms
-(scripts/journal_cost.py; the write alone ~3 µs). `train --resume` (read_for_resume, open_for_resume) takes the
+(docs/journal_cost.py; the write alone ~3 µs). `train --resume` (read_for_resume, open_for_resume) takes the
 journal's records up to its first torn, corrupt or out-of-order record, and only when the journal names this run,
 continues the file at its intact length now, and starts at the file's next step; anything else is ignored with a note
 (records the file already holds, after a kill between a block's write and the truncation, silently). The recovered

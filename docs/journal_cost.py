@@ -2,7 +2,7 @@
 (its record's write, and the truncation after each block of 16), as it is (no fsync) and with an fsync of the journal
 after every step (mezo_tune.trajectory.JOURNAL_FSYNC).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python scripts/journal_cost.py [--dir /tmp] [--steps 2000] [--repeat 5]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python docs/journal_cost.py [--dir /tmp] [--steps 2000] [--repeat 5]
 """
 
 from __future__ import annotations
