@@ -46,7 +46,8 @@ class World:
         if self.parallel:
             import torch.distributed as dist
 
-            dist.barrier()
+            with peers_answer():
+                dist.barrier()
 
 
 def world_from_env(environ=os.environ) -> World:
@@ -103,8 +104,33 @@ def all_reduce_sums(values: list[float]) -> list[float]:
 
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    with peers_answer():
+        dist.all_reduce(t)
     return t.tolist()
+
+
+@contextlib.contextmanager
+def peers_answer():
+    """A collective whose peers are gone (a rank killed, its node lost) or silent past the process group's timeout
+    fails in torch with a backend error; say what happened and what to do instead. torchrun's own agent usually stops
+    the surviving ranks first; launchers that do not (one process per node, a scheduler's srun) meet this."""
+    from .run import RunError
+
+    try:
+        yield
+    except RuntimeError as e:  # dist.DistError and its kinds are RuntimeErrors, as are gloo's own
+        first = _first_sentence(str(e)) or type(e).__name__
+        raise RunError(f"another process of this launch stopped answering ({first}); the steps finished until then are "
+                       f"in the trajectory and its step journal: start the same launch again with --resume"
+                       ) from e
+
+
+def _first_sentence(text: str) -> str:
+    """'[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8322: Connection reset by peer. This is typically
+    ...' -> 'Read error [127.0.0.1]:8322: Connection reset by peer': the backend's own words, without its source line."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|py):\d+\]\s*", "", line)
+    return line.split(". ")[0].rstrip(".")
 
 
 def global_losses(plus: tuple[float, float], minus: tuple[float, float]) -> tuple[float, float]:

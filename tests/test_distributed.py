@@ -25,7 +25,7 @@ from conftest import CORPUS, write_jsonl
 from test_train import assert_same_weights, cli, step_columns, train_cli, write_recipe
 
 from mezo_tune import distributed
-from mezo_tune.trajectory import TrajectoryError, TrajectoryWriter, journal_path, read_trajectory
+from mezo_tune.trajectory import TrajectoryError, TrajectoryWriter, journal_path, read_for_resume, read_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 # 12 steps of a batch of 3 rows: shards of 1 and 2 rows (an uneven split); evals, keyframes and checkpoints on the way
@@ -282,3 +282,56 @@ def test_more_processes_than_gpus_is_refused(dp_run, tmp_path):
     assert (f"error: torchrun started {n} processes on this node but torch sees {count} CUDA "
             f"device{'s' if count != 1 else ''}: one GPU per process, so use --nproc-per-node {count} or fewer"
             in done.stderr)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_lost_without_torchrun_is_said_and_the_run_resumes_bit_identical(dp_run, tmp_path):
+    """Two processes started by hand, as a scheduler without torchrun's agent does (nobody stops the survivor): rank 1
+    is killed after a few steps; rank 0's next all-reduce fails and it says so, the trajectory stays valid, and a
+    torchrun --resume ends with the uninterrupted run's records and weights."""
+    tmp, recipe, ref, _, _ = dp_run
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "dp.toml").write_text(recipe.read_text().replace(str(tmp / "runs/dp"), str(work / "run")))
+    traj = work / "run/trajectory.mezo"
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "mezo_tune", "train", str(work / "dp.toml"), "-q"],
+                                      cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and procs[0].poll() is None:
+            if traj.exists() and len(read_for_resume(traj).steps) >= 3:
+                break
+            time.sleep(0.01)
+        assert procs[0].poll() is None and procs[1].poll() is None, "the run ended before rank 1 was killed"
+        procs[1].kill()
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == 1, err[-3000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("error: another process of this launch stopped answering ("), err[-3000:]
+    assert last.endswith("); the steps finished until then are in the trajectory and its step journal: start the "
+                         "same launch again with --resume"), err[-3000:]
+    assert "Traceback" not in err
+    assert read_trajectory(traj).end is None
+    done = torchrun("train", work / "dp.toml", "-q", "--resume", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert step_columns(traj) == step_columns(ref / "trajectory.mezo")
+    assert read_trajectory(traj).keyframes == read_trajectory(ref / "trajectory.mezo").keyframes
+    assert_same_weights(work / "run/final/model.safetensors", ref / "final/model.safetensors")
