@@ -129,8 +129,8 @@ def arm(spec: dict) -> None:
     elif phase == "export":
         save_model = models.save_model
 
-        def exporting(model, tokenizer, out_dir):
-            save_model(model, tokenizer, out_dir)
+        def exporting(model, tokenizer, out_dir, state=None):
+            save_model(model, tokenizer, out_dir, state)
             cut(Path(out_dir) / "model.safetensors")
             die()
 
