@@ -25,7 +25,8 @@ def forwards_per_record(header: dict) -> float:
 
 
 def optimizer_label(header: dict) -> str:
-    """A short description of a run's optimizer: estimator, update rule, lr and schedule."""
+    """A short description of a run's optimizer: estimator, update rule, directions, lr and schedule (not the seed,
+    so that runs differing only in their seed share a label and are averaged)."""
     import tomllib
 
     recipe = tomllib.loads(header.get("recipe") or "").get("mezo", {})
@@ -34,28 +35,79 @@ def optimizer_label(header: dict) -> str:
              else f"{estimator['name']} K={estimator['directions']}"]
     rule = header.get("update_rule") or {"name": "sgd"}
     if rule["name"] != "sgd":
-        parts.append(rule["name"] + "".join(f" {k}={v}" for k, v in rule.items()
-                                            if k not in ("name", "version") and isinstance(v, (int, float))))
+        parts.append(rule["name"] + _numbers(rule))
+    direction = header.get("direction") or {"name": "dense"}
+    if direction["name"] != "dense":
+        parts.append(direction["name"] + _numbers(direction))
     if "lr" in recipe:
         parts.append(f"lr {recipe['lr']:g} {recipe.get('schedule', 'constant')}")
     return ", ".join(parts)
 
 
+def _numbers(entry: dict) -> str:
+    return "".join(f" {k}={v}" for k, v in entry.items() if k not in ("name", "version") and isinstance(v, (int, float)))
+
+
+def trained_label(header: dict) -> str:
+    """What a run trains: its adapter, or the number of trainable weights (all of them, or those `freeze` left)."""
+    adapter = header.get("adapter")
+    count = sum(_elements(t["shape"]) for t in header.get("trainable") or [])
+    what = f"{count:,} weights"
+    if adapter:
+        return f"{adapter['type']}, {what}"
+    return what + (" (freeze)" if header.get("freeze") else "")
+
+
+def _elements(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def summarize_run(path) -> dict:
-    """One run: its label, optimizer, forwards spent and its dev curve [(forwards, value)] by the selected metric."""
+    """One run: its label, optimizer, forwards spent and its dev curves [(forwards, value)]: `curve` by the selected
+    metric, `curves` by every metric the evals recorded (accuracy and loss for classification)."""
     data = read_trajectory(path)
     header = data.header
     select = header.get("select") or {"metric": "loss", "lower_is_better": True}
     per = forwards_per_record(header)
     records = len(data.steps)
-    curve = [((e["step"] + 1) * per, e[select["metric"]]) for e in data.evals
-             if isinstance(e.get(select["metric"]), (int, float))]
+    curves: dict[str, list] = {}
+    for e in data.evals:
+        for metric, value in e.items():
+            if metric != "step" and isinstance(value, float):  # counts (correct, n) are ints
+                curves.setdefault(metric, []).append(((e["step"] + 1) * per, value))
+    curve = curves.get(select["metric"], [])
     best = best_eval(data.evals, select)
     return {"run": Path(path).parent.name, "trajectory": str(path), "optimizer": optimizer_label(header),
+            "trains": trained_label(header), "seed": header.get("seed"),
             "metric": select["metric"], "lower_is_better": select["lower_is_better"], "records": records,
-            "forwards": records * per, "curve": curve,
+            "forwards": records * per, "curve": curve, "curves": curves,
             "best": None if best is None else {"forwards": (best["step"] + 1) * per, "value": best[select["metric"]]},
             "final": curve[-1][1] if curve else None}
+
+
+def seed_groups(runs: list[dict]) -> list[dict]:
+    """Runs that differ only in their seed (same optimizer, same trained weights, evals at the same forwards), as
+    one line each: the mean, min and max of every metric over the seeds at each eval. A run alone is a group of one."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        key = (r["optimizer"], r["trains"], tuple(f for f, _ in r["curve"]))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (optimizer, trains, _), members in groups.items():
+        metrics = set.intersection(*(set(m["curves"]) for m in members))
+        lines = {}
+        for metric in sorted(metrics):
+            xs = [f for f, _ in members[0]["curves"][metric]]
+            if any([f for f, _ in m["curves"][metric]] != xs for m in members):
+                continue
+            columns = list(zip(*([v for _, v in m["curves"][metric]] for m in members)))
+            lines[metric] = [(x, sum(c) / len(c), min(c), max(c)) for x, c in zip(xs, columns)]
+        out.append({"optimizer": optimizer, "trains": trains, "runs": [m["run"] for m in members],
+                    "seeds": [m["seed"] for m in members], "lines": lines})
+    return out
 
 
 def compare(paths, baseline: str | None = None) -> dict:
@@ -66,7 +118,7 @@ def compare(paths, baseline: str | None = None) -> dict:
     metrics = {r["metric"] for r in runs}
     if len(metrics) > 1:
         raise ValueError(f"the runs select on different metrics ({', '.join(sorted(metrics))}); compare like with like")
-    result: dict = {"runs": runs}
+    result: dict = {"runs": runs, "groups": seed_groups(runs)}
     if baseline is not None:
         base = next((r for r in runs if Path(r["trajectory"]).resolve() == Path(baseline).resolve()), None)
         base = base or summarize_run(baseline)
@@ -89,7 +141,8 @@ def format_comparison(result: dict) -> str:
     def fmt(v):
         return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.4f}")
 
-    head = ["run", "optimizer", "forwards", f"start {metric}", f"best {metric} (at forwards)", f"final {metric}"]
+    head = ["run", "optimizer", "trains", "forwards", f"start {metric}", f"best {metric} (at forwards)",
+            f"final {metric}"]
     if "target" in result:
         t = result["target"]
         head.append(f"reached {fmt(t['value'])} ({t['run']}'s final)")
@@ -97,30 +150,46 @@ def format_comparison(result: dict) -> str:
     for r in runs:
         start = r["curve"][0][1] if r["curve"] and r["curve"][0][0] == 0 else None
         best = "-" if r["best"] is None else f"{fmt(r['best']['value'])} ({r['best']['forwards']:.0f})"
-        row = [r["run"], r["optimizer"], f"{r['forwards']:.0f}", fmt(start), best, fmt(r["final"])]
+        row = [r["run"], r["optimizer"], r["trains"], f"{r['forwards']:.0f}", fmt(start), best, fmt(r["final"])]
         if "target" in result:
             got = r["reached_target"]
             row.append("never" if got is None else f"{got['forwards']:.0f} ({got['of_baseline']:.2f} of its forwards)")
         lines.append(" | ".join(row))
+    for g in result.get("groups", []):
+        line = g["lines"].get(metric)
+        if len(g["runs"]) > 1 and line:
+            best = max(line, key=lambda p: -p[1] if runs[0]["lower_is_better"] else p[1])
+            lines.append(f"mean of {len(g['runs'])} seeds ({', '.join(g['runs'])}): {g['optimizer']}, {g['trains']}: "
+                         f"best {fmt(best[1])} at {best[0]:.0f} forwards, final {fmt(line[-1][1])} "
+                         f"(seeds {fmt(line[-1][2])} to {fmt(line[-1][3])})")
     return "\n".join(lines)
 
 
 def plot_comparison(result: dict, png) -> Path:
-    """The dev metric of every run against forward passes (the baseline's final value dashed)."""
+    """One panel per recorded dev metric (the selected one first, then e.g. loss) against forward passes: a line per
+    optimizer, the mean over runs that differ only in their seed with their min-max range shaded; the baseline's
+    final value dashed."""
     from .plot import pyplot, save
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for r in result["runs"]:
-        if r["curve"]:
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, "o-", ms=3, label=f"{r['run']}: {r['optimizer']}")
-    if "target" in result:
-        ax.axhline(result["target"]["value"], ls="--", color="gray", lw=1,
-                   label=f"{result['target']['run']}'s final")
-    metric = result["runs"][0]["metric"] if result["runs"] else ""
-    ax.set_xlabel("forward passes (training; evaluations not counted)")
-    ax.set_ylabel(f"dev {metric}")
-    ax.legend(fontsize=8)
+    groups = result.get("groups") or seed_groups(result["runs"])
+    selected = result["runs"][0]["metric"] if result["runs"] else ""
+    metrics = sorted({m for g in groups for m in g["lines"]}, key=lambda m: (m != selected, m))
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(6.5 * max(1, len(metrics)), 5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for g in groups:
+            if metric not in g["lines"]:
+                continue
+            xs, mean, low, high = zip(*g["lines"][metric])
+            seeds = f" (mean of {len(g['runs'])} seeds)" if len(g["runs"]) > 1 else f" ({g['runs'][0]})"
+            (line,) = ax.plot(xs, mean, "o-", ms=3, label=f"{g['optimizer']}; {g['trains']}{seeds}")
+            if len(g["runs"]) > 1:
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
+        if "target" in result and metric == selected:
+            ax.axhline(result["target"]["value"], ls="--", color="gray", lw=1,
+                       label=f"{result['target']['run']}'s final")
+        ax.set_xlabel("forward passes (training; evaluations not counted)")
+        ax.set_ylabel(f"dev {metric}")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return save(fig, png)

@@ -23,6 +23,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from .errors import RunError
+
 
 @dataclass(frozen=True)
 class World:
@@ -71,7 +73,6 @@ def process_group(device: str):
     import torch.distributed as dist
 
     from .models import resolve_device
-    from .run import RunError
 
     on_cuda = resolve_device(device).startswith("cuda")
     if on_cuda:
@@ -114,7 +115,6 @@ def peers_answer():
     """A collective whose peers are gone (a rank killed, its node lost) or silent past the process group's timeout
     fails in torch with a backend error; say what happened and what to do instead. torchrun's own agent usually stops
     the surviving ranks first; launchers that do not (one process per node, a scheduler's srun) meet this."""
-    from .run import RunError
 
     try:
         yield

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .errors import RunError
 from .recipe import Recipe, recipe_to_toml
 
 TRAJECTORY = "trajectory.mezo"
-
-
-class RunError(Exception):
-    """A run that cannot start or go on, said for people."""
 
 
 @dataclass

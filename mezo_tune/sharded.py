@@ -30,6 +30,7 @@ import contextlib
 import torch
 
 from . import zrng
+from .distributed import peers_answer
 from .mezo import SUM_DIGEST, Mezo, sum_digest_of, tensor_sum_hash
 
 
@@ -147,6 +148,7 @@ class ShardedMezo(Mezo):
         sums = [tensor_sum_hash(w, offset, device_sum=True) for _, w, offset in self._weights()]
         mine = torch.stack(sums)
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(every, mine)
+        with peers_answer():
+            dist.all_gather(every, mine)
         columns = zip(*(t.tolist() for t in every))
         return sum_digest_of(self.trainable.params, [sum(col) % (1 << 64) for col in columns])

@@ -4,6 +4,7 @@ Everything is read from the trajectories; tiny llama of conftest.py, runs throug
 from __future__ import annotations
 
 import json
+import math
 
 from test_learning import recipe_file
 from test_train import cli, train_cli
@@ -31,9 +32,36 @@ def test_compare_counts_forward_passes_and_when_the_baseline_was_reached(tmp_pat
     assert result["target"] == {"run": "plain", "value": plain_run["final"], "forwards": 12}
     # the baseline reaches its own final value at the latest when it ends
     assert plain_run["reached_target"]["forwards"] <= 12
+    assert plain_run["curves"]["loss"] == [[(e["step"] + 1) * 2, e["loss"]] for e in read_trajectory(a).evals]
     table = cli("compare", a, b, "--baseline", a).output
-    assert table.splitlines()[0] == ("run | optimizer | forwards | start accuracy | best accuracy (at forwards) | "
-                                     f"final accuracy | reached {plain_run['final']:.1%} (plain's final)")
+    assert table.splitlines()[0] == ("run | optimizer | trains | forwards | start accuracy | best accuracy (at forwards) "
+                                     f"| final accuracy | reached {plain_run['final']:.1%} (plain's final)")
+    weights = sum(math.prod(t["shape"]) for t in read_trajectory(a).header["trainable"])
+    assert table.splitlines()[2].startswith(f"plain | spsa, lr 0.05 constant | {weights:,} weights | 12 | ")
+
+
+def test_compare_averages_runs_that_differ_only_in_their_seed(tmp_path, tiny_model_dirs):
+    model = tiny_model_dirs()
+    paths = []
+    for seed in (0, 1):
+        recipe = recipe_file(tmp_path, model, out=f"runs/s{seed}", mezo={"seed": seed}, output={"eval_every": 3},
+                             name=f"s{seed}.toml")
+        train_cli(recipe)
+        paths.append(tmp_path / f"runs/s{seed}/trajectory.mezo")
+    other = recipe_file(tmp_path, model, out="runs/k2", mezo={"directions": 2}, output={"eval_every": 3}, name="k2.toml")
+    train_cli(other)
+    result = json.loads(cli("compare", *paths, tmp_path / "runs/k2/trajectory.mezo", "--json",
+                            "--plot", tmp_path / "c.png").output)
+    assert (tmp_path / "c.png").stat().st_size > 0
+    seeds, k2 = result["groups"]
+    assert (seeds["runs"], seeds["seeds"], k2["runs"]) == (["s0", "s1"], [0, 1], ["k2"])
+    runs = [read_trajectory(p).evals for p in paths]
+    for metric in ("accuracy", "loss"):
+        values = [[e[metric] for e in evals] for evals in runs]
+        assert seeds["lines"][metric] == [[(e["step"] + 1) * 2, (a + b) / 2, min(a, b), max(a, b)]
+                                          for e, a, b in zip(runs[0], *values)]
+    table = cli("compare", *paths).output.splitlines()
+    assert table[-1].startswith("mean of 2 seeds (s0, s1): spsa, lr 0.05 constant, ")
 
 
 def test_compare_refuses_runs_that_select_on_different_metrics(tmp_path, tiny_model_dirs):
