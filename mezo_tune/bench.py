@@ -529,8 +529,9 @@ def format_bench(res: dict) -> str:
               f"  live tensors only: MeZO / forward {r['mezo_tensor_peak_over_forward']:.2f} x, "
               f"backprop / MeZO {r['backprop_tensor_peak_over_mezo']:.2f} x",
               f"replay step: {res['replay_bytes_moved'] / 1e9:.2f} GB moved in {res['replay_step_s']:.3f} s = "
-              f"{res['replay_bytes_moved'] / res['replay_step_s'] / 1e9:.1f} GB/s; copy {res['copy_bytes_per_s'] / 1e9:.1f} "
-              f"GB/s -> {r['replay_bandwidth_fraction']:.2f} of copy bandwidth"]
+              f"{res['replay_bytes_moved'] / res['replay_step_s'] / 1e9:.1f} GB/s; "
+              f"copy {res['copy_bytes_per_s'] / 1e9:.1f} GB/s -> "
+              f"{r['replay_bandwidth_fraction']:.2f} of copy bandwidth"]
     if "overhead_in_copies" in res:
         o, c = res["overhead_in_copies"], res["weight_copy_s"]
         lines.append(f"overhead in weight copies      MeZO {o['mezo']:.1f}, reference {o['reference']:.1f}, "

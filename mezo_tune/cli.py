@@ -101,7 +101,8 @@ def train(recipe, overrides, resume, overwrite, dry_run, quiet):
         click.echo(f"eval accuracy: {evals[0]['accuracy']:.2%} before -> {evals[-1]['accuracy']:.2%} after "
                    f"{summary['steps']} steps (loss {evals[0]['loss']:.4f} -> {evals[-1]['loss']:.4f})")
     elif len(evals) >= 2:
-        click.echo(f"eval loss: {evals[0]['loss']:.4f} before -> {evals[-1]['loss']:.4f} after {summary['steps']} steps")
+        click.echo(f"eval loss: {evals[0]['loss']:.4f} before -> {evals[-1]['loss']:.4f} "
+                   f"after {summary['steps']} steps")
     if "stopped_early" in summary:
         click.echo(f"stopped early after step {summary['stopped_early']} (output.patience)")
     best = summary.get("best")

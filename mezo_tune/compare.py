@@ -45,7 +45,8 @@ def optimizer_label(header: dict) -> str:
 
 
 def _numbers(entry: dict) -> str:
-    return "".join(f" {k}={v}" for k, v in entry.items() if k not in ("name", "version") and isinstance(v, (int, float)))
+    return "".join(f" {k}={v}" for k, v in entry.items()
+                   if k not in ("name", "version") and isinstance(v, (int, float)))
 
 
 def trained_label(header: dict) -> str:

@@ -102,12 +102,12 @@ class Directions:
             return (f"layerwise, {self.count} trainable tensors per record (chosen by seed); the others get no z, no "
                     "hook and no update")
         if self.kind == "sparse":
-            how = ("the smallest |θ| (threshold: exact k-th value of a 4096-element sample)" if self.mask == "magnitude"
-                   else "a seed-random mask")
+            how = ("the smallest |θ| (threshold: exact k-th value of a 4096-element sample)"
+                   if self.mask == "magnitude" else "a seed-random mask")
             return f"sparse, about {self.fraction:.0%} of each tensor's elements, {how}; {formed}"
         if self.kind == "lowrank":
-            return (f"lowrank, z = U Vᵀ of rank {self.rank} for 2-D tensors (V kept {self.v_every} records), dense for "
-                    f"the others; {formed}")
+            return (f"lowrank, z = U Vᵀ of rank {self.rank} for 2-D tensors (V kept {self.v_every} records), "
+                    f"dense for the others; {formed}")
         return "dense, every element of every trainable tensor (fused kernels, z never stored)"
 
     # ---- which tensors, and which of them get a formed z ---------------------------------------------------------

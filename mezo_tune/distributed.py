@@ -127,7 +127,8 @@ def peers_answer():
 
 def _first_sentence(text: str) -> str:
     """'[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8322: Connection reset by peer. This is typically
-    ...' -> 'Read error [127.0.0.1]:8322: Connection reset by peer': the backend's own words, without its source line."""
+    ...' -> 'Read error [127.0.0.1]:8322: Connection reset by peer': the backend's own words, without its source
+    line."""
     line = text.strip().splitlines()[0] if text.strip() else ""
     line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|py):\d+\]\s*", "", line)
     return line.split(". ")[0].rstrip(".")

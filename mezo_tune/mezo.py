@@ -225,11 +225,12 @@ def normalised_differences(losses: list[float], base: float) -> list[float]:
     """FZOO's scalars (Dang et al. 2025), one per direction: g_i = fp32((l_i - l_0) / σ), l_i = loss(θ + εz_i),
     l_0 = loss(θ), σ the sample standard deviation (N - 1 in the denominator) of the N losses l_i.
 
-    The update θ ← θ - (η/N)·Σ_i g_i·z_i is then the paper's θ - η/(N·σ)·Σ_i (l_i - l_0)·u_i: the normaliser is folded
-    into g, so a record holds exactly the fp32 g its update applies and replay needs neither the losses nor σ. σ is
-    computed here once, in fp64, in a fixed order (mean, then the sum of squared deviations, then one correctly
-    rounded sqrt), from the losses as fp32 values: the same bits wherever train runs. Folding σ into g rather than η
-    keeps η the schedule's η/N, so the momentum and Adam rules read normalised estimates with the lr they expect.
+    The update θ ← θ - (η/N)·Σ_i g_i·z_i is then the paper's θ - η/(N·σ)·Σ_i (l_i - l_0)·u_i: the normaliser is
+    folded into g, so a record holds exactly the fp32 g its update applies and replay needs neither the losses nor
+    σ. σ is computed here once, in fp64, in a fixed order (mean, then the sum of squared deviations, then one
+    correctly rounded sqrt), from the losses as fp32 values: the same bits wherever train runs. Folding σ into g
+    rather than η keeps η the schedule's η/N, so the momentum and Adam rules read normalised estimates with the lr
+    they expect.
 
     All NaN (the step is skipped) when a loss is not finite; all 0 when σ = 0 (every direction scored the same: there
     is nothing to normalise by, and nothing to learn from this batch)."""
@@ -321,8 +322,9 @@ class AdamRule:
 
     Every operation is one eager fp32 torch op, so one IEEE rounding each (`adam_update` fixes their order; no FMA can
     form between separate eager kernels; division is correctly rounded on CPU and CUDA, the square root is made so by
-    `exact_sqrt`), and β^t is a running fp64 product (no pow). The state (m, v, t) is rebuilt by running the rule over the records from the start (replay
-    needs the memory too) and is saved in checkpoints so that a resume continues it exactly."""
+    `exact_sqrt`), and β^t is a running fp64 product (no pow). The state (m, v, t) is rebuilt by running the rule
+    over the records from the start (replay needs the memory too) and is saved in checkpoints so that a resume
+    continues it exactly."""
 
     beta1: float = 0.9
     beta2: float = 0.999

@@ -347,7 +347,8 @@ def _optimizer_problems(estimator: str, directions: int, adam: bool, momentum: f
         found.append(("adam", f'adam updates every element from its moments: it needs direction_type = "dense" '
                               f'(got {_show(direction_type)}) or adam = false'))
     if adam and rounding != "nearest":
-        found.append(("adam", f'adam rounds to nearest: set rounding = "nearest" (got {_show(rounding)}) or adam = false'))
+        found.append(("adam", f'adam rounds to nearest: set rounding = "nearest" (got {_show(rounding)}) '
+                              'or adam = false'))
     return found
 
 
@@ -570,7 +571,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return parse_recipe(text, source=source, overrides=overrides)
 
 
-def parse_recipe(text: str, source: str = "<recipe>", overrides: Sequence[str] = (), check_files: bool = True) -> Recipe:
+def parse_recipe(text: str, source: str = "<recipe>", overrides: Sequence[str] = (),
+                 check_files: bool = True) -> Recipe:
     """Validate recipe TOML text (with overrides applied); raise RecipeError with every problem.
 
     check_files=False skips the data files' existence (a recipe recorded in a trajectory, replayed elsewhere)."""
@@ -822,7 +824,8 @@ def _good_value(raw: Mapping[str, Any], bad: set[tuple], section: str, key: str)
     return _MISSING_VALUE if field.is_required() else field.get_default(call_default_factory=True)
 
 
-def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple], check_files: bool = True) -> list[tuple[str, str, str]]:
+def _cross_field_problems(raw: Mapping[str, Any], bad: set[tuple],
+                          check_files: bool = True) -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
 
     def good(section: str, key: str) -> Any:

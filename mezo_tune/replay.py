@@ -61,9 +61,11 @@ def _attach_recorded_adapter(model, recipe, adapter: dict):
     from .adapters import INIT_ACTIVATIONS, INIT_SCHEME, INIT_STREAM, AdapterError, attach, config_dict, \
         restore_initial_values
 
-    if adapter.get("init") not in (INIT_SCHEME, INIT_ACTIVATIONS) or adapter.get("init_stream", INIT_STREAM) != INIT_STREAM:
+    known_init = adapter.get("init") in (INIT_SCHEME, INIT_ACTIVATIONS)
+    if not known_init or adapter.get("init_stream", INIT_STREAM) != INIT_STREAM:
         raise ReplayError(f"the trajectory's adapter was initialised as {adapter.get('init')!r}; this mezo-tune "
-                          f"rebuilds {INIT_SCHEME!r} and {INIT_ACTIVATIONS!r} only: install the version that recorded it")
+                          f"rebuilds {INIT_SCHEME!r} and {INIT_ACTIVATIONS!r} only: "
+                          "install the version that recorded it")
     try:
         peft_model = attach(model, recipe.adapter, adapter["init_seed"])
         if adapter["init"] == INIT_ACTIVATIONS:

@@ -650,7 +650,8 @@ class TrajectoryWriter:
         self._check_open()
         if not -1 <= step < self._next_step:
             raise TrajectoryError(f"{self.path}: eval for step {step}, but only steps 0..{self._next_step - 1} are "
-                                  f"recorded; an eval scores the weights after its step's update (-1 = before any step).")
+                                  "recorded; an eval scores the weights after its step's update "
+                                  "(-1 = before any step).")
         scalars = {k: (float(v) if math.isfinite(v) else None) if isinstance(v, float) else v
                    for k, v in metrics.items() if type(v) in (int, float) and k != "step"}
         payload = json.dumps({"step": step, "metrics": scalars}, sort_keys=True, allow_nan=False).encode("utf-8")

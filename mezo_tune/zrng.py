@@ -5,8 +5,8 @@ no torch.randn, no floating-point function whose last bit differs between librar
 same bits on CPU and on any CUDA GPU, eager or compiled, under any torch version.
 
 Generator "mezo-tune/lowbias32x2", version 1:
-  key      (k0, k1) = the 8 bytes of blake2b(b"mezo-tune/z/v1" | seed, step, stream as little-endian u64 | name, 8 bytes),
-           computed once per (step, tensor) in Python.
+  key      (k0, k1) = the 8 bytes of blake2b(b"mezo-tune/z/v1" | seed, step, stream as little-endian u64 | name,
+           8 bytes), computed once per (step, tensor) in Python.
   bits     h(i) = mix(mix(lo(i) ^ k0) ^ hi(i) ^ k1), where lo/hi are the low/high 32 bits of the 64-bit element index
            and mix is Chris Wellons' "lowbias32" integer hash (two xorshift-multiply rounds, a bijection on 32 bits),
            all in uint32 arithmetic (products mod 2**32). The torch kernels hold the uint32 bit patterns in int32

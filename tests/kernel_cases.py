@@ -98,7 +98,8 @@ def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[st
                     zrng.update_kernel_stochastic(ws[0], key, rkey, c_t, dist)
                     tk.update_kernel_stochastic(ws[1], key, rkey, c_t, dist)
                     check(f"update_kernel_stochastic {dtype} c={c} {case}", *ws)
-                    if n > 1000 and c == -2.5e-7 and not specials:  # the rounding really is stochastic here: both neighbours occur
+                    # the rounding really is stochastic here: both neighbours occur
+                    if n > 1000 and c == -2.5e-7 and not specials:
                         nearest = w.clone()
                         zrng.update_kernel(nearest, key, c_t, dist)
                         if torch.equal(_bits(nearest), _bits(ws[1])):

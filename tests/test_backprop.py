@@ -43,7 +43,8 @@ def test_csv_columns_train_k_dev_split_and_icl_eval(tmp_path, tiny_model_dirs):
     assert evals[0]["n"] == 6 and set(evals[0]["per_class"]) == {"positive", "negative"}
 
     cut = cli("eval", path, "-q", "--icl-shots", 2, ok=False)  # max_length 32 would cut the demonstrations off
-    assert cut.exit_code == 1 and cut.output.startswith("error: --icl-shots 2: with the demonstrations the longest prompt is 68 tokens")
+    assert cut.exit_code == 1
+    assert cut.output.startswith("error: --icl-shots 2: with the demonstrations the longest prompt is 68 tokens")
     assert "over data.max_length = 32, which would cut demonstrations off; raise it, e.g. --set" in cut.output
     zero = json.loads(cli("eval", path, "--json", "-q").output)
     roomy = ("--set", "data.max_length=256")

@@ -78,7 +78,8 @@ def test_sweep_writes_json_and_png(tmp_path):
     res = json.loads((out / "sweep.json").read_text())
     (point,) = res["points"]
     assert (point["size"], point["seq_len"]) == ("64x1", 8)
-    assert all(point[f"{v}_{k}"] > 0 for v in ("forward", "mezo", "backprop") for k in ("s", "peak_bytes", "tensor_peak_bytes"))
+    assert all(point[f"{v}_{k}"] > 0 for v in ("forward", "mezo", "backprop")
+               for k in ("s", "peak_bytes", "tensor_peak_bytes"))
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -34,8 +34,9 @@ def test_compare_counts_forward_passes_and_when_the_baseline_was_reached(tmp_pat
     assert plain_run["reached_target"]["forwards"] <= 12
     assert plain_run["curves"]["loss"] == [[(e["step"] + 1) * 2, e["loss"]] for e in read_trajectory(a).evals]
     table = cli("compare", a, b, "--baseline", a).output
-    assert table.splitlines()[0] == ("run | optimizer | trains | forwards | start accuracy | best accuracy (at forwards) "
-                                     f"| final accuracy | reached {plain_run['final']:.1%} (plain's final)")
+    assert table.splitlines()[0] == ("run | optimizer | trains | forwards | start accuracy | "
+                                     f"best accuracy (at forwards) | final accuracy | "
+                                     f"reached {plain_run['final']:.1%} (plain's final)")
     weights = sum(math.prod(t["shape"]) for t in read_trajectory(a).header["trainable"])
     assert table.splitlines()[2].startswith(f"plain | spsa, lr 0.05 constant | {weights:,} weights | 12 | ")
 
@@ -48,7 +49,8 @@ def test_compare_averages_runs_that_differ_only_in_their_seed(tmp_path, tiny_mod
                              name=f"s{seed}.toml")
         train_cli(recipe)
         paths.append(tmp_path / f"runs/s{seed}/trajectory.mezo")
-    other = recipe_file(tmp_path, model, out="runs/k2", mezo={"directions": 2}, output={"eval_every": 3}, name="k2.toml")
+    other = recipe_file(tmp_path, model, out="runs/k2", mezo={"directions": 2}, output={"eval_every": 3},
+                        name="k2.toml")
     train_cli(other)
     result = json.loads(cli("compare", *paths, tmp_path / "runs/k2/trajectory.mezo", "--json",
                             "--plot", tmp_path / "c.png").output)

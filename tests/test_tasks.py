@@ -163,13 +163,15 @@ def test_icl_demonstrations_computed_once_score_as_in_full(arch, verbalizer, mod
     task.set_demonstrations(SENTIMENT_ROWS[:3])
     full = task.scores(model, SENTIMENT_ROWS)  # outside evaluate(): every prompt runs in full
     task.share_prefix(model, SENTIMENT_ROWS)
-    assert task._shared is not None and task._shared.length > 30 and task._shared.covers([task.prompt_ids(r) for r in SENTIMENT_ROWS])
+    assert task._shared is not None and task._shared.length > 30
+    assert task._shared.covers([task.prompt_ids(r) for r in SENTIMENT_ROWS])
     shared = torch.cat([task.scores(model, SENTIMENT_ROWS[:5]), task.scores(model, SENTIMENT_ROWS[5:])])
     torch.testing.assert_close(shared, full, rtol=0, atol=1e-4)
     assert task.predict(shared) == task.predict(full)
     result = task.evaluate(model, SENTIMENT_ROWS, batch_size=3)
     assert task._shared is None  # dropped when evaluate() returns: the model may change afterwards
-    assert result["correct"] == sum(p == t for p, t in zip(task.predict(full), [task.label_of(r) for r in SENTIMENT_ROWS]))
+    labels = [task.label_of(r) for r in SENTIMENT_ROWS]
+    assert result["correct"] == sum(p == t for p, t in zip(task.predict(full), labels))
 
 
 def test_icl_shared_prefix_is_the_prompts_common_tokens(models, tokenizer):
