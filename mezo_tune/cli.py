@@ -219,14 +219,16 @@ def inspect(trajectory, as_json, plot_path):
               help="A trajectory (e.g. plain MeZO): when did each run first reach its final dev value?")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Also draw every run's dev curve against forward passes into this image (needs matplotlib).")
+@click.option("--metric", default=None,
+              help="The dev metric to compare by (e.g. loss); default: the one the runs chose their best step by.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def compare(trajectories, baseline, plot_path, as_json):
+def compare(trajectories, baseline, plot_path, metric, as_json):
     """Compare runs by the dev metric their trajectories recorded, against the forward passes they spent."""
     from .compare import compare as compare_runs, format_comparison, plot_comparison
 
     try:
-        result = compare_runs(trajectories, baseline)
+        result = compare_runs(trajectories, baseline, metric)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if plot_path:

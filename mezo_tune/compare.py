@@ -66,12 +66,20 @@ def _elements(shape) -> int:
     return n
 
 
-def summarize_run(path) -> dict:
-    """One run: its label, optimizer, forwards spent and its dev curves [(forwards, value)]: `curve` by the selected
-    metric, `curves` by every metric the evals recorded (accuracy and loss for classification)."""
+def summarize_run(path, metric: str | None = None) -> dict:
+    """One run: its label, optimizer, forwards spent and its dev curves [(forwards, value)]: `curve` by `metric`
+    (default: the one the run selected its best step by), `curves` by every metric the evals recorded (accuracy and
+    loss for classification)."""
+    from .recipe import LOWER_IS_BETTER
+
     data = read_trajectory(path)
     header = data.header
     select = header.get("select") or {"metric": "loss", "lower_is_better": True}
+    if metric is not None:
+        if not any(metric in e for e in data.evals):
+            recorded = sorted({k for e in data.evals for k, v in e.items() if k != "step" and isinstance(v, float)})
+            raise ValueError(f"{path}: its evals recorded no {metric!r} (they have: {', '.join(recorded) or 'none'})")
+        select = {"metric": metric, "lower_is_better": metric in LOWER_IS_BETTER}
     per = forwards_per_record(header)
     records = len(data.steps)
     curves: dict[str, list] = {}
@@ -111,18 +119,18 @@ def seed_groups(runs: list[dict]) -> list[dict]:
     return out
 
 
-def compare(paths, baseline: str | None = None) -> dict:
-    """Every run's summary; with a baseline (one of the paths, or another trajectory), the target (the baseline's
-    final dev value) and, per run, the forwards at which it first reached it and that as a fraction of the
-    baseline's total forwards."""
-    runs = [summarize_run(p) for p in paths]
+def compare(paths, baseline: str | None = None, metric: str | None = None) -> dict:
+    """Every run's summary by `metric` (default: the metric the runs selected on); with a baseline (one of the
+    paths, or another trajectory), the target (the baseline's final dev value) and, per run, the forwards at which
+    it first reached it and that as a fraction of the baseline's total forwards."""
+    runs = [summarize_run(p, metric) for p in paths]
     metrics = {r["metric"] for r in runs}
     if len(metrics) > 1:
         raise ValueError(f"the runs select on different metrics ({', '.join(sorted(metrics))}); compare like with like")
     result: dict = {"runs": runs, "groups": seed_groups(runs)}
     if baseline is not None:
         base = next((r for r in runs if Path(r["trajectory"]).resolve() == Path(baseline).resolve()), None)
-        base = base or summarize_run(baseline)
+        base = base or summarize_run(baseline, metric)
         if base["final"] is None:
             raise ValueError(f"{baseline}: the baseline recorded no dev evaluation")
         sign = -1 if base["lower_is_better"] else 1

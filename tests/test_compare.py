@@ -39,6 +39,12 @@ def test_compare_counts_forward_passes_and_when_the_baseline_was_reached(tmp_pat
                                      f"reached {plain_run['final']:.1%} (plain's final)")
     weights = sum(math.prod(t["shape"]) for t in read_trajectory(a).header["trainable"])
     assert table.splitlines()[2].startswith(f"plain | spsa, lr 0.05 constant | {weights:,} weights | 12 | ")
+    by_loss = json.loads(cli("compare", a, b, "--baseline", a, "--metric", "loss", "--json").output)
+    assert by_loss["runs"][0]["curve"] == plain_run["curves"]["loss"] and by_loss["runs"][0]["lower_is_better"]
+    assert by_loss["target"]["value"] == plain_run["curves"]["loss"][-1][1]
+    unknown = cli("compare", a, "--metric", "f1", ok=False)
+    assert unknown.exit_code == 2
+    assert f"{a}: its evals recorded no 'f1' (they have: accuracy, loss)" in unknown.output
 
 
 def test_compare_averages_runs_that_differ_only_in_their_seed(tmp_path, tiny_model_dirs):
