@@ -1,6 +1,7 @@
 """What a MeZO step is made of, in one process on the embedded SmolLM2 (batch 8 x 64): a plain forward, a perturbed
 forward, the update pass and one copy of the trainable weights, interleaved, medians. With `blocks`, also a perturbed
-forward with every trainable nn.Linear perturbed in cache-sized row blocks (Mezo(large_linear=0)), as the LM head is.
+forward with only the LM head perturbed in row blocks (large_linear=1 << 23, the fp32 default) and one with every
+trainable nn.Linear so (large_linear=0, the 16-bit CPU default): mezo.blocked_linear_threshold.
 
 Usage: OMP_NUM_THREADS=1 python docs/bench_step_parts.py DTYPE REPEATS [blocks]
 """
@@ -22,6 +23,7 @@ tr = trainable_set(model)
 ids = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
 engines = {"default": Mezo(model, tr, seed=0, eps=1e-3, use_compile=True)}
 if blocks:
+    engines["lm_head_blocked"] = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True, large_linear=1 << 23)
     engines["all_linears_blocked"] = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True, large_linear=0)
 src = torch.ones(tr.numel, dtype=tr.params[0].dtype); dst = torch.empty_like(src)
 calls = {"forward": lambda s: _lm_loss(model, ids).item(), "copy": lambda s: dst.copy_(src)}

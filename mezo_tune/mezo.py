@@ -423,17 +423,29 @@ def _is_plain_embedding(module: torch.nn.Module) -> bool:
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
+def blocked_linear_threshold(weight: torch.Tensor) -> int:
+    """The size from which a trainable nn.Linear weight is perturbed in row blocks during a perturbed forward
+    (`Mezo.perturbed`'s linear_forward) rather than whole through the swap hooks. 16-bit weights on a CPU: every
+    one, since a block formed in L2 and multiplied from there saves writing and reading back a whole perturbed copy,
+    which costs more than the matmul's blocking does (docs/bench_step_parts.py ... blocks, README "Half
+    precision"). Otherwise from 8M elements (an LM head): in fp32 the blocked matmuls of the smaller decoder weights
+    were slower than one whole matmul each."""
+    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        return 0
+    return 1 << 23
+
+
 class Mezo:
     """Perturbation and update over a trainable set, for one run (seed, ε, z distribution, rounding)."""
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
                  rule: UpdateRule | AdamRule = UpdateRule(), estimator: str = "spsa",
-                 directions: Directions = Directions(), large_linear: int = 1 << 23, digest: dict = SUM_DIGEST):
+                 directions: Directions = Directions(), large_linear: int | None = None, digest: dict = SUM_DIGEST):
         """estimator: how `step` scores its directions, "spsa" (two-point) or "fzoo" (one-sided, normalised); replay
         never needs it. directions: which tensors and elements each record's z touches (directions.py); dense by
         default. large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row
-        blocks. digest: the weights digest scheme of `digest()` (a resumed or replayed run: the one its trajectory
+        blocks (None: `blocked_linear_threshold` by the weight's dtype and device). digest: the weights digest scheme of `digest()` (a resumed or replayed run: the one its trajectory
         holds)."""
         if distribution not in zrng.DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}")
@@ -473,7 +485,8 @@ class Mezo:
                     self._embeddings.append(module)
                     own = [p for p in own if p is not weight]
                 elif (type(module) is torch.nn.Linear and id(weight) in self._name_of
-                      and weight.numel() >= large_linear):
+                      and weight.numel() >= (blocked_linear_threshold(weight) if large_linear is None
+                                             else large_linear)):
                     self._large_linears.append(module)
                     own = [p for p in own if p is not weight]
             self._owners.append((module, own))
@@ -571,11 +584,10 @@ class Mezo:
                 for a in range(0, out_features, rows):
                     b = min(a + rows, out_features)
                     perturb(block[: b - a], w[a:b], self._name_of[id(w)], offset=a * in_features)
-                    o2[:, a:b] = x2 @ block[: b - a].t()
+                    bias = None if module.bias is None else module.bias[a:b]
+                    o2[:, a:b] = torch.nn.functional.linear(x2, block[: b - a], bias)  # bias rounded in, as F.linear
             finally:
                 self._release(block)
-            if module.bias is not None:
-                out += module.bias
             return out
 
         overridden, loading = [], []

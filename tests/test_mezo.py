@@ -55,10 +55,11 @@ def test_freeze_patterns():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype):
-    """The hooks compute exactly loss(θ ± εz), and no stored bit changes."""
+    """The hooks compute exactly loss(θ ± εz), and no stored bit changes. (Every weight through the hooks: 16-bit
+    linears go by row blocks by default, whose matmuls may round differently on another CPU; tested below.)"""
     model = build_model(arch, dtype)
     ts = mezo.trainable_set(model)
-    engine = mezo.Mezo(model, ts, seed=7, eps=1e-2)
+    engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1 << 62)
     ids = batch()
     before = snapshot(model)
     for sign in (+1, -1):
@@ -206,3 +207,23 @@ def test_large_linear_in_row_blocks_equals_whole_perturbed_weight(tie):
     assert_bit_equal(before, snapshot(model))
     assert "forward" not in model.lm_head.__dict__  # the class forward is back
     assert max(b.numel() for pool in engine._scratch.values() for b in pool) < model.lm_head.weight.numel()
+
+
+def test_sixteen_bit_weights_on_cpu_take_every_linear_by_blocks():
+    """mezo.blocked_linear_threshold: on a CPU, 16-bit weights perturb every trainable nn.Linear in row blocks (no
+    whole perturbed copy is written and read back); fp32 weights only those of 8M elements or more (LM heads)."""
+    linears = {n for n, m in build_model("llama").named_modules() if type(m) is torch.nn.Linear}
+    for dtype, expected in ((torch.float32, set()), (torch.bfloat16, linears), (torch.float16, linears)):
+        model = build_model("llama").to(dtype)
+        engine = mezo.Mezo(model, mezo.trainable_set(model), seed=0, eps=1e-3)
+        names = {n for n, m in model.named_modules() if any(m is b for b in engine._large_linears)}
+        assert names == expected, dtype
+        hooks = mezo.Mezo(model, mezo.trainable_set(model), seed=0, eps=1e-3, large_linear=1 << 62)
+        with torch.no_grad():
+            with engine.perturbed(5, -1):
+                by_default = lm_loss(model, batch())
+            with hooks.perturbed(5, -1):
+                hooked = lm_loss(model, batch())
+        # the same math; a blocked matmul may round differently from a whole one on another CPU's kernels
+        torch.testing.assert_close(by_default, hooked, rtol=1e-3, atol=0)
+    assert mezo.blocked_linear_threshold(torch.empty(0, dtype=torch.float32)) == 1 << 23
