@@ -4,7 +4,8 @@ the update pass (= a replay step) and a plain copy of the trainable weights. A f
 shared CPU than bench's step - 2 forwards; (2 perturbed copies + update) / copy is the part of a step's overhead in
 weight copies that the kernels cause (README, "Half precision").
 
-Usage: OMP_NUM_THREADS=1 python docs/bench_passes.py DTYPE REPEATS     (DTYPE: float32 | bfloat16 | float16)
+Usage: OMP_NUM_THREADS=1 python docs/bench_passes.py DTYPE REPEATS [DISTRIBUTION]
+       (DTYPE: float32 | bfloat16 | float16; DISTRIBUTION: gaussian (default) | rademacher | rademacher32)
 """
 import json
 import statistics
@@ -13,12 +14,13 @@ import time
 
 import torch
 from mezo_tune import models, zrng
-from mezo_tune.mezo import Mezo, trainable_set
+from mezo_tune.mezo import Mezo, trainable_set, update_scale
 
 dtype, repeats = sys.argv[1], int(sys.argv[2])
+dist = sys.argv[3] if len(sys.argv) > 3 else "gaussian"
 model = models.load_model(models.resolve_source("embedded:smollm2-135m", progress=False), dtype, "cpu")
 tr = trainable_set(model)
-engine = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True)
+engine = Mezo(model, tr, seed=0, eps=1e-3, distribution=dist, use_compile=True)
 kernel = zrng.kernel(zrng.perturb_kernel, True)
 eps = torch.tensor(1e-3, dtype=torch.float64)
 scratch = torch.empty(max(p.numel() for p in tr.params), dtype=tr.params[0].dtype)
@@ -29,9 +31,9 @@ def perturb_all(step):
         k0, k1 = zrng.stream_key(0, step, name)
         flat = p.data.view(-1)
         for a, b in zrng.chunks(flat.numel()):
-            kernel(scratch[a:b], flat[a:b], zrng.key_tensor(k0, k1, a), eps, "gaussian")
+            kernel(scratch[a:b], flat[a:b], zrng.key_tensor(k0, k1, a), eps, dist)
 
-calls = {"perturb_all": perturb_all, "update": lambda s: engine.apply_update(s, 1e-9), "copy": lambda s: dst.copy_(src)}
+calls = {"perturb_all": perturb_all, "update": lambda s: engine.apply_update(s, update_scale(1e-7, 1e-2)), "copy": lambda s: dst.copy_(src)}
 times = {k: [] for k in calls}
 with torch.no_grad():
     for f in calls.values():
@@ -40,6 +42,6 @@ with torch.no_grad():
         for k, f in calls.items():
             t0 = time.perf_counter(); f(r + 2); times[k].append(time.perf_counter() - t0)
 med = {k: statistics.median(v) for k, v in times.items()}
-print(json.dumps({"dtype": dtype, "threads": torch.get_num_threads(), "median_s": med,
+print(json.dumps({"dtype": dtype, "distribution": dist, "threads": torch.get_num_threads(), "median_s": med,
                   "in_copies": {k: v / med["copy"] for k, v in med.items()},
                   "step_passes_in_copies": (2 * med["perturb_all"] + med["update"]) / med["copy"]}))

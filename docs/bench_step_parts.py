@@ -1,9 +1,12 @@
 """What a MeZO step is made of, in one process on the embedded SmolLM2 (batch 8 x 64): a plain forward, a perturbed
 forward, the update pass and one copy of the trainable weights, interleaved, medians. With `blocks`, also a perturbed
-forward with only the LM head perturbed in row blocks (large_linear=1 << 23, the fp32 default) and one with every
-trainable nn.Linear so (large_linear=0, the 16-bit CPU default): mezo.blocked_linear_threshold.
+forward with only the LM head perturbed in row blocks (large_linear=1 << 23, the default) and one with every trainable
+nn.Linear so (large_linear=0), per distribution: mezo.blocked_linear_threshold.
 
-Usage: OMP_NUM_THREADS=1 python docs/bench_step_parts.py DTYPE REPEATS [blocks]
+With distributions named (gaussian, rademacher, rademacher32), a perturbed forward and an update with each, so that
+they compare in one process; "in_copies" is each part beyond a forward (the update: whole) over the copy.
+
+Usage: OMP_NUM_THREADS=1 python docs/bench_step_parts.py DTYPE REPEATS [blocks] [DISTRIBUTION ...]
 """
 import json
 import statistics
@@ -13,18 +16,24 @@ import time
 import torch
 from mezo_tune import models
 from mezo_tune.bench import _lm_loss
-from mezo_tune.mezo import Mezo, trainable_set
+from mezo_tune.mezo import Mezo, trainable_set, update_scale
 
 dtype, repeats = sys.argv[1], int(sys.argv[2])
-blocks = len(sys.argv) > 3 and sys.argv[3] == "blocks"
+blocks = "blocks" in sys.argv[3:]
+dists = [a for a in sys.argv[3:] if a != "blocks"]
 model = models.load_model(models.resolve_source("embedded:smollm2-135m", progress=False), dtype, "cpu")
 models.keep_freed_memory()
 tr = trainable_set(model)
 ids = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
 engines = {"default": Mezo(model, tr, seed=0, eps=1e-3, use_compile=True)}
+for d in dists:
+    engines[d] = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True, distribution=d)
 if blocks:
-    engines["lm_head_blocked"] = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True, large_linear=1 << 23)
-    engines["all_linears_blocked"] = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True, large_linear=0)
+    for d in dists or ["gaussian"]:
+        engines[f"{d},lm_head_blocked"] = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True, distribution=d,
+                                               large_linear=1 << 23)
+        engines[f"{d},all_linears_blocked"] = Mezo(model, tr, seed=0, eps=1e-3, use_compile=True, distribution=d,
+                                                   large_linear=0)
 src = torch.ones(tr.numel, dtype=tr.params[0].dtype); dst = torch.empty_like(src)
 calls = {"forward": lambda s: _lm_loss(model, ids).item(), "copy": lambda s: dst.copy_(src)}
 for name, e in engines.items():
@@ -32,7 +41,9 @@ for name, e in engines.items():
         with e.perturbed(s, +1):
             _lm_loss(model, ids).item()
     calls[f"perturbed_forward[{name}]"] = pf
-calls["update"] = lambda s, e=engines["default"]: e.apply_update(s, 1e-9)
+c = update_scale(1e-7, 1e-2)  # an fp32 c, as training applies
+for name in ["default"] + dists:
+    calls[f"update[{name}]"] = lambda s, e=engines[name]: e.apply_update(s, c)
 times = {k: [] for k in calls}
 with torch.no_grad():
     for k, f in calls.items():
@@ -41,4 +52,6 @@ with torch.no_grad():
         for k, f in calls.items():
             t0 = time.perf_counter(); f(r + 2); times[k].append(time.perf_counter() - t0)
 med = {k: statistics.median(v) for k, v in times.items()}
-print(json.dumps({"dtype": dtype, "threads": torch.get_num_threads(), "median_s": med}))
+in_copies = {k: (v - (med["forward"] if k.startswith("perturbed") else 0)) / med["copy"] for k, v in med.items()
+             if k not in ("forward", "copy")}
+print(json.dumps({"dtype": dtype, "threads": torch.get_num_threads(), "median_s": med, "in_copies": in_copies}))

@@ -226,12 +226,13 @@ def _device_name(device: str) -> str:
 
 
 def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: int,
-                device: str, compile_setting: str = "auto", adapter: str = "none", quantization: str = "none") -> dict:
-    """Measure one variant in this process."""
+                device: str, compile_setting: str = "auto", adapter: str = "none", quantization: str = "none",
+                distribution: str = "gaussian") -> dict:
+    """Measure one variant in this process (distribution: of z, in the MeZO step and the replay step)."""
     import torch
 
     from . import models
-    from .mezo import Mezo
+    from .mezo import Mezo, update_scale
     from .run import use_compile
 
     device = models.resolve_device(device)
@@ -244,7 +245,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     if variant == "forward":
         call = forward
     elif variant == "mezo":
-        engine = Mezo(model, trainable, seed=0, eps=1e-3,
+        engine = Mezo(model, trainable, seed=0, eps=1e-3, distribution=distribution,
                       use_compile=use_compile(compile_setting, device))
 
         def call(step):
@@ -264,10 +265,12 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
         def call(step):
             _reference_step(model, ids, step, 1e-7, 1e-3, trainable.params)
     elif variant == "replay":
-        engine = Mezo(model, trainable, seed=0, eps=1e-3, use_compile=use_compile(compile_setting, device))
+        engine = Mezo(model, trainable, seed=0, eps=1e-3, distribution=distribution,
+                      use_compile=use_compile(compile_setting, device))
+        c = update_scale(1e-7, 1e-2)  # an fp32 c = fp32(η·g), as training applies
 
         def call(step):
-            engine.apply_update(step, 1e-9)
+            engine.apply_update(step, c)
     else:
         raise ValueError(variant)
 
@@ -321,14 +324,14 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
 
 
 def _run_children(variants, model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting,
-                  adapter="none", quantization="none", progress=True) -> dict:
+                  adapter="none", quantization="none", progress=True, distribution="gaussian") -> dict:
     """Each variant in its own subprocess; returns {variant: its result}."""
     results = {}
     for variant in variants:
         if progress:
             print(f"[bench] {model_spec} {batch_size}x{seq_len} {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "mezo_tune.bench", variant, model_spec, dtype, str(batch_size), str(seq_len),
-               str(repeats), device, compile_setting, adapter, quantization]
+               str(repeats), device, compile_setting, adapter, quantization, distribution]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -357,19 +360,19 @@ def overhead_in_copies(result: dict) -> float:
 
 def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len: int = 64, repeats: int = 5,
           device: str = "auto", compile_setting: str = "auto", progress: bool = True, adapter: str = "none",
-          quantization: str = "none") -> dict:
+          quantization: str = "none", distribution: str = "gaussian") -> dict:
     """Run every variant in its own subprocess; return times, peaks and ratios (one JSON-able dict)."""
     from . import models
 
     if not model_spec.startswith("config:"):
         models.resolve_source(model_spec, progress=progress)  # fetch/convert once, before the children start
     results = _run_children(VARIANTS, model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting,
-                            adapter, quantization, progress)
+                            adapter, quantization, progress, distribution)
     f, m, b, r, rp = (results[v] for v in VARIANTS)
     replay_bytes_per_s = rp["bytes_moved"] / rp["seconds"]
     return {
         "model": model_spec, "dtype": dtype, "adapter": adapter, "quantization": quantization,
-        "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
+        "distribution": distribution, "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
         "device": f["device"],
         "forward_s": f["seconds"], "mezo_step_s": m["seconds"], "backprop_step_s": b["seconds"],
         "reference_step_s": r["seconds"], "replay_step_s": rp["seconds"],
@@ -515,6 +518,8 @@ def format_bench(res: dict) -> str:
             for name, v in (("forward", "forward"), ("MeZO step (ours)", "mezo"), ("backprop + AdamW step", "backprop"),
                             ("reference MeZO step (paper code)", "reference"))]
     setup = "".join(f", {k} {res[k]}" for k in ("adapter", "quantization") if res.get(k, "none") != "none")
+    if res.get("distribution", "gaussian") != "gaussian":
+        setup += f", z {res['distribution']}"
     lines = [f"{res['model']} {res['dtype']}{setup}, batch {res['batch_size']} x {res['seq_len']} tokens, "
              f"median of {res['repeats']}, on {res['device']}",
              f"{'variant':34} {'s/call':>9} {'peak MiB':>10} {'tensors MiB':>12}"]
@@ -620,5 +625,5 @@ if __name__ == "__main__":  # a bench child: python -m mezo_tune.bench VARIANT M
         if res is not None:
             print(json.dumps(res))
         sys.exit(0)
-    adapter_type, quant = (sys.argv[9:11] + ["none", "none"])[:2]
-    print(json.dumps(run_variant(v, spec, dt, int(b), int(l), int(rep), dev, comp, adapter_type, quant)))
+    adapter_type, quant, dist = (sys.argv[9:12] + ["none", "none", "gaussian"][len(sys.argv[9:12]):])[:3]
+    print(json.dumps(run_variant(v, spec, dt, int(b), int(l), int(rep), dev, comp, adapter_type, quant, dist)))

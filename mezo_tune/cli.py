@@ -249,6 +249,8 @@ def compare(trajectories, baseline, plot_path, metric, as_json):
               help="Train a peft adapter (default [adapter] settings) instead of every weight, in every variant.")
 @click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True,
               help="Load the base through bitsandbytes (needs --adapter).")
+@click.option("--distribution", type=click.Choice(["gaussian", "rademacher", "rademacher32"]), default="gaussian",
+              show_default=True, help="z's distribution in the MeZO and replay steps (rademacher32: 32 signs a hash).")
 @click.option("--sweep", is_flag=True,
               help="Forward / MeZO / backprop over model sizes x sequence lengths (random Llama-shaped models built "
                    "from configs); writes sweep.json and sweep.png to --out.")
@@ -262,8 +264,8 @@ def compare(trajectories, baseline, plot_path, metric, as_json):
                    "(--batch-size), for each N given, e.g. 1,2: step time, peak memory per rank, bytes all-reduced.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization, sweep,
-          sizes, seq_lens, out_dir, nproc, as_json):
+def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter, quantization,
+          distribution, sweep, sizes, seq_lens, out_dir, nproc, as_json):
     """Time and peak memory: forward, MeZO step, backprop + AdamW, the paper code's step, a replay step; with ratios.
 
     --model config:HIDDENxLAYERS benches a Llama-shaped model with random weights (nothing downloaded)."""
@@ -278,8 +280,9 @@ def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setti
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if nproc is not None:
-        if sweep or adapter != "none" or quantization != "none":
-            raise click.UsageError("--nproc benches full-weight MeZO steps: drop --sweep/--adapter/--quantization")
+        if sweep or adapter != "none" or quantization != "none" or distribution != "gaussian":
+            raise click.UsageError("--nproc benches full-weight MeZO steps: drop --sweep/--adapter/--quantization/"
+                                   "--distribution")
         try:
             nprocs = [int(v) for v in nproc.split(",") if v.strip()]
         except ValueError:
@@ -293,8 +296,9 @@ def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setti
         click.echo(json.dumps(res, indent=2) if as_json else format_bench_dp(res))
         return
     if sweep:
-        if adapter != "none" or quantization != "none":
-            raise click.UsageError("--sweep trains every weight of unquantized models: drop --adapter/--quantization")
+        if adapter != "none" or quantization != "none" or distribution != "gaussian":
+            raise click.UsageError("--sweep trains every weight of unquantized models with gaussian z: drop "
+                                   "--adapter/--quantization/--distribution")
         try:
             size_list = [s.strip() for s in sizes.split(",") if s.strip()]
             seq_list = [int(v) for v in seq_lens.split(",") if v.strip()]
@@ -304,7 +308,7 @@ def bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setti
         click.echo(json.dumps(res, indent=2) if as_json else format_sweep(res) + f"\nwrote {out_dir}/sweep.json")
         return
     res = run_bench(model_spec, dtype, batch_size, seq_len, repeats, device, compile_setting, adapter=adapter,
-                    quantization=quantization)
+                    quantization=quantization, distribution=distribution)
     click.echo(json.dumps(res, indent=2) if as_json else format_bench(res))
 
 

@@ -24,7 +24,7 @@ What keeps the bits equal to eager torch:
 tests/test_cpu_kernels.py checks every twin bit-equal to eager torch on many sizes and offsets, on special values
 (infinities, NaN, subnormals, exact rounding ties) and in every dtype pair, and that those cases catch a build with FP
 contraction or a conversion that rounds half away from zero.
-Covered: contiguous fp32 / fp16 / bf16 weights and outputs (z_kernel: fp32 and fp64 outputs), both distributions,
+Covered: contiguous fp32 / fp16 / bf16 weights and outputs (z_kernel: fp32 and fp64 outputs), every distribution,
 nearest and stochastic rounding; also one Adam step (`adam`, the twin of mezo.adam_update with z generated inline,
 fp32 only). Anything else (other dtypes, strided tensors) goes to the torch kernel the dispatcher would otherwise run.
 
@@ -62,17 +62,21 @@ INLINE uint32_t mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x446CA68Bu; return x ^ (x >> 16);
 }
 INLINE uint32_t bits(uint32_t lo, uint32_t hi_k1, uint32_t k0) { return mix(mix(lo ^ k0) ^ hi_k1); }
-/* z as an integer count of 1/256 steps (gaussian: 2 * (b0 + b1 + b2) - 765) or of whole units (rademacher: +-1) */
+/* Distributions: 0 gaussian, 1 rademacher, 2 rademacher32 (zrng.DISTRIBUTIONS). z is handled as an integer zi: a
+   count of 1/256 steps (gaussian: 2 * (b0 + b1 + b2) - 765) or of whole units (+-1). */
 INLINE int32_t zint(uint32_t h, int dist) {
     if (dist == 0) return 2 * (int32_t)((h & 255u) + ((h >> 8) & 255u) + ((h >> 16) & 255u)) - 765;
     return 1 - 2 * (int32_t)(h >> 31);
 }
-INLINE float z32(uint32_t h, int dist) {
-    return dist == 0 ? (float)zint(h, 0) * (1.0f / 256) : (float)zint(h, 1);
+/* rademacher32: +-1 from bit i % 32 of h(i / 32) */
+INLINE int32_t sign_of(uint32_t h, uint32_t bit) { return 1 - 2 * (int32_t)((h >> bit) & 1u); }
+/* zi at one 64-bit element index, in any distribution */
+INLINE int32_t zint_at(uint64_t i, uint32_t k0, uint32_t k1, int dist) {
+    if (dist == 2) return sign_of(bits((uint32_t)(i >> 5), (uint32_t)(i >> 37) ^ k1, k0), (uint32_t)i & 31u);
+    return zint(bits((uint32_t)i, (uint32_t)(i >> 32) ^ k1, k0), dist);
 }
-INLINE double z64(uint32_t h, int dist) {
-    return dist == 0 ? (double)zint(h, 0) * (1.0 / 256) : (double)zint(h, 1);
-}
+INLINE float z32(int32_t zi, int dist) { return dist == 0 ? (float)zi * (1.0f / 256) : (float)zi; }
+INLINE double z64(int32_t zi, int dist) { return dist == 0 ? (double)zi * (1.0 / 256) : (double)zi; }
 /* zrng._uniform_from_bits: 24 bits, exact in fp32 */
 INLINE float uniform(uint32_t h) { return (float)(h >> 8) * (1.0f / 16777216); }
 
@@ -80,6 +84,11 @@ INLINE float uniform(uint32_t h) { return (float)(h >> 8) * (1.0f / 16777216); }
 INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 INLINE uint64_t d2u(double f) { uint64_t u; memcpy(&u, &f, 8); return u; }
+/* x * z in fp32. rademacher32 flips x's sign bit where z = -1 (zsign: 0 or 0x80000000): the same bits as x * (+-1.0f),
+   which is exact, in fewer instructions. */
+INLINE float times_z(float x, int32_t zi, uint32_t zsign, int dist) {
+    return dist == 2 ? u2f(f2u(x) ^ zsign) : x * z32(zi, dist);
+}
 
 /* bf16 -> fp32: exact, the pattern in the high half */
 INLINE float bf16_to_f32(uint32_t h) { return u2f(h << 16); }
@@ -131,7 +140,7 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
 /* Elements [b, e) of a tensor whose element 0 has index `offset`, split where the index's high word changes, so that
    each stretch runs on a 32-bit counter `lo` with the constant `hk` = high word ^ k1. BODY uses j (position in the
    stretch), s (position in the tensor), lo and hk. */
-#define STRETCHES(BODY)                                                                           \
+#define STRETCHES(...)                                                                            \
     for (int64_t s0 = b; s0 < e;) {                                                               \
         uint64_t first = offset + (uint64_t)s0;                                                   \
         uint64_t room = 0x100000000ull - (first & 0xFFFFFFFFull);                                 \
@@ -139,33 +148,70 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
         uint32_t lo0 = (uint32_t)first, hk = (uint32_t)(first >> 32) ^ k1;                        \
         int64_t m = s1 - s0;                                                                      \
         _Pragma("omp simd")                                                                       \
-        for (int64_t j = 0; j < m; j++) { int64_t s = s0 + j; uint32_t lo = lo0 + (uint32_t)j; BODY; } \
+        for (int64_t j = 0; j < m; j++) { int64_t s = s0 + j; uint32_t lo = lo0 + (uint32_t)j; __VA_ARGS__; } \
         s0 = s1;                                                                                  \
     }
+/* rademacher32 over elements [b, e) (at most BLOCK): first the hashes of the groups of 32 indices the range touches,
+   h(q) for q = index / 32 (16 groups to a vector), then each group's elements take their signs from its hash: a whole
+   group in one fixed 32-lane loop, a group cut by b or e element by element. BODY sees s, lo, hk as STRETCHES gives
+   them (a group of 32 never crosses a change of the high word) and zi. */
+#define SIGNS(...)                                                                                \
+    {                                                                                             \
+        uint64_t q0 = (offset + (uint64_t)b) >> 5;                                                \
+        int64_t ng = (int64_t)(((offset + (uint64_t)e - 1) >> 5) - q0) + 1;                       \
+        uint32_t H[BLOCK / 32 + 1];                                                               \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t g = 0; g < ng; g++) {                                                        \
+            uint64_t q = q0 + (uint64_t)g;                                                        \
+            H[g] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ k1, k0);                               \
+        }                                                                                         \
+        for (int64_t g = 0; g < ng; g++) {                                                        \
+            uint64_t first = (q0 + (uint64_t)g) << 5;                                             \
+            int64_t gs = (int64_t)(first - offset); /* the group's first element: s < b for a cut first group */ \
+            uint32_t hw = H[g], lo0 = (uint32_t)first, hk = (uint32_t)(first >> 32) ^ k1;         \
+            if (gs >= b && gs + 32 <= e) {                                                        \
+                _Pragma("omp simd")                                                               \
+                for (int j = 0; j < 32; j++) { SIGN_ELEMENT(__VA_ARGS__) }                        \
+            } else {                                                                              \
+                int j0 = gs < b ? (int)(b - gs) : 0, j1 = gs + 32 > e ? (int)(e - gs) : 32;       \
+                for (int j = j0; j < j1; j++) { SIGN_ELEMENT(__VA_ARGS__) }                       \
+            }                                                                                     \
+        }                                                                                         \
+    }
+#define SIGN_ELEMENT(...)                                                                         \
+    int64_t s = gs + j; uint32_t lo = lo0 + (uint32_t)j; int32_t zi = sign_of(hw, (uint32_t)j);   \
+    uint32_t zsign = (hw << (31 - j)) & 0x80000000u;                                              \
+    (void)lo; (void)hk; (void)zi; (void)zsign; __VA_ARGS__;
+/* BODY for every element of [b, e) with its zi in distribution D (a constant where it is expanded) */
+#define ZLOOP(D, ...)                                                                             \
+    if ((D) == 2) SIGNS(__VA_ARGS__)                                                              \
+    else { STRETCHES(int32_t zi = zint(bits(lo, hk, k0), D); uint32_t zsign = 0; (void)zsign; __VA_ARGS__) }
 /* CALL on blocks [b, e) of [0, n), over `threads` threads (n and threads: variables of the caller) */
 #define BLOCKS(CALL)                                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= PARALLEL_FROM)")      \
     for (int64_t b = 0; b < n; b += BLOCK) { int64_t e = b + BLOCK < n ? b + BLOCK : n; CALL; }
 /* Each kernel body is compiled once per (storage kind(s), distribution), the constants folded in, and picked from a
    table: M(kind, dist) for every kind and distribution, M(w kind, out kind, dist) for every pair of kinds. */
-#define EACH_KIND(M) M(0, 0) M(0, 1) M(1, 0) M(1, 1) M(2, 0) M(2, 1)
-#define EACH_PAIR(M) M(0, 0, 0) M(0, 0, 1) M(0, 1, 0) M(0, 1, 1) M(0, 2, 0) M(0, 2, 1) \
-                     M(1, 0, 0) M(1, 0, 1) M(1, 1, 0) M(1, 1, 1) M(1, 2, 0) M(1, 2, 1) \
-                     M(2, 0, 0) M(2, 0, 1) M(2, 1, 0) M(2, 1, 1) M(2, 2, 0) M(2, 2, 1)
+#define EACH_DIST(M, ...) M(__VA_ARGS__, 0) M(__VA_ARGS__, 1) M(__VA_ARGS__, 2)
+#define EACH_KIND(M) EACH_DIST(M, 0) EACH_DIST(M, 1) EACH_DIST(M, 2)
+#define EACH_PAIR(M) EACH_DIST(M, 0, 0) EACH_DIST(M, 0, 1) EACH_DIST(M, 0, 2) \
+                     EACH_DIST(M, 1, 0) EACH_DIST(M, 1, 1) EACH_DIST(M, 1, 2) \
+                     EACH_DIST(M, 2, 0) EACH_DIST(M, 2, 1) EACH_DIST(M, 2, 2)
+/* a call of F(..., d) with the distribution as a constant */
+#define BY_DIST(F, dist, ...) \
+    if ((dist) == 0) F(__VA_ARGS__, 0); else if ((dist) == 1) F(__VA_ARGS__, 1); else F(__VA_ARGS__, 2)
 
 INLINE void z_f32_(float *out, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, int dist) {
-    STRETCHES(out[s] = z32(bits(lo, hk, k0), dist))
+    ZLOOP(dist, out[s] = z32(zi, dist))
 }
 INLINE void z_f64_(double *out, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, int dist) {
-    STRETCHES(out[s] = z64(bits(lo, hk, k0), dist))
+    ZLOOP(dist, out[s] = z64(zi, dist))
 }
 void z_f32(float *out, int64_t n, const int64_t *key, int dist, int threads) {
-    BLOCKS(if (dist == 0) z_f32_(out, b, e, key[2], key[0], key[1], 0);
-        else z_f32_(out, b, e, key[2], key[0], key[1], 1))
+    BLOCKS(BY_DIST(z_f32_, dist, out, b, e, key[2], key[0], key[1]))
 }
 void z_f64(double *out, int64_t n, const int64_t *key, int dist, int threads) {
-    BLOCKS(if (dist == 0) z_f64_(out, b, e, key[2], key[0], key[1], 0);
-        else z_f64_(out, b, e, key[2], key[0], key[1], 1))
+    BLOCKS(BY_DIST(z_f64_, dist, out, b, e, key[2], key[0], key[1]))
 }
 
 /* out = round(fp32(w) + eps * z) in fp32: the product rounded, then the sum (zrng.perturb_kernel) */
@@ -173,14 +219,14 @@ typedef void perturb_fn(void *, const void *, int64_t, int64_t, uint64_t, uint32
 #define PERTURB(W, O, D)                                                                          \
     static void perturb_##W##O##D(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
                                   uint32_t k1, float eps) {                                       \
-        STRETCHES(store(out, s, load(w, s, W) + eps * z32(bits(lo, hk, k0), D), O))               \
+        ZLOOP(D, store(out, s, load(w, s, W) + times_z(eps, zi, zsign, D), O))                    \
     }
 EACH_PAIR(PERTURB)
 #define ENTRY3(W, O, D) perturb_##W##O##D,
 static perturb_fn *const PERTURBS[] = {EACH_PAIR(ENTRY3)};
 void perturb(void *out, const void *w, int64_t n, const int64_t *key, double eps, int wkind, int okind, int dist,
              int threads) {
-    perturb_fn *f = PERTURBS[(wkind * 3 + okind) * 2 + dist];
+    perturb_fn *f = PERTURBS[(wkind * 3 + okind) * 3 + dist];
     float eps32 = (float)eps;
     BLOCKS(f(out, w, b, e, key[2], key[0], key[1], eps32))
 }
@@ -193,7 +239,7 @@ typedef void rows_fn(void *, const void *, const int64_t *, int64_t, int64_t, ui
         _Pragma("omp simd")                                                                       \
         for (int64_t s = b; s < e; s++) {                                                         \
             uint64_t i = (uint64_t)index[s] + offset;                                             \
-            store(out, s, load(w, s, W) + eps * z32(bits((uint32_t)i, (uint32_t)(i >> 32) ^ k1, k0), D), O); \
+            store(out, s, load(w, s, W) + eps * z32(zint_at(i, k0, k1, D), D), O);                \
         }                                                                                         \
     }
 EACH_PAIR(ROWS)
@@ -201,7 +247,7 @@ EACH_PAIR(ROWS)
 static rows_fn *const ROWSS[] = {EACH_PAIR(ENTRY_ROWS)};
 void perturb_rows(void *out, const void *w, const int64_t *index, int64_t n, const int64_t *key, double eps,
                   int wkind, int okind, int dist, int threads) {
-    rows_fn *f = ROWSS[(wkind * 3 + okind) * 2 + dist];
+    rows_fn *f = ROWSS[(wkind * 3 + okind) * 3 + dist];
     float eps32 = (float)eps;
     BLOCKS(f(out, w, index, b, e, key[2], key[0], key[1], eps32))
 }
@@ -209,18 +255,30 @@ void perturb_rows(void *out, const void *w, const int64_t *index, int64_t n, con
 /* w = round(fp32(fp64(w) - c * z)) (zrng.update_kernel): rounded to fp32, then (16-bit storage) to the storage kind,
    both nearest even. For the gaussian z = k / 256 the product is formed as (c / 256) * k: scaling by a power of two
    is exact, so both forms round the same real number c * k / 256 (exactly representable for an fp32 c), with one
-   multiply instead of two. */
+   multiply instead of two.
+   rademacher32 with an fp32 c (what a run's update applies) is computed in fp32: w - c * z, with c * z = +-c exact. It
+   rounds the same real number as fp32(fp64(w) - c * z): where w and c are within 29 binades of each other their
+   difference is exact in fp64 (one rounding either way); further apart, the result is the larger of the two within
+   a 64th of its ulp, in both forms. That fp32 form keeps the pass as fast as a copy. */
 INLINE double cscale(double c, int dist) { return dist == 0 ? c * (1.0 / 256) : c; }
 typedef void update_fn(void *, int64_t, int64_t, uint64_t, uint32_t, uint32_t, double);
 #define UPDATE(K, D)                                                                              \
     static void update_##K##D(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, double cs) { \
-        STRETCHES(store(w, s, (float)((double)load(w, s, K) - cs * (double)zint(bits(lo, hk, k0), D)), K)) \
+        ZLOOP(D, store(w, s, (float)((double)load(w, s, K) - cs * (double)zi), K))                \
     }
 EACH_KIND(UPDATE)
+#define UPDATE_SIGNS_F32(K)                                                                       \
+    static void update_signs_f32_##K(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, \
+                                     double c) {                                                  \
+        float cf = (float)c;                                                                      \
+        SIGNS(store(w, s, load(w, s, K) - times_z(cf, zi, zsign, 2), K))                          \
+    }
+UPDATE_SIGNS_F32(0) UPDATE_SIGNS_F32(1) UPDATE_SIGNS_F32(2)
 #define ENTRY2(K, D) update_##K##D,
 static update_fn *const UPDATES[] = {EACH_KIND(ENTRY2)};
+static update_fn *const UPDATES_SIGNS_F32[] = {update_signs_f32_0, update_signs_f32_1, update_signs_f32_2};
 void update(void *w, int64_t n, const int64_t *key, double c, int kind, int dist, int threads) {
-    update_fn *f = UPDATES[kind * 2 + dist];
+    update_fn *f = dist == 2 && (double)(float)c == c ? UPDATES_SIGNS_F32[kind] : UPDATES[kind * 3 + dist];
     double cs = cscale(c, dist);
     BLOCKS(f(w, b, e, key[2], key[0], key[1], cs))
 }
@@ -256,7 +314,7 @@ typedef void stochastic_fn(void *, int64_t, int64_t, uint64_t, uint32_t, uint32_
 #define STOCHASTIC(K, D)                                                                          \
     static void stochastic_##K##D(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, \
                                   uint32_t r0, uint32_t r1, double cs) {                          \
-        STRETCHES(double v = (double)load(w, s, K) - cs * (double)zint(bits(lo, hk, k0), D);      \
+        ZLOOP(D, double v = (double)load(w, s, K) - cs * (double)zi;                              \
                   float u = uniform(bits(lo, hk ^ k1 ^ r1, r0));                                  \
                   if (K == 0) ((float *)w)[s] = stochastic32(v, u);                               \
                   else ((uint16_t *)w)[s] = (uint16_t)stochastic16((float)v, u, K))               \
@@ -266,7 +324,7 @@ EACH_KIND(STOCHASTIC)
 static stochastic_fn *const STOCHASTICS[] = {EACH_KIND(ENTRY_ST)};
 void update_stochastic(void *w, int64_t n, const int64_t *key, const int64_t *rkey, double c, int kind, int dist,
                        int threads) {
-    stochastic_fn *f = STOCHASTICS[kind * 2 + dist];
+    stochastic_fn *f = STOCHASTICS[kind * 3 + dist];
     double cs = cscale(c, dist);
     BLOCKS(f(w, b, e, key[2], key[0], key[1], rkey[0], rkey[1], cs))
 }
@@ -277,8 +335,8 @@ void update_stochastic(void *w, int64_t n, const int64_t *key, const int64_t *rk
 static inline void adam_(float *w, float *m1, float *m2, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
                          uint32_t k1, const float *k, int dist) {
     float g = k[0], eta = k[1], b1 = k[2], b2 = k[3], c1 = k[4], c2 = k[5], bc1 = k[6], bc2 = k[7], eps = k[8];
-    STRETCHES(
-        float est = z32(bits(lo, hk, k0), dist) * g;
+    ZLOOP(dist,
+        float est = z32(zi, dist) * g;
         float sq = est * est;
         float mm = m1[s] * b1; mm = mm + est * c1;
         float vv = m2[s] * b2; vv = vv + sq * c2;
@@ -287,8 +345,7 @@ static inline void adam_(float *w, float *m1, float *m2, int64_t b, int64_t e, u
         m1[s] = mm; m2[s] = vv; w[s] = w[s] - step)
 }
 void adam_f32(float *w, float *m1, float *m2, int64_t n, const int64_t *key, const float *k, int dist, int threads) {
-    BLOCKS(if (dist == 0) adam_(w, m1, m2, b, e, key[2], key[0], key[1], k, 0);
-        else adam_(w, m1, m2, b, e, key[2], key[0], key[1], k, 1))
+    BLOCKS(BY_DIST(adam_, dist, w, m1, m2, b, e, key[2], key[0], key[1], k))
 }
 """
 

@@ -365,7 +365,7 @@ class MezoConfig(_Section):
     steps: PositiveInt
     batch_size: PositiveInt
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)]
-    distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    distribution: Literal["gaussian", "rademacher", "rademacher32"] = "gaussian"
     rounding: Literal["nearest", "stochastic"] = "nearest"
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = 0.0

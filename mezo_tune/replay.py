@@ -146,9 +146,10 @@ def rebuild(trajectory_path, *, base: str | None = None, steps: int | None = Non
     zgen = header["z_generator"]
     from . import zrng
 
-    if (zgen["name"], zgen["version"]) != (zrng.GENERATOR, zrng.GENERATOR_VERSION):
-        raise ReplayError(f"the trajectory uses z generator {zgen['name']} v{zgen['version']}; this mezo-tune has "
-                          f"{zrng.GENERATOR} v{zrng.GENERATOR_VERSION}: install the version that recorded it "
+    if not zrng.replays(zgen["name"], zgen["version"], zgen["distribution"]):
+        raise ReplayError(f"the trajectory uses z generator {zgen['name']} v{zgen['version']} "
+                          f"({zgen['distribution']}); this mezo-tune has {zrng.GENERATOR} v{zrng.GENERATOR_VERSION} "
+                          f"({', '.join(zrng.DISTRIBUTIONS)}): install the version that recorded it "
                           f"({header['tool']['version']})")
     device_name = str(next(model.parameters()).device)
     try:

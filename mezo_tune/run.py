@@ -187,7 +187,7 @@ def build_header(run: Run) -> dict:
         "trainable": run.trainable.header(),
         "freeze": list(r.model.freeze),
         "adapter": adapter_header(run),
-        "z_generator": {"name": zrng.GENERATOR, "version": zrng.GENERATOR_VERSION,
+        "z_generator": {"name": zrng.GENERATOR, "version": zrng.version_for(r.mezo.distribution),
                         "distribution": r.mezo.distribution},
         "eps": r.mezo.eps,
         "rounding": r.mezo.rounding,

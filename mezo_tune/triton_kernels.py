@@ -82,13 +82,18 @@ if triton is not None:
         return _mix(_mix(lo ^ k0) ^ hi ^ k1)
 
     @triton.jit
-    def _z(h, DIST: tl.constexpr, WIDE: tl.constexpr):
-        """z in fp32 (WIDE=False) or fp64: both exact, as in zrng._z_from_bits."""
-        if DIST == 0:
-            s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255)
-            zi = 2 * s.to(tl.int32) - 765
+    def _z(index, key_ptr, DIST: tl.constexpr, WIDE: tl.constexpr):
+        """z at int64 element indices in fp32 (WIDE=False) or fp64: both exact, as in zrng._z."""
+        if DIST == 2:  # rademacher32: bit index % 32 of the hash of index // 32
+            h = _bits(index >> 5, key_ptr)
+            zi = 1 - 2 * ((h >> (index & 31).to(tl.uint32)) & 1).to(tl.int32)
         else:
-            zi = 1 - 2 * (h >> 31).to(tl.int32)
+            h = _bits(index, key_ptr)
+            if DIST == 0:
+                s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255)
+                zi = 2 * s.to(tl.int32) - 765
+            else:
+                zi = 1 - 2 * (h >> 31).to(tl.int32)
         if WIDE:
             z = zi.to(tl.float64)
         else:
@@ -131,11 +136,11 @@ if triton is not None:
     def _z_kernel(out_ptr, key_ptr, n, DIST: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
-        h = _bits(offs + tl.load(key_ptr + 2), key_ptr)
+        index = offs + tl.load(key_ptr + 2)
         if KIND == 3:
-            tl.store(out_ptr + offs, _z(h, DIST, True), mask=mask)
+            tl.store(out_ptr + offs, _z(index, key_ptr, DIST, True), mask=mask)
         else:
-            tl.store(out_ptr + offs, _from_f32(_z(h, DIST, False), KIND), mask=mask)
+            tl.store(out_ptr + offs, _from_f32(_z(index, key_ptr, DIST, False), KIND), mask=mask)
 
     @triton.jit
     def _perturb_kernel(out_ptr, w_ptr, index_ptr, key_ptr, eps_ptr, n, DIST: tl.constexpr, W_KIND: tl.constexpr,
@@ -147,7 +152,7 @@ if triton is not None:
             index = tl.load(index_ptr + offs, mask=mask, other=0)
         else:
             index = offs
-        z = _z(_bits(index + tl.load(key_ptr + 2), key_ptr), DIST, False)
+        z = _z(index + tl.load(key_ptr + 2), key_ptr, DIST, False)
         w = _to_f32(tl.load(w_ptr + offs, mask=mask, other=0), W_KIND)
         eps = tl.load(eps_ptr).to(tl.float32)
         tl.store(out_ptr + offs, _from_f32(w + eps * z, OUT_KIND), mask=mask)
@@ -157,7 +162,7 @@ if triton is not None:
         """w <- round_nearest(fp32(fp64(w) - fp64(c) * z)), in place; c*z is exact in fp64."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
-        z = _z(_bits(offs + tl.load(key_ptr + 2), key_ptr), DIST, True)
+        z = _z(offs + tl.load(key_ptr + 2), key_ptr, DIST, True)
         w = _to_f32(tl.load(w_ptr + offs, mask=mask, other=0), KIND).to(tl.float64)
         c = tl.load(c_ptr).to(tl.float64)
         v = (w - c * z).to(tl.float32)
@@ -171,7 +176,7 @@ if triton is not None:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
         idx = offs + tl.load(key_ptr + 2)
-        z = _z(_bits(idx, key_ptr), DIST, True)
+        z = _z(idx, key_ptr, DIST, True)
         c = tl.load(c_ptr).to(tl.float64)
         w = _to_f32(tl.load(w_ptr + offs, mask=mask, other=0), KIND).to(tl.float64)
         u = ((_bits(idx, rkey_ptr) >> 8).to(tl.float32) * (1.0 / (1 << 24)))

@@ -16,6 +16,13 @@ Generator "mezo-tune/lowbias32x2", version 1:
            2**-8 with at most 10 significant bits, so it is exact in fp32/fp16 and products with an fp32 scalar are
            exact in fp64 (that is what makes the update of contract 4 immune to FMA contraction).
   rademacher z = +1 or -1 from the top bit of h.
+  rademacher32 (version 2) z = +1 or -1 from bit i % 32 of h(i // 32): one hash serves 32 consecutive elements, so a
+           perturbation or an update costs about a memory pass instead of a hash per element (issue #16: in 16-bit
+           storage the hash was most of a step's overhead). Its signs within one hash are the 32 bits of a lowbias32
+           output, which are as well mixed as its top bit.
+Versions: version 1 has gaussian and rademacher; version 2 adds rademacher32 and changes no bit of version 1's. A run
+records the lowest version that has its distribution (`version_for`), so a run that an older mezo-tune could replay
+stays replayable by it.
 Streams: stream 0 draws z; stream 1 draws the uniforms of stochastic rounding, independent of z.
 
 The kernels below (perturbed copy, in-place update) are plain torch functions; `compiled(fn)` wraps them with
@@ -35,8 +42,9 @@ import struct
 import torch
 
 GENERATOR = "mezo-tune/lowbias32x2"
-GENERATOR_VERSION = 1
-DISTRIBUTIONS = ("gaussian", "rademacher")
+GENERATOR_VERSION = 2  # the newest version this module generates
+DISTRIBUTIONS = ("gaussian", "rademacher", "rademacher32")
+_DISTRIBUTION_VERSION = {"gaussian": 1, "rademacher": 1, "rademacher32": 2}
 Z_STREAM, ROUNDING_STREAM = 0, 1
 
 _M32 = 0xFFFFFFFF
@@ -51,6 +59,18 @@ def stream_key(seed: int, step: int, name: str, stream: int = Z_STREAM) -> tuple
     material = b"mezo-tune/z/v1" + struct.pack("<QQQ", seed, step, stream) + name.encode("utf-8")
     key = int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "little")
     return key & _M32, key >> 32
+
+
+def version_for(distribution: str) -> int:
+    """The generator version a run with this distribution records: the first one that has it."""
+    distribution_code(distribution)  # refuses an unknown one
+    return _DISTRIBUTION_VERSION[distribution]
+
+
+def replays(name: str, version: int, distribution: str) -> bool:
+    """Whether this module generates the z of a trajectory header's (name, version, distribution) bit for bit."""
+    return (name == GENERATOR and distribution in DISTRIBUTIONS
+            and _DISTRIBUTION_VERSION[distribution] <= version <= GENERATOR_VERSION)
 
 
 def _signed32(k):
@@ -83,6 +103,14 @@ def word_hash(words: torch.Tensor, index: torch.Tensor, k0, k1) -> torch.Tensor:
     return _mix(words ^ _bits(index, k0, k1))
 
 
+def _z(index: torch.Tensor, k0, k1, distribution: str, dtype: torch.dtype) -> torch.Tensor:
+    """z at int64 element indices, in dtype (fp32 or fp64: exact in both)."""
+    if distribution == "rademacher32":
+        h = _bits(index >> 5, k0, k1)
+        return (1 - 2 * ((h >> (index & 31).to(torch.int32)) & 1)).to(dtype)  # bit 0-31 of h: no sign spreading
+    return _z_from_bits(_bits(index, k0, k1), distribution, dtype)
+
+
 def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torch.Tensor:
     if distribution == "gaussian":
         s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255)
@@ -93,7 +121,7 @@ def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torc
 
 
 def distribution_code(distribution: str) -> int:
-    """The distribution's index in DISTRIBUTIONS (0 gaussian, 1 rademacher): how the hand-written kernels take it."""
+    """The distribution's index in DISTRIBUTIONS (0 gaussian, 1 rademacher, 2 rademacher32): how the hand-written kernels take it."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
     return DISTRIBUTIONS.index(distribution)
@@ -117,15 +145,13 @@ def _indices(n: int, key: torch.Tensor) -> torch.Tensor:
 
 def z_kernel(out: torch.Tensor, key: torch.Tensor, distribution: str) -> None:
     """out[i] = z(offset + i) in out's dtype (fp32 or fp64: both exact)."""
-    h = _bits(_indices(out.numel(), key), key[0], key[1])
-    out.copy_(_z_from_bits(h, distribution, out.dtype))
+    out.copy_(_z(_indices(out.numel(), key), key[0], key[1], distribution, out.dtype))
 
 
 def perturb_kernel(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: torch.Tensor,
                    distribution: str) -> None:
     """out = round_to(out.dtype)(fp32(w) + eps * z): a perturbed copy of w; w itself is never written."""
-    h = _bits(_indices(w.numel(), key), key[0], key[1])
-    z = _z_from_bits(h, distribution, torch.float32)
+    z = _z(_indices(w.numel(), key), key[0], key[1], distribution, torch.float32)
     out.copy_((w.to(torch.float32) + eps.to(torch.float32) * z).to(out.dtype))
 
 
@@ -135,8 +161,7 @@ def perturb_rows_kernel(out: torch.Tensor, w: torch.Tensor, index: torch.Tensor,
 
     For an embedding lookup only the rows it reads need perturbing; each value is formed exactly as perturb_kernel
     forms it, so the looked-up rows are bit-identical to rows of the fully perturbed table."""
-    h = _bits(index + key[2], key[0], key[1])
-    z = _z_from_bits(h, distribution, torch.float32)
+    z = _z(index + key[2], key[0], key[1], distribution, torch.float32)
     out.copy_((w.to(torch.float32) + eps.to(torch.float32) * z).to(out.dtype))
 
 
@@ -146,8 +171,7 @@ def update_kernel(w: torch.Tensor, key: torch.Tensor, c: torch.Tensor, distribut
     In fp64, c (an fp32 value) times z (<= 10 significant bits) is exact, so w - c*z is rounded exactly once whether or
     not a compiler fuses the multiply and subtract; then it is rounded to fp32 and to w's dtype, both nearest-even.
     """
-    h = _bits(_indices(w.numel(), key), key[0], key[1])
-    z = _z_from_bits(h, distribution, torch.float64)
+    z = _z(_indices(w.numel(), key), key[0], key[1], distribution, torch.float64)
     v = (w.to(torch.float64) - c * z).to(torch.float32)
     w.copy_(v.to(w.dtype))
 
@@ -166,7 +190,7 @@ def update_kernel_stochastic(w: torch.Tensor, key: torch.Tensor, rkey: torch.Ten
     """
     n_el = w.numel()
     idx = _indices(n_el, key)
-    z = _z_from_bits(_bits(idx, key[0], key[1]), distribution, torch.float64)
+    z = _z(idx, key[0], key[1], distribution, torch.float64)
     wide = torch.float64 if w.dtype == torch.float32 else torch.float32
     v = (w.to(torch.float64) - c * z).to(wide)
     r = v.to(w.dtype)

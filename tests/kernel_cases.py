@@ -4,8 +4,10 @@ C kernels for CPU (tests/test_cpu_kernels.py)."""
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DISTS = ["gaussian", "rademacher"]
+DISTS = ["gaussian", "rademacher", "rademacher32"]
 # (numel, offset): non-multiples of the block (1024), offsets whose high word is set or that cross 2**32 mid-tensor
+# fp32 values as Python floats
+F32_1E3, F32_TINY, F32_1E_30 = (float(torch.tensor(x, dtype=torch.float32)) for x in (1e-3, 1.2345e-11, -1e-30))
 SHAPES = [(1, 0), (1024, 12345), (4097, 2**32 - 1000), (3001, 2**40 + 5)]
 
 
@@ -88,7 +90,9 @@ def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[st
                     zrng.perturb_rows_kernel(outs[0], w, index, key, eps_t, dist)
                     tk.perturb_rows_kernel(outs[1], w, index, key, eps_t, dist)
                     check(f"perturb_rows_kernel {dtype} eps={eps} {case}", *outs)
-                for c in (1e-3, -2.5e-7, 3.0) + ((1e-30, -7e4) if specials else ()):
+                # c as training passes it (an fp32 value: rademacher32's C update then computes in fp32) and not (fp64 only);
+                # 2**-40 and fp32(1.2345e-11): w - c is inexact in fp64 against weights of ~0.02 (over 29 binades)
+                for c in (1e-3, F32_1E3, -2.5e-7, 3.0, 2.0**-40, F32_TINY) + ((1e-30, -7e4, F32_1E_30) if specials else ()):
                     c_t = torch.tensor(c, dtype=torch.float64, device=device)
                     ws = [w.clone(), w.clone()]
                     zrng.update_kernel(ws[0], key, c_t, dist)

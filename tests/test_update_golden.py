@@ -3,7 +3,7 @@
 For fixed weights θ (built with exact integer arithmetic, the same bits everywhere), a fixed scale c, seed and step, the
 update θ ← R(θ - c·z) and the perturbed copy θ ± εz must give the same bytes on every CPU (AVX2, AVX-512, AMX), GPU,
 torch version and kernel (eager, torch.compile, the C twins, Triton). Their sha256 digests are committed in
-tests/golden/update_v1.json; `python tests/test_update_golden.py --write` regenerates the file (only after a
+tests/golden/update_v2.json; `python tests/test_update_golden.py --write` regenerates the file (only after a
 deliberate change of the generator or the update, which also bumps zrng.GENERATOR_VERSION).
 """
 
@@ -20,7 +20,7 @@ import torch
 from mezo_tune import zrng
 from mezo_tune.mezo import Mezo, trainable_set, update_scale
 
-GOLDEN_PATH = Path(__file__).parent / "golden" / "update_v1.json"
+GOLDEN_PATH = Path(__file__).parent / "golden" / "update_v2.json"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHAPES = {"a.weight": (37, 129), "b.weight": (5000,), "b.bias": (3,)}  # odd sizes: every kernel's tail code runs

@@ -8,7 +8,7 @@ import torch
 
 from mezo_tune import zrng
 
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "z_v1.json").read_text())
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "z_v2.json").read_text())
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -52,7 +52,7 @@ def test_independent_of_other_tensors_and_keys_differ():
         assert not torch.equal(a, zrng.z_for(*other, 1000))
 
 
-@pytest.mark.parametrize("dist,var", [("gaussian", 65535 / 65536), ("rademacher", 1.0)])
+@pytest.mark.parametrize("dist,var", [("gaussian", 65535 / 65536), ("rademacher", 1.0), ("rademacher32", 1.0)])
 def test_distribution_moments(dist, var):
     z = zrng.z_for(0, 0, "w", 1_000_000, dist, dtype=torch.float64)
     assert abs(z.mean().item()) < 5e-3
@@ -78,3 +78,32 @@ def test_compiled_kernels_equal_eager():
         zrng.kernel(zrng.perturb_kernel, compile_)(p, w, key, eps, "rademacher")
         outs.append((z, p))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_rademacher32_takes_32_signs_from_one_hash():
+    """Element i of rademacher32 is bit i % 32 of the version-1 hash at i // 32 (+1 for a clear bit), at any offset,
+    across 2**32 too: the rule the C and Triton kernels implement."""
+    for offset in (0, 7, 2**32 - 40, 2**40 + 3):
+        z = zrng.z_for(5, 6, "w", 100, "rademacher32", offset=offset)
+        index = torch.arange(100, dtype=torch.int64) + offset
+        words = zrng.bits_for(5, 6, "w", index // 32)
+        assert torch.equal(z, (1 - 2 * ((words >> (index % 32)) & 1)).float())
+
+
+def test_rademacher32_signs_are_balanced_and_uncorrelated_within_a_word():
+    """The 32 signs of one hash: each bit position balanced, neighbours within a word uncorrelated."""
+    z = zrng.z_for(0, 1, "w", 32 * 40_000, "rademacher32", dtype=torch.float64).view(-1, 32)
+    assert z.mean(0).abs().max().item() < 0.02  # 40k draws per position: 4 sigma is 0.02
+    assert (z[:, 1:] * z[:, :-1]).mean(0).abs().max().item() < 0.02
+
+
+def test_versions():
+    """A run records the first version with its distribution; replay takes any version from there to the newest."""
+    assert [zrng.version_for(d) for d in zrng.DISTRIBUTIONS] == [1, 1, 2]
+    assert zrng.replays(zrng.GENERATOR, 1, "gaussian") and zrng.replays(zrng.GENERATOR, 2, "rademacher")
+    assert zrng.replays(zrng.GENERATOR, 2, "rademacher32")
+    assert not zrng.replays(zrng.GENERATOR, 1, "rademacher32")  # version 1 had no such distribution
+    assert not zrng.replays(zrng.GENERATOR, 3, "gaussian")  # a newer mezo-tune's
+    assert not zrng.replays("philox4x32", 1, "gaussian")
+    with pytest.raises(ValueError, match="unknown distribution 'normal'"):
+        zrng.version_for("normal")
