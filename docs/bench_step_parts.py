@@ -4,7 +4,8 @@ forward with only the LM head perturbed in row blocks (large_linear=1 << 23, the
 nn.Linear so (large_linear=0), per distribution: mezo.blocked_linear_threshold.
 
 With distributions named (gaussian, rademacher, rademacher32), a perturbed forward and an update with each, so that
-they compare in one process; "in_copies" is each part beyond a forward (the update: whole) over the copy.
+they compare in one process, and a whole step (engine.step) with each; "in_copies" is each part beyond its forwards
+(a perturbed forward: one, a step: two, the update: none) over the copy.
 
 Usage: OMP_NUM_THREADS=1 python docs/bench_step_parts.py DTYPE REPEATS [blocks] [DISTRIBUTION ...]
 """
@@ -44,6 +45,7 @@ for name, e in engines.items():
 c = update_scale(1e-7, 1e-2)  # an fp32 c, as training applies
 for name in ["default"] + dists:
     calls[f"update[{name}]"] = lambda s, e=engines[name]: e.apply_update(s, c)
+    calls[f"step[{name}]"] = lambda s, e=engines[name]: e.step(s, 1e-7, lambda: _lm_loss(model, ids))
 times = {k: [] for k in calls}
 with torch.no_grad():
     for k, f in calls.items():
@@ -52,6 +54,7 @@ with torch.no_grad():
         for k, f in calls.items():
             t0 = time.perf_counter(); f(r + 2); times[k].append(time.perf_counter() - t0)
 med = {k: statistics.median(v) for k, v in times.items()}
-in_copies = {k: (v - (med["forward"] if k.startswith("perturbed") else 0)) / med["copy"] for k, v in med.items()
-             if k not in ("forward", "copy")}
+beyond = {"perturbed": 1, "step": 2}  # forwards in each call, taken off
+in_copies = {k: (v - beyond.get(k.split("_")[0].split("[")[0], 0) * med["forward"]) / med["copy"]
+             for k, v in med.items() if k not in ("forward", "copy")}
 print(json.dumps({"dtype": dtype, "threads": torch.get_num_threads(), "median_s": med, "in_copies": in_copies}))

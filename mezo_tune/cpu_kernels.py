@@ -108,15 +108,14 @@ INLINE float f16_to_f32(uint32_t h) {
     return u2f(sign | (e == 31u ? special : e == 0u ? sub : normal));
 }
 /* fp32 -> fp16, round to nearest even (what vcvtps2ph does, and so torch): for normal results drop 13 mantissa bits
-   with the usual +0xFFF + lsb carry (into the exponent, up to inf at 65520); below 2^-14 shift the full mantissa right
-   by 126 - e and round the shifted-out bits to nearest even (a carry gives the smallest normal); NaN stays a quiet
-   NaN with the payload's top bits. */
+   with the usual +0xFFF + lsb carry (into the exponent, up to inf at 65520); below 2^-14 add 0.5, whose ulp (2^-24)
+   is the fp16 subnormal step, so the fp32 addition (round to nearest even: the only mode this code runs in) rounds
+   |f| to a whole number of steps, and that number is the pattern past 0.5's (2^-14 itself comes out as 0x400, the
+   smallest normal); NaN stays a quiet NaN with the payload's top bits. */
 INLINE uint32_t f32_to_f16(float f) {
     uint32_t u = f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
     uint32_t normal = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
-    uint32_t e = a >> 23, m = (a & 0x7FFFFFu) | 0x800000u;
-    uint32_t sh = 126u - e < 25u ? 126u - e : 25u;  /* e <= 112 here, so sh >= 14; 25 or more rounds to zero */
-    uint32_t sub = (m + ((1u << (sh - 1u)) - 1u) + ((m >> sh) & 1u)) >> sh;
+    uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3F000000u;
     uint32_t r = a > 0x7F800000u ? 0x7E00u | ((a >> 13) & 0x3FFu)
                : a >= 0x47800000u ? 0x7C00u
                : a >= 0x38800000u ? normal : sub;

@@ -71,14 +71,14 @@ def test_cases_catch_fp_contraction(lib, tmp_path, monkeypatch):
 
 BF16_RNE = "(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16"
 F16_RNE = "(a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13"
-F16_SUB_RNE = "(m + ((1u << (sh - 1u)) - 1u) + ((m >> sh) & 1u)) >> sh"
+F16_SUB_RNE = "f2u(u2f(a) + 0.5f) - 0x3F000000u"
 
 
 @pytest.mark.parametrize("what, old, new", [
     ("bf16 ties away from zero", BF16_RNE, "(u + 0x8000u) >> 16"),
     ("fp16 ties away from zero", F16_RNE, "(a - 0x38000000u + 0x1000u) >> 13"),
-    ("fp16 subnormal ties away from zero", F16_SUB_RNE, "(m + (1u << (sh - 1u))) >> sh"),
-    ("fp16 subnormals truncated", F16_SUB_RNE, "m >> sh"),
+    ("fp16 subnormal ties away from zero", F16_SUB_RNE, "(uint32_t)(u2f(a) * 16777216.0f + 0.5f)"),
+    ("fp16 subnormals truncated", F16_SUB_RNE, "(uint32_t)(u2f(a) * 16777216.0f)"),
 ])
 def test_cases_catch_a_different_rounding(lib, tmp_path, monkeypatch, what, old, new):
     """The special values include exact fp32 ties of fp16 and bf16 (normal and subnormal), which a perturbed copy
