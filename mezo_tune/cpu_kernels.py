@@ -153,8 +153,11 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
 /* rademacher32 over elements [b, e) (at most BLOCK): first the hashes of the groups of 32 indices the range touches,
    h(q) for q = index / 32 (16 groups to a vector), then each group's elements take their signs from its hash: a whole
    group in one fixed 32-lane loop, a group cut by b or e element by element. BODY sees s, lo, hk as STRETCHES gives
-   them (a group of 32 never crosses a change of the high word) and zi. */
-#define SIGNS(...)                                                                                \
+   them (a group of 32 never crosses a change of the high word), zi and zsign. SIGNS_WITH(GROUP, BODY) lets a whole
+   group run GROUP(BODY) instead, with gs (its first s) and hw (its hash): a hand-vectorized twin of BODY. */
+#define SIGNS(...) SIGNS_WITH(GROUP_LOOP, __VA_ARGS__)
+#define GROUP_LOOP(...) _Pragma("omp simd") for (int j = 0; j < 32; j++) { SIGN_ELEMENT(__VA_ARGS__) }
+#define SIGNS_WITH(GROUP, ...)                                                                    \
     {                                                                                             \
         uint64_t q0 = (offset + (uint64_t)b) >> 5;                                                \
         int64_t ng = (int64_t)(((offset + (uint64_t)e - 1) >> 5) - q0) + 1;                       \
@@ -169,8 +172,7 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
             int64_t gs = (int64_t)(first - offset); /* the group's first element: s < b for a cut first group */ \
             uint32_t hw = H[g], lo0 = (uint32_t)first, hk = (uint32_t)(first >> 32) ^ k1;         \
             if (gs >= b && gs + 32 <= e) {                                                        \
-                _Pragma("omp simd")                                                               \
-                for (int j = 0; j < 32; j++) { SIGN_ELEMENT(__VA_ARGS__) }                        \
+                GROUP(__VA_ARGS__)                                                                \
             } else {                                                                              \
                 int j0 = gs < b ? (int)(b - gs) : 0, j1 = gs + 32 > e ? (int)(e - gs) : 32;       \
                 for (int j = j0; j < j1; j++) { SIGN_ELEMENT(__VA_ARGS__) }                       \
@@ -185,6 +187,40 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
 #define ZLOOP(D, ...)                                                                             \
     if ((D) == 2) SIGNS(__VA_ARGS__)                                                              \
     else { STRETCHES(int32_t zi = zint(bits(lo, hk, k0), D); uint32_t zsign = 0; (void)zsign; __VA_ARGS__) }
+/* fp16 storage, rademacher32, whole groups: with AVX-512 the conversions are the hardware's (vcvtph2ps, and
+   vcvtps2ph rounding to nearest even), which is what torch's vectorized fp16 conversion on x86 runs and what the
+   integer functions above emulate; the compiler does not vectorize them by itself, and the integer ones cost 4x a
+   weight copy. Elsewhere (AVX2 builds, other CPUs) the integer code runs; both are checked against eager torch. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* x with its sign flipped in the lanes whose bit of `bits` (bit i for lane i) is set: x * z for 16 lanes */
+INLINE __m512 flip16(float x, uint32_t bits) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i sign = _mm512_slli_epi32(_mm512_srlv_epi32(_mm512_set1_epi32((int)bits), lane), 31);
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_set1_epi32((int)f2u(x)), sign));
+}
+#define F16_RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+INLINE void perturb_group_f16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {
+    for (int h = 0; h < 2; h++) {
+        __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 16 * h)));
+        __m512 v = _mm512_add_ps(x, flip16(eps, hw >> (16 * h)));
+        _mm256_storeu_si256((__m256i *)(out + 16 * h), _mm512_cvtps_ph(v, F16_RNE));
+    }
+}
+INLINE void update_group_f16(uint16_t *w, uint32_t hw, float c) {
+    for (int h = 0; h < 2; h++) {
+        __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 16 * h)));
+        __m512 v = _mm512_sub_ps(x, flip16(c, hw >> (16 * h)));
+        _mm256_storeu_si256((__m256i *)(w + 16 * h), _mm512_cvtps_ph(v, F16_RNE));
+    }
+}
+#define F16_PERTURB_GROUP(...) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps);
+#define F16_UPDATE_GROUP(...) update_group_f16((uint16_t *)w + gs, hw, cf);
+#else
+#define F16_PERTURB_GROUP GROUP_LOOP
+#define F16_UPDATE_GROUP GROUP_LOOP
+#endif
+
 /* CALL on blocks [b, e) of [0, n), over `threads` threads (n and threads: variables of the caller) */
 #define BLOCKS(CALL)                                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= PARALLEL_FROM)")      \
@@ -218,7 +254,9 @@ typedef void perturb_fn(void *, const void *, int64_t, int64_t, uint64_t, uint32
 #define PERTURB(W, O, D)                                                                          \
     static void perturb_##W##O##D(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
                                   uint32_t k1, float eps) {                                       \
-        ZLOOP(D, store(out, s, load(w, s, W) + times_z(eps, zi, zsign, D), O))                    \
+        if (D == 2 && W == 1 && O == 1)                                                           \
+            SIGNS_WITH(F16_PERTURB_GROUP, store(out, s, load(w, s, W) + times_z(eps, zi, zsign, D), O)) \
+        else ZLOOP(D, store(out, s, load(w, s, W) + times_z(eps, zi, zsign, D), O))               \
     }
 EACH_PAIR(PERTURB)
 #define ENTRY3(W, O, D) perturb_##W##O##D,
@@ -270,7 +308,8 @@ EACH_KIND(UPDATE)
     static void update_signs_f32_##K(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, \
                                      double c) {                                                  \
         float cf = (float)c;                                                                      \
-        SIGNS(store(w, s, load(w, s, K) - times_z(cf, zi, zsign, 2), K))                          \
+        if (K == 1) SIGNS_WITH(F16_UPDATE_GROUP, store(w, s, load(w, s, K) - times_z(cf, zi, zsign, 2), K)) \
+        else SIGNS(store(w, s, load(w, s, K) - times_z(cf, zi, zsign, 2), K))                     \
     }
 UPDATE_SIGNS_F32(0) UPDATE_SIGNS_F32(1) UPDATE_SIGNS_F32(2)
 #define ENTRY2(K, D) update_##K##D,

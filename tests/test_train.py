@@ -497,10 +497,10 @@ def test_flipped_byte_in_a_step_block_is_reported_by_inspect(small_run, tmp_path
     assert (s["n_steps"], s["finished"], s["intact_bytes"]) == (4, False, pos)
 
 
-def _rewrite_with_g(src: Path, dst: Path, step: int, new_g: float) -> None:
-    """Copy a trajectory record by record (same blocks) with the g of one step replaced."""
+def _rewrite_with_g(src: Path, dst: Path, step: int, new_g: float, **header_changes) -> None:
+    """Copy a trajectory record by record (same blocks) with the g of one step replaced (and header keys)."""
     data = read_trajectory(src)
-    header = dict(data.header)
+    header = {**data.header, **header_changes}
     evals = {e["step"]: {k: v for k, v in e.items() if k != "step"} for e in data.evals}
     with TrajectoryWriter.create(dst, header, flush_every=train_mod.FLUSH_EVERY) as w:
         w.append_keyframe(-1, data.keyframes[-1])
@@ -800,3 +800,29 @@ def test_compiled_run_replays_bit_equal_without_compile(lm_recipe, tmp_path, mon
     assert calls == ["on"] and rebuilt.engine.use_compile is False
     models.save_model(rebuilt.model, rebuilt.tokenizer, tmp_path / "rep")
     assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_rademacher32_run_records_generator_v2_and_replays_bit_equal(dtype, tmp_path, tiny_model_dirs, lm_files):
+    """z generator version 2 end to end: the header says v2 rademacher32, replay rebuilds the weights bit for bit
+    (C kernels: compile on), and a header claiming v1 with that distribution is refused, naming both."""
+    train, ev = lm_files
+    recipe = write_recipe(tmp_path / "r.toml", tiny_model_dirs("llama", dtype), train, ev, out=tmp_path / "runs/x",
+                          dtype=dtype, steps=8, lr=1e-2, eps=1e-2, compile="on")
+    text = recipe.read_text().replace("[mezo]\n", '[mezo]\ndistribution = "rademacher32"\n')
+    recipe.write_text(text)
+    train_cli(recipe)
+    traj = tmp_path / "runs/x/trajectory.mezo"
+    assert read_trajectory(traj).header["z_generator"] == {"name": "mezo-tune/lowbias32x2", "version": 2,
+                                                         "distribution": "rademacher32"}
+    cli("replay", traj, "--out", tmp_path / "rep", "--verify", "-q")
+    assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
+
+    old = tmp_path / "v1.mezo"
+    _rewrite_with_g(traj, old, step=-5, new_g=0.0,
+                    z_generator={"name": "mezo-tune/lowbias32x2", "version": 1, "distribution": "rademacher32"})
+    result = cli("replay", old, "--out", tmp_path / "rep1", "-q", ok=False)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: the trajectory uses z generator mezo-tune/lowbias32x2 v1 (rademacher32); "
+                                    "this mezo-tune has mezo-tune/lowbias32x2 v2 (gaussian, rademacher, rademacher32): "
+                                    "install the version that recorded it (")
