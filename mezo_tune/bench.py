@@ -309,6 +309,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
     if partner is forward:
         out["forward_seconds"] = statistics.median(partner_times)
+        out["forward_times"] = partner_times  # each right after the call of the same index in "times"
         # timed last, so that its buffers count in neither peak; in this process, as the step was
         copy_bytes, copy = _copy_call(trainable.numel, trainable.params[0].dtype, device)
         copy(0)
@@ -352,10 +353,15 @@ def weight_copy_seconds(result: dict) -> float:
 
 def overhead_in_copies(result: dict) -> float:
     """What a step costs beyond its forwards, in copies of the trainable weights: (step - 2 forwards timed between its
-    calls) / one weight copy timed in the same process; replay (no forward): its step in copies. It does not depend on
+    calls: the median over the calls of each call's time less twice the forward timed right after it, which a CPU whose
+    speed drifts disturbs less than a difference of medians) / one weight copy timed in the same process; replay (no
+    forward): its step in copies. It does not depend on
     how fast the matmuls are, so it compares across machines (issue #16)."""
-    forwards = 2 * result["forward_seconds"] if "forward_seconds" in result else 0.0
-    return (result["seconds"] - forwards) / weight_copy_seconds(result)
+    if "forward_times" in result:  # the median of paired differences: each step against the forward timed after it
+        beyond = statistics.median(t - 2 * f for t, f in zip(result["times"], result["forward_times"]))
+    else:
+        beyond = result["seconds"] - 2 * result.get("forward_seconds", 0.0)
+    return beyond / weight_copy_seconds(result)
 
 
 def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len: int = 64, repeats: int = 5,
@@ -394,6 +400,7 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
         "weight_copy_s": {v: weight_copy_seconds(results[v]) for v in VARIANTS[1:]},
         "overhead_in_copies": {v: overhead_in_copies(results[v]) for v in VARIANTS[1:]},
         "times": {v: results[v]["times"] for v in VARIANTS},
+        "forward_times": {v: results[v]["forward_times"] for v in ("mezo", "backprop", "reference")},
     }
 
 
