@@ -429,7 +429,8 @@ def blocked_linear_threshold(weight: torch.Tensor) -> int:
     dtype. Blocks of a smaller weight made its matmuls slower than the perturbed copy they save: with the
     rademacher32 kernels, whose perturbed copy costs about a weight copy, a bf16 perturbed forward of SmolLM2 took
     +0.090 s over a plain one with every linear blocked against +0.059 s with the LM head alone (gaussian: +0.139 /
-    +0.084 s; `python docs/bench_step_parts.py bfloat16 9 blocks`, README "Half precision")."""
+    +0.084 s; one thread, medians of 9, the engines A/B in one process as `docs/bench_step_parts.py DTYPE N blocks
+    Z` runs them; README "Half precision")."""
     del weight  # the same for every dtype and device today
     return 1 << 23
 
