@@ -153,7 +153,8 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
 /* rademacher32 over elements [b, e) (at most BLOCK): first the hashes of the groups of 32 indices the range touches,
    h(q) for q = index / 32 (16 groups to a vector), then each group's elements take their signs from its hash: a whole
    group in one fixed 32-lane loop, a group cut by b or e element by element. BODY sees s, lo, hk as STRETCHES gives
-   them (a group of 32 never crosses a change of the high word), zi and zsign. SIGNS_WITH(GROUP, BODY) lets a whole
+   them (a group of 32 never crosses a change of the high word), zi and zsign. Its own names (q0, ng, H, grp, first,
+   gs, hw, lo0, j0, j1) must not be names BODY uses from outside (adam_'s g is why the group index is grp). SIGNS_WITH(GROUP, BODY) lets a whole
    group run GROUP(BODY) instead, with gs (its first s) and hw (its hash): a hand-vectorized twin of BODY. */
 #define SIGNS(...) SIGNS_WITH(GROUP_LOOP, __VA_ARGS__)
 #define GROUP_LOOP(...) _Pragma("omp simd") for (int j = 0; j < 32; j++) { SIGN_ELEMENT(__VA_ARGS__) }
@@ -163,14 +164,14 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
         int64_t ng = (int64_t)(((offset + (uint64_t)e - 1) >> 5) - q0) + 1;                       \
         uint32_t H[BLOCK / 32 + 1];                                                               \
         _Pragma("omp simd")                                                                       \
-        for (int64_t g = 0; g < ng; g++) {                                                        \
-            uint64_t q = q0 + (uint64_t)g;                                                        \
-            H[g] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ k1, k0);                               \
+        for (int64_t grp = 0; grp < ng; grp++) {                                                        \
+            uint64_t q = q0 + (uint64_t)grp;                                                        \
+            H[grp] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ k1, k0);                               \
         }                                                                                         \
-        for (int64_t g = 0; g < ng; g++) {                                                        \
-            uint64_t first = (q0 + (uint64_t)g) << 5;                                             \
+        for (int64_t grp = 0; grp < ng; grp++) {                                                        \
+            uint64_t first = (q0 + (uint64_t)grp) << 5;                                             \
             int64_t gs = (int64_t)(first - offset); /* the group's first element: s < b for a cut first group */ \
-            uint32_t hw = H[g], lo0 = (uint32_t)first, hk = (uint32_t)(first >> 32) ^ k1;         \
+            uint32_t hw = H[grp], lo0 = (uint32_t)first, hk = (uint32_t)(first >> 32) ^ k1;         \
             if (gs >= b && gs + 32 <= e) {                                                        \
                 GROUP(__VA_ARGS__)                                                                \
             } else {                                                                              \

@@ -182,7 +182,7 @@ def test_adam_update_is_its_formula_in_ieee_fp32():
                        .to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "rademacher32"])
 def test_adam_c_twin_is_bit_identical_to_the_torch_ops(distribution):
     """cpu_kernels.adam_f32 (z inline, one pass: ~70x faster on CPU) against z_kernel + adam_update, and a model's
     Adam records applied with compiled kernels (the C twin) and without (eager torch)."""
