@@ -33,7 +33,8 @@ def perturb_all(step):
         for a, b in zrng.chunks(flat.numel()):
             kernel(scratch[a:b], flat[a:b], zrng.key_tensor(k0, k1, a), eps, dist)
 
-calls = {"perturb_all": perturb_all, "update": lambda s: engine.apply_update(s, update_scale(1e-7, 1e-2)), "copy": lambda s: dst.copy_(src)}
+c = update_scale(1e-7, 1e-2)  # an fp32 c, as training applies (the C update then computes in fp32)
+calls = {"perturb_all": perturb_all, "update": lambda s: engine.apply_update(s, c), "copy": lambda s: dst.copy_(src)}
 times = {k: [] for k in calls}
 with torch.no_grad():
     for f in calls.values():

@@ -154,8 +154,9 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
    h(q) for q = index / 32 (16 groups to a vector), then each group's elements take their signs from its hash: a whole
    group in one fixed 32-lane loop, a group cut by b or e element by element. BODY sees s, lo, hk as STRETCHES gives
    them (a group of 32 never crosses a change of the high word), zi and zsign. Its own names (q0, ng, H, grp, first,
-   gs, hw, lo0, j0, j1) must not be names BODY uses from outside (adam_'s g is why the group index is grp). SIGNS_WITH(GROUP, BODY) lets a whole
-   group run GROUP(BODY) instead, with gs (its first s) and hw (its hash): a hand-vectorized twin of BODY. */
+   gs, hw, lo0, j0, j1) must not be names BODY uses from outside (adam_'s g is why the group index is grp).
+   SIGNS_WITH(GROUP, BODY) lets a whole group run GROUP(BODY) instead, with gs (its first s) and hw (its hash): a
+   hand-vectorized twin of BODY. */
 #define SIGNS(...) SIGNS_WITH(GROUP_LOOP, __VA_ARGS__)
 #define GROUP_LOOP(...) _Pragma("omp simd") for (int j = 0; j < 32; j++) { SIGN_ELEMENT(__VA_ARGS__) }
 #define SIGNS_WITH(GROUP, ...)                                                                    \

@@ -121,7 +121,8 @@ def _z_from_bits(h: torch.Tensor, distribution: str, dtype: torch.dtype) -> torc
 
 
 def distribution_code(distribution: str) -> int:
-    """The distribution's index in DISTRIBUTIONS (0 gaussian, 1 rademacher, 2 rademacher32): how the hand-written kernels take it."""
+    """The distribution's index in DISTRIBUTIONS (0 gaussian, 1 rademacher, 2 rademacher32): how the hand-written
+    kernels take it."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
     return DISTRIBUTIONS.index(distribution)
