@@ -1,7 +1,7 @@
 """What a MeZO step is made of, in one process on the embedded SmolLM2 (batch 8 x 64): a plain forward, a perturbed
 forward, the update pass and one copy of the trainable weights, interleaved, medians. With `blocks`, also a perturbed
 forward with only the LM head perturbed in row blocks (large_linear=1 << 23, the default) and one with every trainable
-nn.Linear so (large_linear=0), per distribution: mezo.blocked_linear_threshold.
+nn.Linear so (large_linear=0), per distribution: mezo.BLOCKED_LINEAR_ELEMENTS.
 
 With distributions named (gaussian, rademacher, rademacher32), a perturbed forward and an update with each, so that
 they compare in one process, and a whole step (engine.step) with each; "in_copies" is each part beyond its forwards

@@ -155,26 +155,26 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
    group in one fixed 32-lane loop, a group cut by b or e element by element. BODY sees s, lo, hk as STRETCHES gives
    them (a group of 32 never crosses a change of the high word), zi and zsign. Its own names (q0, ng, H, grp, first,
    gs, hw, lo0, j0, j1) must not be names BODY uses from outside (adam_'s g is why the group index is grp).
-   SIGNS_WITH(GROUP, BODY) lets a whole group run GROUP(BODY) instead, with gs (its first s) and hw (its hash): a
-   hand-vectorized twin of BODY. */
-#define SIGNS(...) SIGNS_WITH(GROUP_LOOP, __VA_ARGS__)
+   SIGNS_WITH(FAST, GROUP, BODY) lets a whole group run GROUP(BODY) instead where the constant FAST holds, with gs
+   (its first s) and hw (its hash): a hand-vectorized twin of BODY. */
+#define SIGNS(...) SIGNS_WITH(0, GROUP_LOOP, __VA_ARGS__)
 #define GROUP_LOOP(...) _Pragma("omp simd") for (int j = 0; j < 32; j++) { SIGN_ELEMENT(__VA_ARGS__) }
-#define SIGNS_WITH(GROUP, ...)                                                                    \
+#define SIGNS_WITH(FAST, GROUP, ...)                                                              \
     {                                                                                             \
         uint64_t q0 = (offset + (uint64_t)b) >> 5;                                                \
         int64_t ng = (int64_t)(((offset + (uint64_t)e - 1) >> 5) - q0) + 1;                       \
         uint32_t H[BLOCK / 32 + 1];                                                               \
         _Pragma("omp simd")                                                                       \
-        for (int64_t grp = 0; grp < ng; grp++) {                                                        \
-            uint64_t q = q0 + (uint64_t)grp;                                                        \
-            H[grp] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ k1, k0);                               \
+        for (int64_t grp = 0; grp < ng; grp++) {                                                  \
+            uint64_t q = q0 + (uint64_t)grp;                                                      \
+            H[grp] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ k1, k0);                             \
         }                                                                                         \
-        for (int64_t grp = 0; grp < ng; grp++) {                                                        \
-            uint64_t first = (q0 + (uint64_t)grp) << 5;                                             \
+        for (int64_t grp = 0; grp < ng; grp++) {                                                  \
+            uint64_t first = (q0 + (uint64_t)grp) << 5;                                           \
             int64_t gs = (int64_t)(first - offset); /* the group's first element: s < b for a cut first group */ \
-            uint32_t hw = H[grp], lo0 = (uint32_t)first, hk = (uint32_t)(first >> 32) ^ k1;         \
+            uint32_t hw = H[grp], lo0 = (uint32_t)first, hk = (uint32_t)(first >> 32) ^ k1;       \
             if (gs >= b && gs + 32 <= e) {                                                        \
-                GROUP(__VA_ARGS__)                                                                \
+                if (FAST) { GROUP(__VA_ARGS__) } else { GROUP_LOOP(__VA_ARGS__) }                 \
             } else {                                                                              \
                 int j0 = gs < b ? (int)(b - gs) : 0, j1 = gs + 32 > e ? (int)(e - gs) : 32;       \
                 for (int j = j0; j < j1; j++) { SIGN_ELEMENT(__VA_ARGS__) }                       \
@@ -185,9 +185,11 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
     int64_t s = gs + j; uint32_t lo = lo0 + (uint32_t)j; int32_t zi = sign_of(hw, (uint32_t)j);   \
     uint32_t zsign = (hw << (31 - j)) & 0x80000000u;                                              \
     (void)lo; (void)hk; (void)zi; (void)zsign; __VA_ARGS__;
-/* BODY for every element of [b, e) with its zi in distribution D (a constant where it is expanded) */
-#define ZLOOP(D, ...)                                                                             \
-    if ((D) == 2) SIGNS(__VA_ARGS__)                                                              \
+/* BODY for every element of [b, e) with its zi in distribution D (a constant where it is expanded); ZLOOP_WITH passes
+   FAST and GROUP on to SIGNS_WITH */
+#define ZLOOP(D, ...) ZLOOP_WITH(D, 0, GROUP_LOOP, __VA_ARGS__)
+#define ZLOOP_WITH(D, FAST, GROUP, ...)                                                           \
+    if ((D) == 2) SIGNS_WITH(FAST, GROUP, __VA_ARGS__)                                            \
     else { STRETCHES(int32_t zi = zint(bits(lo, hk, k0), D); uint32_t zsign = 0; (void)zsign; __VA_ARGS__) }
 /* fp16 storage, rademacher32, whole groups: with AVX-512 the conversions are the hardware's (vcvtph2ps, and
    vcvtps2ph rounding to nearest even), which is what torch's vectorized fp16 conversion on x86 runs and what the
@@ -218,7 +220,9 @@ INLINE void update_group_f16(uint16_t *w, uint32_t hw, float c) {
 }
 #define F16_PERTURB_GROUP(...) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps);
 #define F16_UPDATE_GROUP(...) update_group_f16((uint16_t *)w + gs, hw, cf);
+#define HAVE_F16_GROUPS 1
 #else
+#define HAVE_F16_GROUPS 0
 #define F16_PERTURB_GROUP GROUP_LOOP
 #define F16_UPDATE_GROUP GROUP_LOOP
 #endif
@@ -256,9 +260,8 @@ typedef void perturb_fn(void *, const void *, int64_t, int64_t, uint64_t, uint32
 #define PERTURB(W, O, D)                                                                          \
     static void perturb_##W##O##D(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
                                   uint32_t k1, float eps) {                                       \
-        if (D == 2 && W == 1 && O == 1)                                                           \
-            SIGNS_WITH(F16_PERTURB_GROUP, store(out, s, load(w, s, W) + times_z(eps, zi, zsign, D), O)) \
-        else ZLOOP(D, store(out, s, load(w, s, W) + times_z(eps, zi, zsign, D), O))               \
+        ZLOOP_WITH(D, HAVE_F16_GROUPS && W == 1 && O == 1, F16_PERTURB_GROUP,                     \
+                   store(out, s, load(w, s, W) + times_z(eps, zi, zsign, D), O))                  \
     }
 EACH_PAIR(PERTURB)
 #define ENTRY3(W, O, D) perturb_##W##O##D,
@@ -310,8 +313,8 @@ EACH_KIND(UPDATE)
     static void update_signs_f32_##K(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, \
                                      double c) {                                                  \
         float cf = (float)c;                                                                      \
-        if (K == 1) SIGNS_WITH(F16_UPDATE_GROUP, store(w, s, load(w, s, K) - times_z(cf, zi, zsign, 2), K)) \
-        else SIGNS(store(w, s, load(w, s, K) - times_z(cf, zi, zsign, 2), K))                     \
+        SIGNS_WITH(HAVE_F16_GROUPS && K == 1, F16_UPDATE_GROUP,                                   \
+                   store(w, s, load(w, s, K) - times_z(cf, zi, zsign, 2), K))                     \
     }
 UPDATE_SIGNS_F32(0) UPDATE_SIGNS_F32(1) UPDATE_SIGNS_F32(2)
 #define ENTRY2(K, D) update_##K##D,

@@ -423,16 +423,14 @@ def _is_plain_embedding(module: torch.nn.Module) -> bool:
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
-def blocked_linear_threshold(weight: torch.Tensor) -> int:
-    """The size from which a trainable nn.Linear weight is perturbed in row blocks during a perturbed forward
-    (`Mezo.perturbed`'s linear_forward) rather than whole through the swap hooks: 8M elements (an LM head), in every
-    dtype. Blocks of a smaller weight made its matmuls slower than the perturbed copy they save: with the
-    rademacher32 kernels, whose perturbed copy costs about a weight copy, a bf16 perturbed forward of SmolLM2 took
-    +0.090 s over a plain one with every linear blocked against +0.059 s with the LM head alone (gaussian: +0.139 /
-    +0.084 s; one thread, medians of 9, the engines A/B in one process as `docs/bench_step_parts.py DTYPE N blocks
-    Z` runs them; README "Half precision")."""
-    del weight  # the same for every dtype and device today
-    return 1 << 23
+# From this many elements a trainable nn.Linear weight is perturbed in row blocks during a perturbed forward
+# (`Mezo.perturbed`'s linear_forward) rather than whole through the swap hooks: 8M (an LM head), in every dtype.
+# Blocks of a smaller weight made its matmuls slower than the perturbed copy they save: with the rademacher32 kernels,
+# whose perturbed copy costs about a weight copy, a bf16 perturbed forward of SmolLM2 took +0.090 s over a plain one
+# with every linear blocked against +0.059 s with the LM head alone (gaussian: +0.139 / +0.084 s; one thread, medians
+# of 9, the engines A/B in one process as `docs/bench_step_parts.py DTYPE N blocks Z` runs them; README "Half
+# precision").
+BLOCKED_LINEAR_ELEMENTS = 1 << 23
 
 
 class Mezo:
@@ -445,7 +443,7 @@ class Mezo:
         """estimator: how `step` scores its directions, "spsa" (two-point) or "fzoo" (one-sided, normalised); replay
         never needs it. directions: which tensors and elements each record's z touches (directions.py); dense by
         default. large_linear: a trainable nn.Linear weight of at least this many elements is perturbed in row
-        blocks (None: `blocked_linear_threshold` by the weight's dtype and device). digest: the weights digest scheme of `digest()` (a resumed or replayed run: the one its trajectory
+        blocks (None: BLOCKED_LINEAR_ELEMENTS). digest: the weights digest scheme of `digest()` (a resumed or replayed run: the one its trajectory
         holds)."""
         if distribution not in zrng.DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}")
@@ -485,7 +483,7 @@ class Mezo:
                     self._embeddings.append(module)
                     own = [p for p in own if p is not weight]
                 elif (type(module) is torch.nn.Linear and id(weight) in self._name_of
-                      and weight.numel() >= (blocked_linear_threshold(weight) if large_linear is None
+                      and weight.numel() >= (BLOCKED_LINEAR_ELEMENTS if large_linear is None
                                              else large_linear)):
                     self._large_linears.append(module)
                     own = [p for p in own if p is not weight]
@@ -497,7 +495,8 @@ class Mezo:
 
             self._offloaded = offloaded_owners(model, trainable.names, trainable.params)
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        self._hooked: dict[int, list] = {}  # inside `perturbed`: id(module) -> its touched (name, parameter) pairs
+        # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
+        self._hooked: dict[int, tuple[list, list]] = {}
 
     # -- keys
     def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):
@@ -595,22 +594,22 @@ class Mezo:
         try:
             # Two global module hooks dispatching on the module, not two hooks on each module: registering and
             # removing ~540 per-module hooks cost ~3-7 ms per perturbed forward of SmolLM2 (half a weight copy).
-            hooked: dict[int, list] = {}
+            hooked: dict[int, tuple[list, list]] = {}
             for module, params in self._owners:
                 named = [(self._name_of[id(p)], p) for p in params if is_touched(p)]
                 if named:  # a module with none touched runs untouched
-                    hooked[id(module)] = named
+                    hooked[id(module)] = (named, [n for n, _ in named])
             self._hooked = hooked
             if hooked:
                 def pre_hook(module, args):
-                    named = hooked.get(id(module))
-                    if named is not None:
-                        swap_in(named)
+                    entry = hooked.get(id(module))
+                    if entry is not None:
+                        swap_in(entry[0])
 
                 def post_hook(module, args, output):
-                    named = hooked.get(id(module))
-                    if named is not None:
-                        swap_out([n for n, _ in named])
+                    entry = hooked.get(id(module))
+                    if entry is not None:
+                        swap_out(entry[1])
 
                 handles.append(torch.nn.modules.module.register_module_forward_pre_hook(pre_hook))
                 handles.append(torch.nn.modules.module.register_module_forward_hook(post_hook))

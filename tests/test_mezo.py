@@ -210,7 +210,7 @@ def test_large_linear_in_row_blocks_equals_whole_perturbed_weight(tie):
 
 
 def test_only_large_linears_go_by_blocks_in_every_dtype():
-    """mezo.blocked_linear_threshold: an nn.Linear of 8M elements or more (an LM head) is perturbed in row blocks, the
+    """mezo.BLOCKED_LINEAR_ELEMENTS: an nn.Linear of 8M elements or more (an LM head) is perturbed in row blocks, the
     smaller ones whole through the swap hooks, in fp32 and in 16 bits; both give the same forward."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model = build_model("llama").to(dtype)
@@ -225,5 +225,4 @@ def test_only_large_linears_go_by_blocks_in_every_dtype():
                 by_blocks = lm_loss(model, batch())
         # the same math; a blocked matmul may round differently from a whole one on another CPU's kernels
         torch.testing.assert_close(by_default, by_blocks, rtol=1e-3, atol=0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert mezo.blocked_linear_threshold(torch.empty(0, dtype=dtype)) == 1 << 23
+    assert mezo.BLOCKED_LINEAR_ELEMENTS == 1 << 23
