@@ -320,10 +320,33 @@ UPDATE_SIGNS_F32(0) UPDATE_SIGNS_F32(1) UPDATE_SIGNS_F32(2)
 #define ENTRY2(K, D) update_##K##D,
 static update_fn *const UPDATES[] = {EACH_KIND(ENTRY2)};
 static update_fn *const UPDATES_SIGNS_F32[] = {update_signs_f32_0, update_signs_f32_1, update_signs_f32_2};
+static update_fn *update_for(double c, int kind, int dist) {
+    return dist == 2 && (double)(float)c == c ? UPDATES_SIGNS_F32[kind] : UPDATES[kind * 3 + dist];
+}
 void update(void *w, int64_t n, const int64_t *key, double c, int kind, int dist, int threads) {
-    update_fn *f = dist == 2 && (double)(float)c == c ? UPDATES_SIGNS_F32[kind] : UPDATES[kind * 3 + dist];
+    update_fn *f = update_for(c, kind, dist);
     double cs = cscale(c, dist);
     BLOCKS(f(w, b, e, key[2], key[0], key[1], cs))
+}
+/* `update` of `count` tensors of one kind (ws[t]: ns[t] elements, keys[3t .. 3t + 2] its key) in one parallel region:
+   one call per step instead of one per tensor, whose entry and thread wake-up cost more than a small tensor's pass.
+   Each tensor's blocks are shared out as `update` shares them (a one-block tensor runs on the first thread). */
+void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_t count, double c, int kind, int dist,
+                 int threads) {
+    update_fn *f = update_for(c, kind, dist);
+    double cs = cscale(c, dist);
+    int64_t total = 0;
+    for (int64_t t = 0; t < count; t++) total += ns[t];
+    _Pragma("omp parallel num_threads(threads) if(total >= PARALLEL_FROM)")
+    for (int64_t t = 0; t < count; t++) {
+        void *w = ws[t];
+        const int64_t n = ns[t], *key = keys + 3 * t;
+        _Pragma("omp for schedule(static) nowait")
+        for (int64_t b = 0; b < n; b += BLOCK) {
+            int64_t e = b + BLOCK < n ? b + BLOCK : n;
+            f(w, b, e, key[2], key[0], key[1], cs);
+        }
+    }
 }
 
 /* zrng.update_kernel_stochastic, step for step: v = w - c*z in `wide` (fp64 for fp32 storage, else fp32); r = v
@@ -399,6 +422,7 @@ _SIGNATURES = {
     "perturb": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
     "perturb_rows": [_P, _P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
     "update": [_P, _I64, _P, _DBL, _INT, _INT, _INT],
+    "update_list": [_P, _P, _P, _I64, _DBL, _INT, _INT, _INT],
     "update_stochastic": [_P, _I64, _P, _P, _DBL, _INT, _INT, _INT],
     "adam_f32": [_P, _P, _P, _I64, _P, _P, _INT, _INT],
 }
@@ -474,12 +498,18 @@ def library() -> ctypes.CDLL | None:
 
 def _on_cpu(*tensors: torch.Tensor, dtypes=tuple(_KIND)) -> bool:
     """Contiguous CPU tensors of the given dtypes and all of one size (the C kernels trust both)."""
-    return all(t.dtype in dtypes and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
-               for t in tensors)
+    n = tensors[0].numel()
+    for t in tensors:  # a loop, not all(...): this runs for every tensor of every perturbed forward
+        if not (t.is_cpu and t.dtype in dtypes and t.is_contiguous() and t.numel() == n):
+            return False
+    return True
 
 
 def _key_ok(*keys: torch.Tensor) -> bool:
-    return all(key.dtype == torch.int64 and key.is_contiguous() and key.device.type == "cpu" for key in keys)
+    for key in keys:
+        if not (key.is_cpu and key.dtype == torch.int64 and key.is_contiguous()):
+            return False
+    return True
 
 
 def adam(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, key: torch.Tensor, scalars: torch.Tensor,
@@ -492,6 +522,21 @@ def adam(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, key: torch.Tensor, s
         return False
     lib.adam_f32(w.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(), key.data_ptr(), scalars.data_ptr(),
                  zrng.distribution_code(distribution), torch.get_num_threads())
+    return True
+
+
+def update_list(tensors: list[torch.Tensor], keys: torch.Tensor, c: float, distribution: str,
+                lib: ctypes.CDLL | None = None) -> bool:
+    """zrng.update_kernel over whole tensors of one dtype in one call (keys: int64, one (k0, k1, offset) row per
+    tensor); False, doing nothing, where the C kernels do not cover them (the caller runs the kernel per tensor)."""
+    lib = lib or library()
+    if (lib is None or not tensors or tensors[0].dtype not in _KIND or keys.shape != (len(tensors), 3)
+            or not _key_ok(keys) or not all(_on_cpu(t, dtypes=(tensors[0].dtype,)) for t in tensors)):
+        return False
+    count = len(tensors)
+    lib.update_list((ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors]),
+                    (ctypes.c_int64 * count)(*[t.numel() for t in tensors]), keys.data_ptr(), count, float(c),
+                    _KIND[tensors[0].dtype], zrng.distribution_code(distribution), torch.get_num_threads())
     return True
 
 

@@ -495,10 +495,29 @@ class Mezo:
 
             self._offloaded = offloaded_owners(model, trainable.names, trainable.params)
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        self._keys_step, self._keys = None, {}  # the latest step's keys: _step_key's and _key_tensor's
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
         self._hooked: dict[int, tuple[list, list]] = {}
 
     # -- keys
+    def _step_key(self, step: int, name: str) -> tuple[int, int]:
+        """zrng.stream_key of z for (step, name), kept for the latest step: its two perturbed forwards and its update
+        ask for each of ~300 names (a blake2b each)."""
+        if self._keys_step != step:
+            self._keys_step, self._keys = step, {}
+        key = self._keys.get(name)
+        if key is None:
+            key = self._keys[name] = zrng.stream_key(self.seed, step, name)
+        return key
+
+    def _key_tensor(self, step: int, name: str, offset: int, device) -> torch.Tensor:
+        """zrng.key_tensor of (step, name) from element `offset`, kept for the step's second perturbed forward."""
+        key = self._step_key(step, name)
+        cached = self._keys.get((name, offset, device))
+        if cached is None:
+            cached = self._keys[(name, offset, device)] = zrng.key_tensor(*key, offset, device)
+        return cached
+
     def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):
         """(a, b, key) per chunk of `numel` elements whose first one is the tensor's element `offset` (a shard's)."""
         k0, k1 = zrng.stream_key(self.seed, step, name, stream)
@@ -516,7 +535,6 @@ class Mezo:
         kernel = zrng.kernel(zrng.perturb_kernel, self.use_compile)
         rows_kernel = zrng.kernel(zrng.perturb_rows_kernel, self.use_compile)
         eps_t: dict = {}
-        stream_keys: dict = {}
         swapped: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         handles = []
         touched = self.directions.touched(self.seed, step, self._names)
@@ -529,21 +547,21 @@ class Mezo:
                 eps_t[device] = torch.tensor(sign * self.eps, dtype=torch.float64, device=device)
             return eps_t[device]
 
-        def key_of(name: str) -> tuple[int, int]:
-            if name not in stream_keys:
-                stream_keys[name] = zrng.stream_key(self.seed, step, name)
-            return stream_keys[name]
-
         def perturb(out: torch.Tensor, w: torch.Tensor, name: str, offset: int = 0) -> None:
             """out = θ ± εz for the elements [offset, offset + numel) of trainable tensor `name` (w: their values)."""
             if self.directions.forms(w):  # the whole tensor (formed z never takes the row-block paths)
                 z = self.directions.perturbation(self.seed, step, name, w, self.distribution)
                 out.copy_((w.to(torch.float32) + eps_on(w.device).to(torch.float32) * z).to(out.dtype))
                 return
-            flat_w, flat_out = w.reshape(-1), out.view(-1)
-            for a, b in zrng.chunks(flat_w.numel()):
-                key = zrng.key_tensor(*key_of(name), offset + a, w.device)
-                kernel(flat_out[a:b], flat_w[a:b], key, eps_on(w.device), self.distribution)
+            flat_w, flat_out = w.view(-1) if w.is_contiguous() else w.reshape(-1), out.view(-1)
+            n = flat_w.numel()
+            if n <= zrng.CHUNK:  # one call, no slicing (this runs for every tensor of every perturbed forward)
+                kernel(flat_out, flat_w, self._key_tensor(step, name, offset, w.device), eps_on(w.device),
+                       self.distribution)
+                return
+            for a, b in zrng.chunks(n):
+                kernel(flat_out[a:b], flat_w[a:b], self._key_tensor(step, name, offset + a, w.device),
+                       eps_on(w.device), self.distribution)
 
         def swap_in(named):
             """Point each (name, parameter) at θ ± εz formed into a scratch buffer; the stored θ is kept aside."""
@@ -567,8 +585,8 @@ class Mezo:
             width = w.shape[1]
             index = (rows[:, None] * width + torch.arange(width, device=w.device)).reshape(-1)
             values = torch.empty(index.numel(), dtype=w.dtype, device=w.device)
-            rows_kernel(values, w[rows].reshape(-1), index, zrng.key_tensor(*key_of(self._name_of[id(w)]), 0, w.device),
-                        eps_on(w.device), self.distribution)
+            key = self._key_tensor(step, self._name_of[id(w)], 0, w.device)
+            rows_kernel(values, w[rows].reshape(-1), index, key, eps_on(w.device), self.distribution)
             return torch.nn.functional.embedding(inverse, values.view(-1, width))
 
         def linear_forward(module, x):
@@ -694,12 +712,10 @@ class Mezo:
         not even computed)."""
         if c == 0.0:
             return
-        if self.rounding == "stochastic":
-            kernel = zrng.kernel(zrng.update_kernel_stochastic, self.use_compile)
-        else:
-            kernel = zrng.kernel(zrng.update_kernel, self.use_compile)
+        stochastic = zrng.kernel(zrng.update_kernel_stochastic, self.use_compile)
         c_t = {}
         touched = self.directions.touched(self.seed, step, self._names)
+        nearest, strided = [], []  # round to nearest: all in one zrng.update_tensors call
         with torch.no_grad():
             for name, w, offset in self._weights():
                 if name not in touched:
@@ -711,16 +727,18 @@ class Mezo:
                     w.copy_((w.to(torch.float64) - c_t[w.device] * z.to(torch.float64)).to(torch.float32).to(w.dtype))
                     continue
                 flat = w.view(-1) if w.is_contiguous() else w.reshape(-1).clone()
-                keys = self._chunk_keys(step, name, w.numel(), w.device, offset=offset)
-                if self.rounding == "stochastic":
-                    rkeys = self._chunk_keys(step, name, w.numel(), w.device, zrng.ROUNDING_STREAM, offset)
-                    for (a, b, key), (_, _, rkey) in zip(keys, rkeys):
-                        kernel(flat[a:b], key, rkey, c_t[w.device], self.distribution)
-                else:
-                    for a, b, key in keys:
-                        kernel(flat[a:b], key, c_t[w.device], self.distribution)
                 if not w.is_contiguous():
-                    w.copy_(flat.view_as(w))
+                    strided.append((w, flat))
+                if self.rounding == "nearest":
+                    nearest.append((flat, self._step_key(step, name), offset))
+                    continue
+                keys = self._chunk_keys(step, name, w.numel(), w.device, offset=offset)
+                rkeys = self._chunk_keys(step, name, w.numel(), w.device, zrng.ROUNDING_STREAM, offset)
+                for (a, b, key), (_, _, rkey) in zip(keys, rkeys):
+                    stochastic(flat[a:b], key, rkey, c_t[w.device], self.distribution)
+            zrng.update_tensors(nearest, c, self.distribution, self.use_compile)
+            for w, flat in strided:
+                w.copy_(flat.view_as(w))
 
     def step(self, step: int, eta: float, loss_fn, directions: int = 1, recorded: list | None = None,
              reduce=None) -> list[dict]:

@@ -256,6 +256,32 @@ def kernel(fn, use_compile: bool):
     return run
 
 
+def update_tensors(items, c: float, distribution: str, use_compile: bool) -> None:
+    """update_kernel (round to nearest) over several whole tensors: items are (flat contiguous tensor, (k0, k1), index
+    of its first element). With use_compile the CPU tensors of each C storage dtype go to the C kernels in one call
+    (cpu_kernels.update_list); the rest, or all where those cannot be built, run `kernel(update_kernel)` per chunk."""
+    rest = list(items)
+    if use_compile:
+        from mezo_tune import cpu_kernels
+
+        by_dtype: dict = {}
+        for item in items:
+            if not item[0].is_cuda:
+                by_dtype.setdefault(item[0].dtype, []).append(item)
+        for group in by_dtype.values():
+            keys = torch.tensor([[k0, k1, offset] for _, (k0, k1), offset in group], dtype=torch.int64)
+            if cpu_kernels.update_list([t for t, _, _ in group], keys, c, distribution):
+                done = {id(item) for item in group}
+                rest = [item for item in rest if id(item) not in done]
+    run = kernel(update_kernel, use_compile)
+    c_t: dict = {}
+    for flat, (k0, k1), offset in rest:
+        if flat.device not in c_t:
+            c_t[flat.device] = torch.tensor(c, dtype=torch.float64, device=flat.device)
+        for a, b in chunks(flat.numel()):
+            run(flat[a:b], key_tensor(k0, k1, offset + a, flat.device), c_t[flat.device], distribution)
+
+
 def _eager_for_fp32_cpu(fn, compiled_fn):
     """fn eager for fp32 CPU tensors, compiled otherwise: the fallback of the C twin (which covers fp32), used where
     the C kernels cannot be built or for strided tensors. Stochastic rounding of fp32 weights rounds an fp64 value to

@@ -106,6 +106,37 @@ def test_c_kernels_bit_equal_eager_on_any_thread_count(lib, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_update_list_is_update_per_tensor(lib, dtype):
+    """One update_list call over tensors of kernel_cases' shapes and LARGE's (several blocks and threads, an offset
+    crossing 2**32 mid-block) gives the bits of the eager update kernel run on each tensor alone; with special values,
+    every distribution, an fp32-exact c (rademacher32's fp32 path) and one that is not."""
+    from kernel_cases import F32_1E3, _weights
+
+    shapes = SHAPES + LARGE
+    for dist in ("gaussian", "rademacher", "rademacher32"):
+        for c in (F32_1E3, 1e-3):
+            keys = [(*zrng.stream_key(5, 9, f"w{i}"), offset) for i, (_, offset) in enumerate(shapes)]
+            ws = [_weights(n, dtype, "cpu", i, specials=True) for i, (n, _) in enumerate(shapes)]
+            expected = [w.clone() for w in ws]
+            for w, key in zip(expected, keys):
+                zrng.update_kernel(w, zrng.key_tensor(*key), torch.tensor(c, dtype=torch.float64), dist)
+            assert cpu_kernels.update_list(ws, torch.tensor(keys, dtype=torch.int64), c, dist)
+            for i, (w, e) in enumerate(zip(ws, expected)):
+                assert torch.equal(w.view(torch.uint8), e.view(torch.uint8)), (dist, c, shapes[i])
+
+
+def test_update_list_hands_back_what_it_does_not_cover(lib):
+    """False, and nothing written, for a strided tensor, mixed dtypes, an fp64 tensor or keys of the wrong shape."""
+    key = torch.tensor([[1, 2, 0]], dtype=torch.int64)
+    for tensors, keys in (([torch.ones(20)[::2]], key), ([torch.ones(4), torch.ones(4, dtype=torch.bfloat16)],
+                                                          key.repeat(2, 1)),
+                          ([torch.ones(4, dtype=torch.float64)], key), ([torch.ones(4)], key.repeat(2, 1))):
+        before = [t.clone() for t in tensors]
+        assert not cpu_kernels.update_list(tensors, keys, 0.5, "gaussian")
+        assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
 def test_twins_cover_every_kernel_and_have_zrng_signatures(lib):
     covered = {"z_kernel", "perturb_kernel", "perturb_rows_kernel", "update_kernel", "update_kernel_stochastic"}
     for fn in KERNELS:
