@@ -23,7 +23,12 @@ def _weights(n: int, dtype, device, seed: int, specials: bool = False) -> torch.
     w[5::13] *= 1e-6  # small values: subnormal in fp16
     if specials:
         _add_specials(w, g)
-    return w.to(dtype).to(device)
+    w = w.to(dtype)
+    if specials and dtype != torch.float32:  # NaNs of other patterns than the conversion writes (quiet, signalling)
+        nans = {torch.bfloat16: (0x7FC1, -0x7F, 0x7F81), torch.float16: (0x7E01, -0x1FF, 0x7C01)}[dtype]
+        for start, pattern in zip((30, 32, 34), nans):
+            w.view(torch.int16)[start::37] = pattern
+    return w.to(device)
 
 
 def ties(dtype, n: int, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:

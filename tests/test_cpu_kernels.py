@@ -106,6 +106,19 @@ def test_c_kernels_bit_equal_eager_on_any_thread_count(lib, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.skipif("-mavx512bf16" not in cpu_kernels.compile_flags(), reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("what, old, new", [
+    ("NaN lanes left as vcvtne2ps2bf16 writes them", "_mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(-1))", "r"),
+    ("subnormal groups not sent to the integer code",
+     "_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20)", "0"),
+])
+def test_cases_catch_the_bf16_groups_without_their_fixes(lib, tmp_path, monkeypatch, what, old, new):
+    """The bf16 groups' hardware rounding differs from torch's on NaN patterns and fp32 subnormals; without either
+    fix the bf16 rademacher32 cases fail (NaNs of other patterns and subnormal sums are among the special values)."""
+    bad = run_cases("cpu", _mutant(tmp_path, monkeypatch, fix=(old, new)), SHAPES, specials=True)
+    assert bad and all("bfloat16" in line and "rademacher32" in line for line in bad), bad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_update_list_is_update_per_tensor(lib, dtype):
     """One update_list call over tensors of kernel_cases' shapes and LARGE's (several blocks and threads, an offset
