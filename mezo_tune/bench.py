@@ -282,45 +282,43 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     # faulting it in again (a step in a run never does); it still counts for the peak.
     call(1)
     sync()
-    # Each call is followed by a timed call of the yardstick it is compared with (a step variant: a forward; replay: a
-    # plain copy), so that a machine whose speed drifts between children (shared or virtual CPUs) does not skew the
-    # ratios.
-    partner = None
+    # Each call is followed by a timed call of the yardstick it is compared with (a step variant: a forward, then a
+    # copy of as many bytes as the trainable weights; replay: a plain copy), so that a machine whose speed drifts
+    # between children or within one (shared or virtual CPUs) does not skew the ratios.
+    out = {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
+           "device": _device_name(device)}
+    # a copy of the trainable weights (read + write of each): the unit of a step's overhead (bench's docstring)
+    out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
+    yardsticks = []
     if variant in ("mezo", "backprop", "reference"):
-        partner = forward
-    elif variant == "replay":
-        copy_bytes, partner = _copy_call(trainable.numel, trainable.params[0].dtype, device)
-        partner(0)
-    times, partner_times = [], []
+        # the peaks first: the copy's buffers, made after, count in neither (the extra call: the profiler slows
+        # what it watches, so it is not timed)
+        out["peak_bytes"] = _peak_bytes(device)
+        out["tensor_peak_bytes"] = (out["peak_bytes"] if device.startswith("cuda")
+                                    else tensor_peak_bytes(call, repeats + 2))
+        yardsticks.append(forward)
+    if variant != "forward":
+        copy_bytes, copy = _copy_call(trainable.numel, trainable.params[0].dtype, device)
+        copy(0)
+        yardsticks.append(copy)
+    times, after = [], [[] for _ in yardsticks]  # after[k][i]: yardstick k timed right after call i
     for step in range(2, repeats + 2):
-        for fn, into in ((call, times), (partner, partner_times)) if partner else ((call, times),):
+        for fn, into in [(call, times), *zip(yardsticks, after)]:
             t0 = time.perf_counter()
             fn(step)
             sync()
             into.append(time.perf_counter() - t0)
-    peak = _peak_bytes(device)
-    if not device.startswith("cuda"):  # an extra, untimed call (the profiler slows what it watches)
-        tensor_peak = tensor_peak_bytes(call, repeats + 2)
-    out = {"variant": variant, "seconds": statistics.median(times), "times": times, "peak_bytes": peak,
-           "tensor_peak_bytes": peak if device.startswith("cuda") else tensor_peak,
-           "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
-           "device": _device_name(device)}
-    # a copy of the trainable weights (read + write of each): the unit of a step's overhead (bench's docstring)
-    out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
-    if partner is forward:
-        out["forward_seconds"] = statistics.median(partner_times)
-        out["forward_times"] = partner_times  # each right after the call of the same index in "times"
-        # timed last, so that its buffers count in neither peak; in this process, as the step was
-        copy_bytes, copy = _copy_call(trainable.numel, trainable.params[0].dtype, device)
-        copy(0)
-        partner_times = []
-        for step in range(repeats):
-            t0 = time.perf_counter()
-            copy(step)
-            sync()
-            partner_times.append(time.perf_counter() - t0)
+    out["seconds"], out["times"] = statistics.median(times), times
+    if "peak_bytes" not in out:
+        out["peak_bytes"] = _peak_bytes(device)
+        out["tensor_peak_bytes"] = (out["peak_bytes"] if device.startswith("cuda")
+                                    else tensor_peak_bytes(call, repeats + 2))
+    if variant in ("mezo", "backprop", "reference"):
+        out["forward_seconds"] = statistics.median(after[0])
+        out["forward_times"] = after[0]  # each right after the call of the same index in "times"
+        out["copy_times"] = after[1]  # each right after that forward
     if variant != "forward":
-        out["copy_bytes_per_s"] = copy_bytes / statistics.median(partner_times)
+        out["copy_bytes"], out["copy_bytes_per_s"] = copy_bytes, copy_bytes / statistics.median(after[-1])
     return out
 
 
@@ -352,11 +350,16 @@ def weight_copy_seconds(result: dict) -> float:
 
 
 def overhead_in_copies(result: dict) -> float:
-    """What a step costs beyond its forwards, in copies of the trainable weights: (step - 2 forwards timed between its
-    calls: the median over the calls of each call's time less twice the forward timed right after it, which a CPU whose
-    speed drifts disturbs less than a difference of medians) / one weight copy timed in the same process; replay (no
-    forward): its step in copies. It does not depend on
-    how fast the matmuls are, so it compares across machines (issue #16)."""
+    """What a step costs beyond its forwards, in copies of the trainable weights: the median over the calls of (the
+    call's time - 2 x the forward timed right after it) / the weight copy timed right after that forward, all in one
+    process: a CPU whose speed drifts (shared, virtual) disturbs each triple less than a ratio of medians. Results
+    from before the copies were interleaved: the median of (call - 2 forwards) over the median copy. Replay (no
+    forward): its step in copies. It does not depend on how fast the matmuls are, so it compares across machines
+    (issue #16)."""
+    if "copy_times" in result:  # each step against the forward and the copy timed right after it
+        scale = result["bytes_moved"] / result["copy_bytes"]  # the copy's bytes: those of the weights, up to 2**27
+        return statistics.median((t - 2 * f) / (c * scale) for t, f, c in
+                                 zip(result["times"], result["forward_times"], result["copy_times"]))
     if "forward_times" in result:  # the median of paired differences: each step against the forward timed after it
         beyond = statistics.median(t - 2 * f for t, f in zip(result["times"], result["forward_times"]))
     else:
@@ -401,6 +404,8 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
         "overhead_in_copies": {v: overhead_in_copies(results[v]) for v in VARIANTS[1:]},
         "times": {v: results[v]["times"] for v in VARIANTS},
         "forward_times": {v: results[v]["forward_times"] for v in ("mezo", "backprop", "reference")},
+        "copy_times": {v: results[v]["copy_times"] for v in ("mezo", "backprop", "reference")},
+        "copy_bytes": {v: results[v]["copy_bytes"] for v in VARIANTS[1:]},
     }
 
 

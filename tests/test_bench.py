@@ -65,9 +65,12 @@ def test_bench_reports_every_variant_and_the_replay_bandwidth():
     copy_s = res["weight_copy_s"]
     assert set(copy_s) == set(res["overhead_in_copies"]) == {"mezo", "backprop", "reference", "replay"}
     assert all(s > 0 for s in copy_s.values())
-    # (paired: each step less twice the forward timed right after it, the median of those)
-    pairs = zip(res["times"]["mezo"], res["forward_times"]["mezo"])
-    assert res["overhead_in_copies"]["mezo"] == statistics.median(t - 2 * f for t, f in pairs) / copy_s["mezo"]
+    # (in triples: each step less twice the forward timed right after it, over the copy timed right after that
+    # forward, scaled from the copy's bytes to the weights'; the median of those)
+    triples = zip(res["times"]["mezo"], res["forward_times"]["mezo"], res["copy_times"]["mezo"])
+    scale = 2 * 4 * params / res["copy_bytes"]["mezo"]
+    assert res["overhead_in_copies"]["mezo"] == pytest.approx(
+        statistics.median((t - 2 * f) / (c * scale) for t, f, c in triples), rel=1e-12)
     assert res["overhead_in_copies"]["replay"] == pytest.approx(1 / res["ratios"]["replay_bandwidth_fraction"],
                                                                 rel=1e-12)  # the same figure, divided the other way
     assert "overhead in weight copies      MeZO" in format_bench(res)
