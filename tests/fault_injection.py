@@ -43,7 +43,7 @@ def arm(spec: dict) -> None:
     import safetensors.torch
     import torch
 
-    from mezo_tune import mezo, models, trajectory
+    from mezo_tune import mezo, models, trajectory, zrng
 
     phase, n, fraction = spec["phase"], spec["n"], spec["fraction"]
     state = {"appended": 0, "count": 0, "in_update": False}
@@ -80,7 +80,7 @@ def arm(spec: dict) -> None:
         torch.nn.modules.module.register_module_forward_pre_hook(hook)
     elif phase == "update":  # n = step * 1000 + k: during step `step`'s update, before its k-th tensor
         step, k = divmod(n, 1000)
-        apply_update, chunk_keys = mezo.Mezo.apply_update, mezo.Mezo._chunk_keys
+        apply_update, update_tensors = mezo.Mezo.apply_update, zrng.update_tensors
 
         def updating(self, s, c):
             state["in_update"] = state["appended"] == step
@@ -89,14 +89,14 @@ def arm(spec: dict) -> None:
             finally:
                 state["in_update"] = False
 
-        def keys(self, *a, **kw):
-            if state["in_update"]:
-                state["count"] += 1
-                if state["count"] == k:
-                    die()
-            return chunk_keys(self, *a, **kw)
+        def tensors_then_die(items, *a, **kw):
+            # the update runs in one C call (a kill inside it leaves some tensors updated): the first k - 1, then die
+            if state["in_update"] and k <= len(items):
+                update_tensors(items[: k - 1], *a, **kw)
+                die()
+            return update_tensors(items, *a, **kw)
 
-        mezo.Mezo.apply_update, mezo.Mezo._chunk_keys = updating, keys
+        mezo.Mezo.apply_update, zrng.update_tensors = updating, tensors_then_die
     elif phase == "append":  # the n-th write of a block (the header is write 0)
         write_chunk = trajectory.TrajectoryWriter._write_chunk
 
