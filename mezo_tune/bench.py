@@ -282,20 +282,20 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     # faulting it in again (a step in a run never does); it still counts for the peak.
     call(1)
     sync()
+    # The peaks before the timed calls (the same calls): the yardstick copy's buffers, made after, count in neither.
+    # The live-tensor peak comes from an extra, untimed call (the profiler slows what it watches).
+    peak = _peak_bytes(device)
+    tensor_peak = peak if device.startswith("cuda") else tensor_peak_bytes(call, repeats + 2)
     # Each call is followed by a timed call of the yardstick it is compared with (a step variant: a forward, then a
     # copy of as many bytes as the trainable weights; replay: a plain copy), so that a machine whose speed drifts
     # between children or within one (shared or virtual CPUs) does not skew the ratios.
-    out = {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
+    out = {"variant": variant, "peak_bytes": peak, "tensor_peak_bytes": tensor_peak,
+           "params": sum(p.numel() for p in model.parameters()), "trainable": trainable.numel,
            "device": _device_name(device)}
     # a copy of the trainable weights (read + write of each): the unit of a step's overhead (bench's docstring)
     out["bytes_moved"] = sum(2 * p.numel() * p.element_size() for p in trainable.params)
     yardsticks = []
     if variant in ("mezo", "backprop", "reference"):
-        # the peaks first: the copy's buffers, made after, count in neither (the extra call: the profiler slows
-        # what it watches, so it is not timed)
-        out["peak_bytes"] = _peak_bytes(device)
-        out["tensor_peak_bytes"] = (out["peak_bytes"] if device.startswith("cuda")
-                                    else tensor_peak_bytes(call, repeats + 2))
         yardsticks.append(forward)
     if variant != "forward":
         copy_bytes, copy = _copy_call(trainable.numel, trainable.params[0].dtype, device)
@@ -309,10 +309,6 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
             sync()
             into.append(time.perf_counter() - t0)
     out["seconds"], out["times"] = statistics.median(times), times
-    if "peak_bytes" not in out:
-        out["peak_bytes"] = _peak_bytes(device)
-        out["tensor_peak_bytes"] = (out["peak_bytes"] if device.startswith("cuda")
-                                    else tensor_peak_bytes(call, repeats + 2))
     if variant in ("mezo", "backprop", "reference"):
         out["forward_seconds"] = statistics.median(after[0])
         out["forward_times"] = after[0]  # each right after the call of the same index in "times"

@@ -277,10 +277,11 @@ INLINE int update_group_bf16(uint16_t *w, uint32_t hw, float c) {
 #define UPDATE_GROUP_2 BF16_UPDATE_GROUP
 #define HAVE_GROUPS(K) ((K) == 1 ? HAVE_F16_GROUPS : (K) == 2 ? HAVE_BF16_GROUPS : 0)
 
-/* CALL on blocks [b, e) of [0, n), over `threads` threads (n and threads: variables of the caller) */
+/* CALL on each block [b, e) of [0, n) (n: a variable of the caller); BLOCKS: over `threads` threads */
+#define EACH_BLOCK(CALL) for (int64_t b = 0; b < n; b += BLOCK) { int64_t e = b + BLOCK < n ? b + BLOCK : n; CALL; }
 #define BLOCKS(CALL)                                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= PARALLEL_FROM)")      \
-    for (int64_t b = 0; b < n; b += BLOCK) { int64_t e = b + BLOCK < n ? b + BLOCK : n; CALL; }
+    EACH_BLOCK(CALL)
 /* Each kernel body is compiled once per (storage kind(s), distribution), the constants folded in, and picked from a
    table: M(kind, dist) for every kind and distribution, M(w kind, out kind, dist) for every pair of kinds. */
 #define EACH_DIST(M, ...) M(__VA_ARGS__, 0) M(__VA_ARGS__, 1) M(__VA_ARGS__, 2)
@@ -392,10 +393,7 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
         void *w = ws[t];
         const int64_t n = ns[t], *key = keys + 3 * t;
         _Pragma("omp for schedule(static) nowait")
-        for (int64_t b = 0; b < n; b += BLOCK) {
-            int64_t e = b + BLOCK < n ? b + BLOCK : n;
-            f(w, b, e, key[2], key[0], key[1], cs);
-        }
+        EACH_BLOCK(f(w, b, e, key[2], key[0], key[1], cs))
     }
 }
 

@@ -555,13 +555,10 @@ class Mezo:
                 return
             flat_w, flat_out = w.view(-1) if w.is_contiguous() else w.reshape(-1), out.view(-1)
             n = flat_w.numel()
-            if n <= zrng.CHUNK:  # one call, no slicing (this runs for every tensor of every perturbed forward)
-                kernel(flat_out, flat_w, self._key_tensor(step, name, offset, w.device), eps_on(w.device),
-                       self.distribution)
-                return
             for a, b in zrng.chunks(n):
-                kernel(flat_out[a:b], flat_w[a:b], self._key_tensor(step, name, offset + a, w.device),
-                       eps_on(w.device), self.distribution)
+                # a whole tensor (most of them) unsliced: this runs for every tensor of every perturbed forward
+                o, x = (flat_out, flat_w) if b - a == n else (flat_out[a:b], flat_w[a:b])
+                kernel(o, x, self._key_tensor(step, name, offset + a, w.device), eps_on(w.device), self.distribution)
 
         def swap_in(named):
             """Point each (name, parameter) at θ ± εz formed into a scratch buffer; the stored θ is kept aside."""

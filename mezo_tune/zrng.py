@@ -260,19 +260,16 @@ def update_tensors(items, c: float, distribution: str, use_compile: bool) -> Non
     """update_kernel (round to nearest) over several whole tensors: items are (flat contiguous tensor, (k0, k1), index
     of its first element). With use_compile the CPU tensors of each C storage dtype go to the C kernels in one call
     (cpu_kernels.update_list); the rest, or all where those cannot be built, run `kernel(update_kernel)` per chunk."""
-    rest = list(items)
-    if use_compile:
+    rest, by_dtype = [], {}
+    for item in items:
+        (rest if not use_compile or item[0].is_cuda else by_dtype.setdefault(item[0].dtype, [])).append(item)
+    if by_dtype:
         from mezo_tune import cpu_kernels
 
-        by_dtype: dict = {}
-        for item in items:
-            if not item[0].is_cuda:
-                by_dtype.setdefault(item[0].dtype, []).append(item)
         for group in by_dtype.values():
             keys = torch.tensor([[k0, k1, offset] for _, (k0, k1), offset in group], dtype=torch.int64)
-            if cpu_kernels.update_list([t for t, _, _ in group], keys, c, distribution):
-                done = {id(item) for item in group}
-                rest = [item for item in rest if id(item) not in done]
+            if not cpu_kernels.update_list([t for t, _, _ in group], keys, c, distribution):
+                rest += group
     run = kernel(update_kernel, use_compile)
     c_t: dict = {}
     for flat, (k0, k1), offset in rest:
