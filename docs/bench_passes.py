@@ -1,8 +1,10 @@
 """A MeZO step's memory passes over the trainable set of the embedded SmolLM2, timed in one process (interleaved,
 medians): a perturbed copy of every trainable tensor (what each perturbed forward does; here into one scratch buffer),
-the update pass (= a replay step) and a plain copy of the trainable weights. A few seconds each, so far less noisy on a
-shared CPU than bench's step - 2 forwards; (2 perturbed copies + update) / copy is the part of a step's overhead in
-weight copies that the kernels cause (README, "Half precision").
+the update pass (= a replay step), the update fused into a perturbed copy (what a step's first perturbed forward does
+with the previous step's update, cpu_kernels.update_perturb) and a plain copy of the trainable weights. A few seconds each, so far less noisy on a
+shared CPU than bench's step - 2 forwards; (perturbed copy + fused update and perturbed copy) / copy is the part of a
+step's overhead in weight copies that the kernels cause (README, "Half precision"); with the update in a pass of its
+own (as before the fusion, or where it does not apply): 2 perturbed copies + update.
 
 Usage: OMP_NUM_THREADS=1 python docs/bench_passes.py DTYPE REPEATS [DISTRIBUTION]
        (DTYPE: float32 | bfloat16 | float16; DISTRIBUTION: gaussian (default) | rademacher | rademacher32)
@@ -13,7 +15,7 @@ import sys
 import time
 
 import torch
-from mezo_tune import models, zrng
+from mezo_tune import cpu_kernels, models, zrng
 from mezo_tune.mezo import Mezo, trainable_set, update_scale
 
 dtype, repeats = sys.argv[1], int(sys.argv[2])
@@ -33,8 +35,18 @@ def perturb_all(step):
         for a, b in zrng.chunks(flat.numel()):
             kernel(scratch[a:b], flat[a:b], zrng.key_tensor(k0, k1, a), eps, dist)
 
+
+def update_perturb_all(step):
+    for name, p in zip(tr.names, tr.params):
+        flat = p.data.view(-1)
+        key = zrng.key_tensor(*zrng.stream_key(0, step, name))
+        ukey = zrng.key_tensor(*zrng.stream_key(0, step - 1, name))
+        assert cpu_kernels.update_perturb(scratch[: flat.numel()], flat, key, 1e-3, ukey, c, dist)
+
+
 c = update_scale(1e-7, 1e-2)  # an fp32 c, as training applies (the C update then computes in fp32)
-calls = {"perturb_all": perturb_all, "update": lambda s: engine.apply_update(s, c), "copy": lambda s: dst.copy_(src)}
+calls = {"perturb_all": perturb_all, "update": lambda s: engine.apply_update(s, c),
+         "update_perturb_all": update_perturb_all, "copy": lambda s: dst.copy_(src)}
 times = {k: [] for k in calls}
 with torch.no_grad():
     for f in calls.values():
@@ -45,4 +57,5 @@ with torch.no_grad():
 med = {k: statistics.median(v) for k, v in times.items()}
 print(json.dumps({"dtype": dtype, "distribution": dist, "threads": torch.get_num_threads(), "median_s": med,
                   "in_copies": {k: v / med["copy"] for k, v in med.items()},
-                  "step_passes_in_copies": (2 * med["perturb_all"] + med["update"]) / med["copy"]}))
+                  "step_passes_in_copies": (med["perturb_all"] + med["update_perturb_all"]) / med["copy"],
+                  "unfused_step_passes_in_copies": (2 * med["perturb_all"] + med["update"]) / med["copy"]}))

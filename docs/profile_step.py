@@ -25,6 +25,7 @@ model = models.load_model(models.resolve_source("embedded:smollm2-135m", progres
 models.keep_freed_memory()
 ids = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
 engine = Mezo(model, trainable_set(model), seed=0, eps=1e-3, distribution=dist, use_compile=True)
+engine.defer_updates = True  # as train runs it (mezo.Mezo.apply_update)
 
 
 def step(s):

@@ -247,6 +247,7 @@ def run_variant(variant: str, model_spec: str, dtype: str, batch_size: int, seq_
     elif variant == "mezo":
         engine = Mezo(model, trainable, seed=0, eps=1e-3, distribution=distribution,
                       use_compile=use_compile(compile_setting, device))
+        engine.defer_updates = True  # as train runs it: each update fused into the next step's first perturbation
 
         def call(step):
             engine.step(step, 1e-7, lambda: _lm_loss(model, ids))
@@ -425,6 +426,7 @@ def run_dp(model_spec: str, dtype: str, batch_size: int, seq_len: int, repeats: 
             device = f"cuda:{torch.cuda.current_device()}"
         model, trainable, ids = _bench_model(model_spec, dtype, device, batch_size, seq_len)
         engine = Mezo(model, trainable, seed=0, eps=1e-3, use_compile=use_compile(compile_setting, device))
+        engine.defer_updates = True  # as train runs it
         mine = distributed.shard(ids, world)
         reduced: list[int] = []
         if world.parallel:

@@ -396,6 +396,17 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
         EACH_BLOCK(f(w, b, e, key[2], key[0], key[1], cs))
     }
 }
+/* `update` of w by (ukey, c), then `perturb` of the updated w into out by (key, eps), one block after the other: the
+   block is read from memory once, its second reading comes from cache (Mezo.perturbed, for an update left pending
+   by the previous step). The same two functions on the same block as the two separate calls: the same bits. */
+void update_perturb(void *out, void *w, int64_t n, const int64_t *key, double eps, const int64_t *ukey, double c,
+                    int kind, int dist, int threads) {
+    perturb_fn *p = PERTURBS[(kind * 3 + kind) * 3 + dist];
+    update_fn *u = update_for(c, kind, dist);
+    float eps32 = (float)eps;
+    double cs = cscale(c, dist);
+    BLOCKS(u(w, b, e, ukey[2], ukey[0], ukey[1], cs); p(out, w, b, e, key[2], key[0], key[1], eps32))
+}
 
 /* zrng.update_kernel_stochastic, step for step: v = w - c*z in `wide` (fp64 for fp32 storage, else fp32); r = v
    rounded to nearest; n = r's other neighbour (r's bit pattern + 1 away from zero, - 1 toward it, wrapping as zrng's
@@ -471,6 +482,7 @@ _SIGNATURES = {
     "perturb_rows": [_P, _P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
     "update": [_P, _I64, _P, _DBL, _INT, _INT, _INT],
     "update_list": [_P, _P, _P, _I64, _DBL, _INT, _INT, _INT],
+    "update_perturb": [_P, _P, _I64, _P, _DBL, _P, _DBL, _INT, _INT, _INT],
     "update_stochastic": [_P, _I64, _P, _P, _DBL, _INT, _INT, _INT],
     "adam_f32": [_P, _P, _P, _I64, _P, _P, _INT, _INT],
 }
@@ -587,6 +599,18 @@ def update_list(tensors: list[torch.Tensor], keys: torch.Tensor, c: float, distr
     lib.update_list((ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors]),
                     (ctypes.c_int64 * count)(*[t.numel() for t in tensors]), keys.data_ptr(), count, float(c),
                     _KIND[tensors[0].dtype], zrng.distribution_code(distribution), torch.get_num_threads())
+    return True
+
+
+def update_perturb(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: float, ukey: torch.Tensor, c: float,
+                   distribution: str, lib: ctypes.CDLL | None = None) -> bool:
+    """zrng.update_kernel(w, ukey, c) (round to nearest), then zrng.perturb_kernel(out, w, key, eps), in one pass over
+    w (out and w of one dtype); False, doing nothing, where the C kernels do not cover them."""
+    lib = lib or library()
+    if lib is None or not (_on_cpu(out, w) and out.dtype == w.dtype and _key_ok(key, ukey)):
+        return False
+    lib.update_perturb(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), ukey.data_ptr(), float(c),
+                       _KIND[w.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
     return True
 
 

@@ -436,6 +436,8 @@ BLOCKED_LINEAR_ELEMENTS = 1 << 23
 class Mezo:
     """Perturbation and update over a trainable set, for one run (seed, ε, z distribution, rounding)."""
 
+    DEFERS = True  # whether an update may be left pending for the next perturbed forward (apply_update)
+
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
                  rule: UpdateRule | AdamRule = UpdateRule(), estimator: str = "spsa",
@@ -495,6 +497,10 @@ class Mezo:
 
             self._offloaded = offloaded_owners(model, trainable.names, trainable.params)
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        # defer_updates: leave each step's update pending, to be fused into the next perturbed forward (see
+        # apply_update); the caller then calls flush() before reading the weights itself (train does)
+        self.defer_updates = False
+        self._pending: tuple[int, float, dict[str, torch.Tensor]] | None = None  # (step, c, key tensor per name left)
         self._keys_step, self._keys = None, {}  # the latest step's keys: _step_key's and _key_tensor's
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
         self._hooked: dict[int, tuple[list, list]] = {}
@@ -549,6 +555,7 @@ class Mezo:
 
         def perturb(out: torch.Tensor, w: torch.Tensor, name: str, offset: int = 0) -> None:
             """out = θ ± εz for the elements [offset, offset + numel) of trainable tensor `name` (w: their values)."""
+            self.flush([name])  # a pending update of a tensor that is not perturbed whole (swap_in fuses those)
             if self.directions.forms(w):  # the whole tensor (formed z never takes the row-block paths)
                 z = self.directions.perturbation(self.seed, step, name, w, self.distribution)
                 out.copy_((w.to(torch.float32) + eps_on(w.device).to(torch.float32) * z).to(out.dtype))
@@ -567,7 +574,8 @@ class Mezo:
                     continue
                 orig = p.data
                 buf = self._acquire(orig.shape, orig.dtype, orig.device)
-                perturb(buf, orig, name)
+                if not self._update_perturb(buf, orig, name, step, sign):
+                    perturb(buf, orig, name)
                 swapped[name] = (p, orig)
                 p.data = buf
 
@@ -578,6 +586,7 @@ class Mezo:
         def embedding_forward(module, ids):
             # A lookup reads only the rows of its ids: perturb those rows alone, and look up in them.
             w = module.weight
+            self.flush([self._name_of[id(w)]])
             rows, inverse = torch.unique(ids, return_inverse=True)
             width = w.shape[1]
             index = (rows[:, None] * width + torch.arange(width, device=w.device)).reshape(-1)
@@ -651,6 +660,7 @@ class Mezo:
             for entry in list(swapped.values()):  # a forward that raised leaves nothing perturbed behind
                 self._restore(entry)
             swapped.clear()
+            self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
 
     def _block_rows(self, w: torch.Tensor) -> int:
         """Output rows of a large weight that `perturbed` forms and applies at a time (linear_forward).
@@ -706,12 +716,71 @@ class Mezo:
     # -- contract 4
     def apply_update(self, step: int, c: float) -> None:
         """θ ← R(θ - c·z_step) for every trainable tensor the step's directions touch. c == 0 changes no bit (and is
-        not even computed)."""
+        not even computed).
+
+        With defer_updates, where the C kernels cover it (round to nearest, dense or layerwise z, whole contiguous CPU
+        tensors, the two-point estimator, no offloading), the update is left pending: the next perturbed forward
+        applies it to each tensor in the same pass that forms the tensor's perturbed copy (cpu_kernels.update_perturb:
+        one read of the weights instead of two; the same bits as the update then the perturbation), and on its way
+        out to whatever it did not perturb whole. Anything else that reads the weights calls flush() first: digest
+        and rule_state do; a caller that reads the model itself (an eval, a save) must."""
         if c == 0.0:
             return
+        self.flush()
+        if self.defer_updates and self._defers():
+            touched = self.directions.touched(self.seed, step, self._names)
+            self._pending = (step, c, {name: self._key_tensor(step, name, 0, w.device)
+                                       for name, w, _ in self._weights() if name in touched})
+            return
+        self._update_now(step, c)
+
+    def _defers(self) -> bool:
+        """Whether an update may be left pending (see apply_update)."""
+        from . import cpu_kernels
+
+        return (self.DEFERS and self.use_compile and self.rounding == "nearest" and self.adam is None
+                and self.estimator == "spsa" and self.directions.kind in ("dense", "layerwise")
+                and not self._offloaded and cpu_kernels.library() is not None
+                and all(w.is_cpu and w.is_contiguous() for _, w, _ in self._weights()))
+
+    def _update_perturb(self, out: torch.Tensor, w: torch.Tensor, name: str, step: int, sign: int) -> bool:
+        """The pending update of whole tensor `name` (w) and its perturbation into out, in one pass; False where
+        there is none for it (or the C kernels do not take it: the caller perturbs, after a flush)."""
+        if self._pending is None or name not in self._pending[2]:
+            return False
+        from . import cpu_kernels
+
+        _, c, left = self._pending
+        key = self._key_tensor(step, name, 0, w.device)
+        if not cpu_kernels.update_perturb(out.view(-1), w.view(-1), key, sign * self.eps, left[name], c,
+                                          self.distribution):
+            return False
+        del left[name]
+        if not left:
+            self._pending = None
+        return True
+
+    def flush(self, names=None) -> None:
+        """Apply what is left of a pending update (see apply_update): to every tensor, or to those of `names`."""
+        if self._pending is None:
+            return
+        step, c, left = self._pending
+        todo = set(left) if names is None else left.keys() & set(names)
+        if not todo:
+            return
+        self._update_now(step, c, todo)
+        for name in todo:
+            del left[name]
+        if not left:
+            self._pending = None
+
+    def _update_now(self, step: int, c: float, names=None) -> None:
+        """apply_update's θ ← R(θ - c·z_step), applied now, to the tensors the step touches (of `names`, if given)."""
         stochastic = zrng.kernel(zrng.update_kernel_stochastic, self.use_compile)
         c_t = {}
         touched = self.directions.touched(self.seed, step, self._names)
+        if names is not None:
+            touched = touched & frozenset(names)
         nearest, strided = [], []  # round to nearest: all in one zrng.update_tensors call
         with torch.no_grad():
             for name, w, offset in self._weights():
@@ -831,6 +900,7 @@ class Mezo:
     def rule_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The update rule's state for a checkpoint: (tensors by name, JSON-able scalars); empty for rules without
         stored state (sgd, momentum: its window is rebuilt from the records)."""
+        self.flush()
         if self.adam is None:
             return {}, {}
         tensors = {}
@@ -868,6 +938,7 @@ class Mezo:
 
     def digest(self) -> bytes:
         """The weights digest of the trainable tensors now (keyframes, the end block, checkpoints)."""
+        self.flush()
         return weights_digest(self.trainable.params, self.digest_scheme)
 
 

@@ -99,6 +99,8 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 class ShardedMezo(Mezo):
     """Mezo over a fully_shard-ed model: perturbs, updates and digests only this rank's shards (see the module)."""
 
+    DEFERS = False  # its perturbed forward copies shards in place, with no pending update to fuse
+
     def _weights(self):
         return [(name, p.to_local(), shard_offset(p)) for name, p in zip(self.trainable.names, self.trainable.params)]
 

@@ -238,6 +238,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
         """Score the weights after step t on the eval rows; recorded in the trajectory and metrics.jsonl."""
         if run.eval_rows is None:
             return
+        run.engine.flush()  # the step's update, if it was left for the next step's perturbed forward
         rows, reduce = (run.eval_rows, None) if sharded else distributed.eval_share(run.eval_rows, world)
         result = run.task.evaluate(run.model, rows, batch_size=r.mezo.batch_size, progress=progress, reduce=reduce)
         step = last_record(t)
@@ -255,6 +256,9 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
     skipped_in_a_row: list[dict] = []  # the latest records, all skipped
     last_keyframe = (-1, b"")  # (record, digest): the end reuses it when the last step had a keyframe
     stopped = r.mezo.steps
+    # each step's update is fused into the next step's first perturbed forward where it can be (Mezo.apply_update);
+    # evals, checkpoints and the end flush it first
+    run.engine.defer_updates = True
     try:
         for t in range(start, r.mezo.steps):
             t0 = time.perf_counter()
@@ -275,6 +279,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
                 writer.append_keyframe(*last_keyframe)
             if world.main and not sharded and r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0:
                 writer.flush()  # the checkpoint never runs ahead of the intact trajectory
+                run.engine.flush()
                 save_checkpoint(out, run, last_record(t))
             dt = time.perf_counter() - t0
             losses = [(rec["loss_plus"] + rec["loss_minus"]) / 2 for rec in recs]
@@ -304,6 +309,7 @@ def train_mezo(recipe: Recipe, world: distributed.World, *, resume: bool, overwr
                     stopped = t + 1
                     break
         bar.close()
+        run.engine.flush()
         n_records = stopped * K
         final_digest = last_keyframe[1] if last_keyframe[0] == n_records - 1 else run.engine.digest()
         if n_records - 1 not in keyframes_done and last_keyframe[0] != n_records - 1:

@@ -78,25 +78,36 @@ def arm(spec: dict) -> None:
                     die()
 
         torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    elif phase == "update":  # n = step * 1000 + k: during step `step`'s update, before its k-th tensor
+    elif phase == "update":  # n = step * 1000 + k: inside record `step`'s update, before its k-th tensor
         step, k = divmod(n, 1000)
-        apply_update, update_tensors = mezo.Mezo.apply_update, zrng.update_tensors
+        update_now, update_perturb, update_tensors = mezo.Mezo._update_now, mezo.Mezo._update_perturb, zrng.update_tensors
+        state["updated"] = 0  # tensors of record `step` updated so far
 
-        def updating(self, s, c):
-            state["in_update"] = state["appended"] == step
+        def now(self, s, c, names=None):
+            state["in_update"] = s == step
             try:
-                apply_update(self, s, c)
+                update_now(self, s, c, names)
             finally:
                 state["in_update"] = False
 
         def tensors_then_die(items, *a, **kw):
-            # the update runs in one C call (a kill inside it leaves some tensors updated): the first k - 1, then die
-            if state["in_update"] and k <= len(items):
-                update_tensors(items[: k - 1], *a, **kw)
+            # one C call (a kill inside it leaves some tensors updated): up to the (k - 1)-th tensor, then die
+            if state["in_update"] and state["updated"] + len(items) >= k:
+                update_tensors(items[: k - 1 - state["updated"]], *a, **kw)
                 die()
+            state["updated"] += len(items) if state["in_update"] else 0
             return update_tensors(items, *a, **kw)
 
-        mezo.Mezo.apply_update, zrng.update_tensors = updating, tensors_then_die
+        def fused_or_die(self, out, w, name, s, sign):
+            # the update left pending for the next step's first perturbed forward (Mezo.apply_update), tensor by tensor
+            pending = self._pending is not None and self._pending[0] == step and name in self._pending[2]
+            if pending and state["updated"] == k - 1:
+                die()
+            done = update_perturb(self, out, w, name, s, sign)
+            state["updated"] += 1 if pending and done else 0
+            return done
+
+        mezo.Mezo._update_now, mezo.Mezo._update_perturb, zrng.update_tensors = now, fused_or_die, tensors_then_die
     elif phase == "append":  # the n-th write of a block (the header is write 0)
         write_chunk = trajectory.TrajectoryWriter._write_chunk
 
@@ -254,7 +265,8 @@ def reference(recipe_for, root: Path) -> dict:
 
 
 def tiny_setup(root: Path, steps: int = 40):
-    """The tiny Llama of conftest.py and a recipe factory: lm task, keyframes every 10, checkpoints every 15."""
+    """The tiny Llama of conftest.py and a recipe factory: lm task, keyframes every 10, checkpoints every 15, the C
+    kernels (each step's update left pending for the next step's first perturbed forward, Mezo.apply_update)."""
     sys.path.insert(0, str(HERE))
     import torch
     from conftest import CORPUS, save_tiny, write_jsonl
@@ -268,7 +280,7 @@ def tiny_setup(root: Path, steps: int = 40):
 
     def recipe_for(path: Path, out: Path) -> Path:
         return write_recipe(path, model, train_rows, out=out, steps=steps, keyframe_every=10, checkpoint_every=15,
-                            max_length=24)
+                            max_length=24, compile="on")  # C kernels: updates fused into the next forward
 
     return recipe_for, dict(steps=steps, checkpoints=steps // 15, blocks=8, tensors=20)
 

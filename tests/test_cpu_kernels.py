@@ -150,6 +150,38 @@ def test_update_list_hands_back_what_it_does_not_cover(lib):
         assert all(torch.equal(t, b) for t, b in zip(tensors, before))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_update_perturb_is_the_update_then_the_perturbation(lib, dtype):
+    """update_perturb (the pending update fused into the next perturbation, Mezo.apply_update) leaves w and out with
+    the bits of the eager update kernel followed by the eager perturbation kernel: kernel_cases' shapes and LARGE's,
+    special values, every distribution, an fp32-exact c and one that is not, both signs of eps."""
+    from kernel_cases import F32_1E3, _weights
+
+    for dist in ("gaussian", "rademacher", "rademacher32"):
+        for c, eps in ((F32_1E3, 1e-3), (1e-3, -1e-2)):
+            for i, (n, offset) in enumerate(SHAPES + LARGE):
+                key, ukey = zrng.key_tensor(*zrng.stream_key(5, 10, "w"), offset), zrng.key_tensor(
+                    *zrng.stream_key(5, 9, "w"), offset)
+                w = _weights(n, dtype, "cpu", i, specials=True)
+                expected_w, expected_out = w.clone(), torch.empty_like(w)
+                zrng.update_kernel(expected_w, ukey, torch.tensor(c, dtype=torch.float64), dist)
+                zrng.perturb_kernel(expected_out, expected_w, key, torch.tensor(eps, dtype=torch.float64), dist)
+                out = torch.empty_like(w)
+                assert cpu_kernels.update_perturb(out, w, key, eps, ukey, c, dist)
+                assert torch.equal(w.view(torch.uint8), expected_w.view(torch.uint8)), (dist, c, n)
+                assert torch.equal(out.view(torch.uint8), expected_out.view(torch.uint8)), (dist, c, n)
+
+
+def test_update_perturb_hands_back_what_it_does_not_cover(lib):
+    """False, and nothing written, for a strided weight, an output of another dtype or size, an fp64 weight."""
+    key = zrng.key_tensor(1, 2, 0)
+    for out, w in ((torch.zeros(10), torch.ones(20)[::2]), (torch.zeros(4, dtype=torch.bfloat16), torch.ones(4)),
+                   (torch.zeros(5), torch.ones(4)), (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))):
+        before = w.clone()
+        assert not cpu_kernels.update_perturb(out, w, key, 1e-3, key, 0.5, "gaussian")
+        assert torch.equal(w, before) and not out.any()
+
+
 def test_twins_cover_every_kernel_and_have_zrng_signatures(lib):
     covered = {"z_kernel", "perturb_kernel", "perturb_rows_kernel", "update_kernel", "update_kernel_stochastic"}
     for fn in KERNELS:

@@ -226,3 +226,72 @@ def test_only_large_linears_go_by_blocks_in_every_dtype():
         # the same math; a blocked matmul may round differently from a whole one on another CPU's kernels
         torch.testing.assert_close(by_default, by_blocks, rtol=1e-3, atol=0)
     assert mezo.BLOCKED_LINEAR_ELEMENTS == 1 << 23
+
+
+def _deferred_pair(dtype, tie, distribution, large_linear=None, **kw):
+    """Two engines on two copies of one model: updates applied at once, and left pending (defer_updates)."""
+    engines = []
+    for defer in (False, True):
+        model = build_model("llama", dtype, tie=tie)
+        engine = mezo.Mezo(model, mezo.trainable_set(model), seed=3, eps=1e-2, distribution=distribution,
+                           use_compile=True, large_linear=large_linear, **kw)
+        engine.defer_updates = defer
+        engines.append(engine)
+    return engines
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("distribution", ("gaussian", "rademacher32"))
+@pytest.mark.parametrize("tie, large_linear", [(True, None), (False, None), (True, 1), (False, 1)])
+def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_linear, monkeypatch):
+    """An update left pending and fused into the next step's first perturbed forward (cpu_kernels.update_perturb) gives
+    the same records, bit for bit, and after flush() the same weights as updates applied at once: tied and untied
+    heads, every linear in row blocks or none (those and the embedding are updated before their first use), SGD and
+    momentum (several updates per record: the last one is left pending)."""
+    from mezo_tune import cpu_kernels
+
+    fused = []
+    real = cpu_kernels.update_perturb
+    monkeypatch.setattr(cpu_kernels, "update_perturb", lambda *a: fused.append(a[0].numel()) or real(*a))
+    for rule in (mezo.UpdateRule(), mezo.UpdateRule(0.5, 3)):
+        now, later = _deferred_pair(dtype, tie, distribution, large_linear, rule=rule)
+        for engine in (now, later):
+            engine.linear_block_elements = 32 * 7
+        for t in range(4):
+            loss = [lambda e=e: lm_loss(e.model, batch(t)) for e in (now, later)]
+            records = [e.step(t, 1e-2, f) for e, f in zip((now, later), loss)]
+            assert repr(records[0]) == repr(records[1]) and not records[0][0]["skipped"]  # repr: exact floats
+            assert now._pending is None and later._pending is not None
+        assert later.digest() == now.digest() and later._pending is None  # digest flushes
+        assert_bit_equal(snapshot(now.model), snapshot(later.model))
+        assert fused  # some tensors took the fused pass
+        fused.clear()
+
+
+def test_a_forward_that_raises_still_applies_the_pending_update():
+    """A perturbed forward that raises part-way (some tensors updated by the fused pass, the rest not) leaves every
+    tensor updated once: the context's exit applies what is left."""
+    now, later = _deferred_pair(torch.float32, True, "rademacher32")
+    for engine in (now, later):
+        engine.step(0, 0.5, lambda e=engine: lm_loss(e.model, batch()))
+    hook = later.model.model.layers[1].mlp.register_forward_hook(
+        lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), later.perturbed(1, +1):
+            lm_loss(later.model, batch())
+    hook.remove()
+    assert later._pending is None
+    assert_bit_equal(snapshot(now.model), snapshot(later.model))
+
+
+@pytest.mark.parametrize("what", ["stochastic rounding", "fzoo", "no C kernels", "adam"])
+def test_updates_are_applied_at_once_where_they_cannot_be_fused(what):
+    """defer_updates leaves nothing pending where the fused pass does not apply: stochastic rounding, the one-sided
+    estimator (its first forward is unperturbed), torch kernels (use_compile off), an update rule of its own."""
+    model = build_model("llama")
+    kw = {"stochastic rounding": {"rounding": "stochastic"}, "fzoo": {"estimator": "fzoo"},
+          "no C kernels": {}, "adam": {"rule": mezo.AdamRule()}}[what]
+    engine = mezo.Mezo(model, mezo.trainable_set(model), seed=3, eps=1e-2, use_compile=what != "no C kernels", **kw)
+    engine.defer_updates = True
+    engine.step(0, 0.5, lambda: lm_loss(model, batch()), directions=2)
+    assert engine._pending is None

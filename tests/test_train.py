@@ -802,6 +802,36 @@ def test_compiled_run_replays_bit_equal_without_compile(lm_recipe, tmp_path, mon
     assert_same_weights(tmp_path / "runs/x/final/model.safetensors", tmp_path / "rep/model.safetensors")
 
 
+def test_a_compiled_run_fuses_its_updates_and_equals_an_eager_run(lm_recipe, tmp_path, monkeypatch):
+    """With compile on, each step's update is left pending and fused into the next step's first perturbed forward
+    (Mezo.apply_update); evals, checkpoints, keyframes and the end apply it first. The run's records, keyframes, evals
+    and final weights equal those of the same run with compile off (eager kernels, each update applied at once)."""
+    from mezo_tune.mezo import Mezo
+
+    fused, real = [], Mezo._update_perturb
+
+    def counted(self, *args):
+        done = real(self, *args)
+        fused.append(done)
+        return done
+
+    monkeypatch.setattr(Mezo, "_update_perturb", counted)
+    runs = {}
+    for compile in ("on", "off"):
+        recipe = lm_recipe(f"{compile}.toml", out=f"runs/{compile}", steps=7, lr=1e-2, eps=1e-2, compile=compile,
+                           keyframe_every=4, checkpoint_every=3, eval_every=2)
+        train_cli(recipe)
+        runs[compile] = read_trajectory(tmp_path / f"runs/{compile}/trajectory.mezo")
+        if compile == "on":
+            assert any(fused)
+            fused.clear()
+    assert not any(fused)  # compile off: nothing left pending
+    on, off = runs["on"], runs["off"]
+    assert repr(on.steps) == repr(off.steps) and on.keyframes == off.keyframes and len(on.evals) == 5
+    assert repr(on.evals) == repr(off.evals)
+    assert_same_weights(tmp_path / "runs/on/final/model.safetensors", tmp_path / "runs/off/final/model.safetensors")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_rademacher32_run_records_generator_v2_and_replays_bit_equal(dtype, tmp_path, tiny_model_dirs, lm_files):
     """z generator version 2 end to end: the header says v2 rademacher32, replay rebuilds the weights bit for bit
