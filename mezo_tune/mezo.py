@@ -424,7 +424,7 @@ def _is_plain_embedding(module: torch.nn.Module) -> bool:
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
 # From this many elements a trainable nn.Linear weight is perturbed in row blocks during a perturbed forward
-# (`Mezo.perturbed`'s linear_forward) rather than whole through the swap hooks: 8M (an LM head), in every dtype.
+# (`Mezo.perturbed`'s linear_forward) rather than swapped whole for a perturbed copy: 8M (an LM head), in every dtype.
 # Blocks of a smaller weight made its matmuls slower than the perturbed copy they save: with the rademacher32 kernels,
 # whose perturbed copy costs about a weight copy, a bf16 perturbed forward of SmolLM2 took +0.090 s over a plain one
 # with every linear blocked against +0.059 s with the LM head alone (gaussian: +0.139 / +0.084 s; one thread, medians
@@ -470,7 +470,7 @@ class Mezo:
         self.adam = AdamState.zeros(trainable.params) if isinstance(rule, AdamRule) else None
         self._name_of = {id(p): n for n, p in zip(trainable.names, trainable.params)}
         # Modules that own trainable parameters directly (a tied tensor has two owners). Plain embeddings and large
-        # linear layers get a forward of their own inside `perturbed` (see there); the others get swap hooks.
+        # linear layers get a forward of their own inside `perturbed` (see there); the others swap in perturbed copies.
         self.linear_block_elements: int | None = None  # None: `_block_rows` chooses per device
         self._embeddings, self._large_linears = [], []
         self._owners: list[tuple[torch.nn.Module, list[torch.nn.Parameter]]] = []
@@ -479,7 +479,7 @@ class Mezo:
             if not own:
                 continue
             weight = getattr(module, "weight", None)
-            # never replace a forward someone else (accelerate) installed; a formed z goes through the swap hooks
+            # never replace a forward someone else (accelerate) installed; a formed z is swapped in whole
             if "forward" not in module.__dict__ and not (id(weight) in self._name_of and directions.forms(weight)):
                 if _is_plain_embedding(module) and id(weight) in self._name_of:
                     self._embeddings.append(module)
@@ -614,26 +614,52 @@ class Mezo:
                 self._release(block)
             return out
 
+        def swapping(module, forward):
+            """module's forward with its touched tensors pointed at their perturbed copies for its duration."""
+            named, names = hooked[id(module)]
+
+            def run(*args, **kwargs):
+                swap_in(named)
+                try:
+                    return forward(*args, **kwargs)
+                finally:
+                    swap_out(names)
+
+            return run
+
         overridden, loading = [], []
         try:
-            # Two global module hooks dispatching on the module, not two hooks on each module: registering and
-            # removing ~540 per-module hooks cost ~3-7 ms per perturbed forward of SmolLM2 (half a weight copy).
             hooked: dict[int, tuple[list, list]] = {}
             for module, params in self._owners:
                 named = [(self._name_of[id(p)], p) for p in params if is_touched(p)]
                 if named:  # a module with none touched runs untouched
                     hooked[id(module)] = (named, [n for n, _ in named])
             self._hooked = hooked
-            if hooked:
+            # A module's own forward: a lookup of perturbed rows (plain embeddings), a perturbed matmul in row blocks
+            # (large linears), and around it (or the class forward) the swap of the module's other touched tensors.
+            # An instance attribute, not module hooks: with any global module hook every module call of the model
+            # takes torch's slow path (+3.5 ms a forward of SmolLM2, against 0.8 ms for these attributes), and
+            # registering per-module hooks costs more. A forward someone else installed (accelerate) keeps it: such
+            # modules are swapped by two global hooks.
+            forwards = {id(m): functools.partial(fn, m) for fns, fn in ((self._embeddings, embedding_forward),
+                                                                        (self._large_linears, linear_forward))
+                        for m in fns if is_touched(m.weight)}
+            by_hooks = set()
+            for module, _ in self._owners:
+                if id(module) in hooked and "forward" in module.__dict__:
+                    by_hooks.add(id(module))
+                elif id(module) in hooked or id(module) in forwards:
+                    forward = forwards.get(id(module)) or functools.partial(type(module).forward, module)
+                    module.forward = swapping(module, forward) if id(module) in hooked else forward
+                    overridden.append(module)
+            if by_hooks:
                 def pre_hook(module, args):
-                    entry = hooked.get(id(module))
-                    if entry is not None:
-                        swap_in(entry[0])
+                    if id(module) in by_hooks:
+                        swap_in(hooked[id(module)][0])
 
                 def post_hook(module, args, output):
-                    entry = hooked.get(id(module))
-                    if entry is not None:
-                        swap_out(entry[1])
+                    if id(module) in by_hooks:
+                        swap_out(hooked[id(module)][1])
 
                 handles.append(torch.nn.modules.module.register_module_forward_pre_hook(pre_hook))
                 handles.append(torch.nn.modules.module.register_module_forward_hook(post_hook))
@@ -643,11 +669,6 @@ class Mezo:
                     hook.on_load = lambda m, o=own: swap_in([(name, m._parameters[local]) for local, name in o])
                     hook.on_unload = lambda m, o=own: swap_out([name for _, name in o])
                     loading.append(hook)
-            for module, fn in [(m, embedding_forward) for m in self._embeddings] + [
-                    (m, linear_forward) for m in self._large_linears]:
-                if is_touched(module.weight):
-                    module.forward = functools.partial(fn, module)
-                    overridden.append(module)
             yield
         finally:
             for module in overridden:
