@@ -608,8 +608,14 @@ class Mezo:
                 for a in range(0, out_features, rows):
                     b = min(a + rows, out_features)
                     perturb(block[: b - a], w[a:b], self._name_of[id(w)], offset=a * in_features)
-                    bias = None if module.bias is None else module.bias[a:b]
-                    o2[:, a:b] = torch.nn.functional.linear(x2, block[: b - a], bias)  # bias rounded in, as F.linear
+                    # what F.linear computes (mm, or addmm with the bias), written into the output's columns in
+                    # place: assigning a block's result to them cost a copy (bf16 LM head: 46.6 -> 44.7 ms). out=
+                    # takes no autograd, which a perturbed forward never needs.
+                    with torch.no_grad():
+                        if module.bias is None:
+                            torch.mm(x2, block[: b - a].t(), out=o2[:, a:b])
+                        else:
+                            torch.addmm(module.bias[a:b], x2, block[: b - a].t(), out=o2[:, a:b])
             finally:
                 self._release(block)
             return out

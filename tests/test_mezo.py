@@ -209,6 +209,24 @@ def test_large_linear_in_row_blocks_equals_whole_perturbed_weight(tie):
     assert max(b.numel() for pool in engine._scratch.values() for b in pool) < model.lm_head.weight.numel()
 
 
+@pytest.mark.parametrize("use_compile", (False, True))
+def test_a_linear_with_a_bias_in_row_blocks(use_compile):
+    """A blocked linear with a bias: each block's columns get x·(W + εz_W)ᵀ + (b + εz_b), the bias perturbed by the
+    swap around the blocked forward; the weights are left as they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 50))
+    ts = mezo.trainable_set(model)
+    engine = mezo.Mezo(model, ts, seed=4, eps=1e-2, large_linear=1, use_compile=use_compile)
+    engine.linear_block_elements = 32 * 7
+    x = torch.randn(3, 5, 32)
+    before = snapshot(model)
+    with torch.no_grad(), engine.perturbed(2, -1):
+        blocked = model(x)
+    w, b = (p - 1e-2 * zrng.z_for(4, 2, n, p.numel()).view(p.shape) for n, p in zip(ts.names, ts.params))
+    torch.testing.assert_close(blocked, torch.nn.functional.linear(x, w, b), rtol=1e-6, atol=1e-6)
+    assert_bit_equal(before, snapshot(model))
+
+
 def test_only_large_linears_go_by_blocks_in_every_dtype():
     """mezo.BLOCKED_LINEAR_ELEMENTS: an nn.Linear of 8M elements or more (an LM head) is perturbed in row blocks, the
     smaller ones whole through the swap hooks, in fp32 and in 16 bits; both give the same forward."""
