@@ -40,7 +40,7 @@ def update_perturb_all(step):
     for name, p in zip(tr.names, tr.params):
         flat = p.data.view(-1)
         key = zrng.key_tensor(*zrng.stream_key(0, step, name))
-        ukey = zrng.key_tensor(*zrng.stream_key(0, step - 1, name))
+        ukey = zrng.key_tensor(*zrng.stream_key(1, step, name))  # the previous update: any other key
         assert cpu_kernels.update_perturb(scratch[: flat.numel()], flat, key, 1e-3, ukey, c, dist)
 
 

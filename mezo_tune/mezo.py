@@ -500,7 +500,8 @@ class Mezo:
         # defer_updates: leave each step's update pending, to be fused into the next perturbed forward (see
         # apply_update); the caller then calls flush() before reading the weights itself (train does)
         self.defer_updates = False
-        self._pending: tuple[int, float, dict[str, torch.Tensor]] | None = None  # (step, c, key tensor per name left)
+        # (step, c, the key tensor of each tensor left, c as an fp64 tensor on each device)
+        self._pending: tuple[int, float, dict[str, torch.Tensor], dict] | None = None
         self._keys_step, self._keys = None, {}  # the latest step's keys: _step_key's and _key_tensor's
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
         self._hooked: dict[int, tuple[list, list]] = {}
@@ -537,7 +538,8 @@ class Mezo:
     # -- contract 3
     @contextlib.contextmanager
     def perturbed(self, step: int, sign: int):
-        """Inside this context the model computes with θ + sign·ε·z_step; the stored θ is never written."""
+        """Inside this context the model computes with θ + sign·ε·z_step; the stored θ is never written, except by an
+        update left pending (apply_update), which is applied on the way (θ is then the updated weights)."""
         kernel = zrng.kernel(zrng.perturb_kernel, self.use_compile)
         rows_kernel = zrng.kernel(zrng.perturb_rows_kernel, self.use_compile)
         eps_t: dict = {}
@@ -574,7 +576,7 @@ class Mezo:
                     continue
                 orig = p.data
                 buf = self._acquire(orig.shape, orig.dtype, orig.device)
-                if not self._update_perturb(buf, orig, name, step, sign):
+                if not self._update_perturb(buf, orig, name, step, eps_on(orig.device)):
                     perturb(buf, orig, name)
                 swapped[name] = (p, orig)
                 p.data = buf
@@ -745,10 +747,11 @@ class Mezo:
         """θ ← R(θ - c·z_step) for every trainable tensor the step's directions touch. c == 0 changes no bit (and is
         not even computed).
 
-        With defer_updates, where the C kernels cover it (round to nearest, dense or layerwise z, whole contiguous CPU
-        tensors, the two-point estimator, no offloading), the update is left pending: the next perturbed forward
-        applies it to each tensor in the same pass that forms the tensor's perturbed copy (cpu_kernels.update_perturb:
-        one read of the weights instead of two; the same bits as the update then the perturbation), and on its way
+        With defer_updates, where the kernels cover it (round to nearest, dense or layerwise z, contiguous tensors on
+        CPU with the C kernels or on CUDA with Triton, the two-point estimator, no offloading), the update is left
+        pending: the next perturbed forward applies it to each tensor in the same pass that forms the tensor's
+        perturbed copy (zrng.update_perturb: one read of the weights instead of two; the same bits as the update then
+        the perturbation), and on its way
         out to whatever it did not perturb whole. Anything else that reads the weights calls flush() first: digest
         and rule_state do; a caller that reads the model itself (an eval, a save) must."""
         if c == 0.0:
@@ -756,31 +759,28 @@ class Mezo:
         self.flush()
         if self.defer_updates and self._defers():
             touched = self.directions.touched(self.seed, step, self._names)
-            self._pending = (step, c, {name: self._key_tensor(step, name, 0, w.device)
-                                       for name, w, _ in self._weights() if name in touched})
+            weights = [(name, w) for name, w, _ in self._weights() if name in touched]
+            self._pending = (step, c, {name: self._key_tensor(step, name, 0, w.device) for name, w in weights},
+                             {w.device: torch.tensor(c, dtype=torch.float64, device=w.device) for _, w in weights})
             return
         self._update_now(step, c)
 
     def _defers(self) -> bool:
         """Whether an update may be left pending (see apply_update)."""
-        from . import cpu_kernels
-
         return (self.DEFERS and self.use_compile and self.rounding == "nearest" and self.adam is None
                 and self.estimator == "spsa" and self.directions.kind in ("dense", "layerwise")
-                and not self._offloaded and cpu_kernels.library() is not None
-                and all(w.is_cpu and w.is_contiguous() for _, w, _ in self._weights()))
+                and not self._offloaded
+                and all(w.is_contiguous() and zrng.fuses_updates(w) for _, w, _ in self._weights()))
 
-    def _update_perturb(self, out: torch.Tensor, w: torch.Tensor, name: str, step: int, sign: int) -> bool:
-        """The pending update of whole tensor `name` (w) and its perturbation into out, in one pass; False where
-        there is none for it (or the C kernels do not take it: the caller perturbs, after a flush)."""
+    def _update_perturb(self, out: torch.Tensor, w: torch.Tensor, name: str, step: int, eps: torch.Tensor) -> bool:
+        """The pending update of whole tensor `name` (w) and its perturbation by ±ε (eps: an fp64 tensor on w's
+        device) into out, in one pass; False where there is none for it (or the kernels do not take it: the caller
+        perturbs, after a flush)."""
         if self._pending is None or name not in self._pending[2]:
             return False
-        from . import cpu_kernels
-
-        _, c, left = self._pending
+        _, _, left, c_on = self._pending
         key = self._key_tensor(step, name, 0, w.device)
-        if not cpu_kernels.update_perturb(out.view(-1), w.view(-1), key, sign * self.eps, left[name], c,
-                                          self.distribution):
+        if not zrng.update_perturb(out, w, key, eps, left[name], c_on[w.device], self.distribution):
             return False
         del left[name]
         if not left:
@@ -791,7 +791,7 @@ class Mezo:
         """Apply what is left of a pending update (see apply_update): to every tensor, or to those of `names`."""
         if self._pending is None:
             return
-        step, c, left = self._pending
+        step, c, left, _ = self._pending
         todo = set(left) if names is None else left.keys() & set(names)
         if not todo:
             return

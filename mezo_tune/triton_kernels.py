@@ -169,6 +169,22 @@ if triton is not None:
         tl.store(w_ptr + offs, _from_f32(v, KIND), mask=mask)
 
     @triton.jit
+    def _update_perturb_kernel(out_ptr, w_ptr, key_ptr, eps_ptr, ukey_ptr, c_ptr, n, DIST: tl.constexpr,
+                               KIND: tl.constexpr, BLOCK: tl.constexpr):
+        """_update_kernel of w by (ukey, c), then _perturb_kernel of the updated w into out by (key, eps): one read of
+        w (zrng.update_perturb)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < n
+        uz = _z(offs + tl.load(ukey_ptr + 2), ukey_ptr, DIST, True)
+        w = _to_f32(tl.load(w_ptr + offs, mask=mask, other=0), KIND).to(tl.float64)
+        c = tl.load(c_ptr).to(tl.float64)
+        updated = _from_f32((w - c * uz).to(tl.float32), KIND)
+        tl.store(w_ptr + offs, updated, mask=mask)
+        z = _z(offs + tl.load(key_ptr + 2), key_ptr, DIST, False)
+        eps = tl.load(eps_ptr).to(tl.float32)
+        tl.store(out_ptr + offs, _from_f32(_to_f32(updated, KIND) + eps * z, KIND), mask=mask)
+
+    @triton.jit
     def _update_stochastic_kernel(w_ptr, key_ptr, rkey_ptr, c_ptr, n, DIST: tl.constexpr, KIND: tl.constexpr,
                                   SIGN_BIT: tl.constexpr, BLOCK: tl.constexpr):
         """zrng.update_kernel_stochastic, step for step (see there): v in `wide` (fp64 for fp32 storage, else fp32),
@@ -254,3 +270,13 @@ def update_kernel_stochastic(w: torch.Tensor, key: torch.Tensor, rkey: torch.Ten
         return zrng.update_kernel_stochastic(w, key, rkey, c, distribution)
     _launch(_update_stochastic_kernel, w.numel(), w, key, rkey, c, DIST=zrng.distribution_code(distribution),
             KIND=_KIND[w.dtype], SIGN_BIT=1 << (8 * w.element_size() - 1))
+
+
+def update_perturb(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: torch.Tensor, ukey: torch.Tensor,
+                   c: torch.Tensor, distribution: str) -> bool:
+    """zrng.update_perturb's twin (eps, c: fp64 scalars on w's device); False where it does not cover the tensors."""
+    if not (_ok(out, w) and out.dtype == w.dtype and out.numel() == w.numel()):
+        return False
+    _launch(_update_perturb_kernel, w.numel(), out, w, key, eps, ukey, c, DIST=zrng.distribution_code(distribution),
+            KIND=_KIND[w.dtype])
+    return True

@@ -279,6 +279,31 @@ def update_tensors(items, c: float, distribution: str, use_compile: bool) -> Non
             run(flat[a:b], key_tensor(k0, k1, offset + a, flat.device), c_t[flat.device], distribution)
 
 
+def update_perturb(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: torch.Tensor, ukey: torch.Tensor,
+                   c: torch.Tensor, distribution: str) -> bool:
+    """update_kernel(w, ukey, c) (round to nearest), then perturb_kernel(out, w, key, eps), in one pass over w: the
+    same bits as the two kernels. By the C kernels on CPU, the Triton ones on CUDA (eps, c: fp64 scalars on w's
+    device); False, doing nothing, where neither covers the tensors (the caller then runs the two kernels)."""
+    if w.is_cuda:
+        if not fuses_updates(w):
+            return False
+        from mezo_tune import triton_kernels
+
+        return triton_kernels.update_perturb(out, w, key, eps, ukey, c, distribution)
+    from mezo_tune import cpu_kernels
+
+    return w.is_cpu and cpu_kernels.update_perturb(out, w, key, float(eps), ukey, float(c), distribution)
+
+
+def fuses_updates(w: torch.Tensor) -> bool:
+    """Whether update_perturb has kernels for w's device (built or imported on first use)."""
+    if w.is_cuda:
+        return _triton_twin(update_kernel) is not None
+    from mezo_tune import cpu_kernels
+
+    return w.is_cpu and cpu_kernels.library() is not None
+
+
 def _eager_for_fp32_cpu(fn, compiled_fn):
     """fn eager for fp32 CPU tensors, compiled otherwise: the fallback of the C twin (which covers fp32), used where
     the C kernels cannot be built or for strided tensors. Stochastic rounding of fp32 weights rounds an fp64 value to

@@ -80,7 +80,8 @@ def arm(spec: dict) -> None:
         torch.nn.modules.module.register_module_forward_pre_hook(hook)
     elif phase == "update":  # n = step * 1000 + k: inside record `step`'s update, before its k-th tensor
         step, k = divmod(n, 1000)
-        update_now, update_perturb, update_tensors = mezo.Mezo._update_now, mezo.Mezo._update_perturb, zrng.update_tensors
+        update_now, update_perturb = mezo.Mezo._update_now, mezo.Mezo._update_perturb
+        update_tensors = zrng.update_tensors
         state["updated"] = 0  # tensors of record `step` updated so far
 
         def now(self, s, c, names=None):
@@ -98,12 +99,12 @@ def arm(spec: dict) -> None:
             state["updated"] += len(items) if state["in_update"] else 0
             return update_tensors(items, *a, **kw)
 
-        def fused_or_die(self, out, w, name, s, sign):
+        def fused_or_die(self, out, w, name, s, eps):
             # the update left pending for the next step's first perturbed forward (Mezo.apply_update), tensor by tensor
             pending = self._pending is not None and self._pending[0] == step and name in self._pending[2]
             if pending and state["updated"] == k - 1:
                 die()
-            done = update_perturb(self, out, w, name, s, sign)
+            done = update_perturb(self, out, w, name, s, eps)
             state["updated"] += 1 if pending and done else 0
             return done
 

@@ -56,7 +56,8 @@ def _add_specials(w: torch.Tensor, g: torch.Generator) -> None:
 
 def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[str]:
     """Run every kernel both ways on `device`: zrng's eager kernel and tk's twin of it (tk: anything with the five
-    kernels as attributes). Returns a description of each case whose bits differ.
+    kernels as attributes; if it has update_perturb, that too, against the update then the perturbation). Returns a
+    description of each case whose bits differ.
 
     specials: weights with infinities, NaN, subnormals and exact rounding ties too, perturbed copies into every
     floating dtype, and scales that leave a tie exact (eps 0, c 1e-30). NaN bits are part of the comparison: a
@@ -103,6 +104,16 @@ def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[st
                     zrng.update_kernel(ws[0], key, c_t, dist)
                     tk.update_kernel(ws[1], key, c_t, dist)
                     check(f"update_kernel {dtype} c={c} {case}", *ws)
+                    if hasattr(tk, "update_perturb"):  # the update fused into the next perturbation (Triton twin)
+                        ukey = zrng.key_tensor(*zrng.stream_key(7, 10 + si, "w"), offset, device)
+                        eps_t = torch.tensor(-1e-3, dtype=torch.float64, device=device)
+                        ws, outs = [w.clone(), w.clone()], [torch.empty_like(w) for _ in range(2)]
+                        zrng.update_kernel(ws[0], ukey, c_t, dist)
+                        zrng.perturb_kernel(outs[0], ws[0], key, eps_t, dist)
+                        if not tk.update_perturb(outs[1], ws[1], key, eps_t, ukey, c_t, dist):
+                            bad.append(f"update_perturb {dtype} {case}: not covered")
+                        check(f"update_perturb (w) {dtype} c={c} {case}", *ws)
+                        check(f"update_perturb (out) {dtype} c={c} {case}", *outs)
                     ws = [w.clone(), w.clone()]
                     zrng.update_kernel_stochastic(ws[0], key, rkey, c_t, dist)
                     tk.update_kernel_stochastic(ws[1], key, rkey, c_t, dist)

@@ -246,11 +246,11 @@ def test_only_large_linears_go_by_blocks_in_every_dtype():
     assert mezo.BLOCKED_LINEAR_ELEMENTS == 1 << 23
 
 
-def _deferred_pair(dtype, tie, distribution, large_linear=None, **kw):
+def _deferred_pair(dtype, tie, distribution, large_linear=None, device="cpu", **kw):
     """Two engines on two copies of one model: updates applied at once, and left pending (defer_updates)."""
     engines = []
     for defer in (False, True):
-        model = build_model("llama", dtype, tie=tie)
+        model = build_model("llama", dtype, tie=tie).to(device)
         engine = mezo.Mezo(model, mezo.trainable_set(model), seed=3, eps=1e-2, distribution=distribution,
                            use_compile=True, large_linear=large_linear, **kw)
         engine.defer_updates = defer
@@ -262,15 +262,13 @@ def _deferred_pair(dtype, tie, distribution, large_linear=None, **kw):
 @pytest.mark.parametrize("distribution", ("gaussian", "rademacher32"))
 @pytest.mark.parametrize("tie, large_linear", [(True, None), (False, None), (True, 1), (False, 1)])
 def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_linear, monkeypatch):
-    """An update left pending and fused into the next step's first perturbed forward (cpu_kernels.update_perturb) gives
+    """An update left pending and fused into the next step's first perturbed forward (zrng.update_perturb) gives
     the same records, bit for bit, and after flush() the same weights as updates applied at once: tied and untied
     heads, every linear in row blocks or none (those and the embedding are updated before their first use), SGD and
     momentum (several updates per record: the last one is left pending)."""
-    from mezo_tune import cpu_kernels
-
     fused = []
-    real = cpu_kernels.update_perturb
-    monkeypatch.setattr(cpu_kernels, "update_perturb", lambda *a: fused.append(a[0].numel()) or real(*a))
+    real = zrng.update_perturb
+    monkeypatch.setattr(zrng, "update_perturb", lambda *a: fused.append(a[0].numel()) or real(*a))
     for rule in (mezo.UpdateRule(), mezo.UpdateRule(0.5, 3)):
         now, later = _deferred_pair(dtype, tie, distribution, large_linear, rule=rule)
         for engine in (now, later):
@@ -284,6 +282,20 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
         assert_bit_equal(snapshot(now.model), snapshot(later.model))
         assert fused  # some tensors took the fused pass
         fused.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deferred_updates_on_cuda_run_the_same_steps(dtype):
+    """On CUDA the fused pass is the Triton twin: the same records and weights as updates applied at once."""
+    pytest.importorskip("triton")
+    now, later = _deferred_pair(dtype, True, "rademacher32", device="cuda")
+    for t in range(3):
+        ids = batch(t).cuda()
+        records = [e.step(t, 1e-2, lambda e=e: lm_loss(e.model, ids)) for e in (now, later)]
+        assert repr(records[0]) == repr(records[1]) and later._pending is not None
+    later.flush()
+    assert_bit_equal(snapshot(now.model), snapshot(later.model))
 
 
 def test_a_forward_that_raises_still_applies_the_pending_update():
