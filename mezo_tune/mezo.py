@@ -588,7 +588,7 @@ class Mezo:
         def embedding_forward(module, ids):
             # A lookup reads only the rows of its ids: perturb those rows alone, and look up in them.
             w = module.weight
-            self.flush([self._name_of[id(w)]])
+            self.flush([self._name_of[id(w)]])  # a pending update first: the lookup reads the stored rows
             rows, inverse = torch.unique(ids, return_inverse=True)
             width = w.shape[1]
             index = (rows[:, None] * width + torch.arange(width, device=w.device)).reshape(-1)
