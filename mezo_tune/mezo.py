@@ -751,8 +751,7 @@ class Mezo:
         CPU with the C kernels or on CUDA with Triton, the two-point estimator, no offloading), the update is left
         pending: the next perturbed forward applies it to each tensor in the same pass that forms the tensor's
         perturbed copy (zrng.update_perturb: one read of the weights instead of two; the same bits as the update then
-        the perturbation), and on its way
-        out to whatever it did not perturb whole. Anything else that reads the weights calls flush() first: digest
+        the perturbation), and on its way out to whatever it did not perturb whole. Anything else that reads the weights calls flush() first: digest
         and rule_state do; a caller that reads the model itself (an eval, a save) must."""
         if c == 0.0:
             return
@@ -782,9 +781,7 @@ class Mezo:
         key = self._key_tensor(step, name, 0, w.device)
         if not zrng.update_perturb(out, w, key, eps, left[name], c_on[w.device], self.distribution):
             return False
-        del left[name]
-        if not left:
-            self._pending = None
+        self._updated([name])
         return True
 
     def flush(self, names=None) -> None:
@@ -796,7 +793,12 @@ class Mezo:
         if not todo:
             return
         self._update_now(step, c, todo)
-        for name in todo:
+        self._updated(todo)
+
+    def _updated(self, names) -> None:
+        """These tensors have had the pending update: nothing is pending once none is left."""
+        left = self._pending[2]
+        for name in names:
             del left[name]
         if not left:
             self._pending = None
