@@ -197,11 +197,10 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
    weight copy. Elsewhere (AVX2 builds, other CPUs) the integer code runs; both are checked against eager torch. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-/* x with its sign flipped in the lanes whose bit of `bits` (bit i for lane i) is set: x * z for 16 lanes */
+/* x with its sign flipped in the lanes whose bit of `bits` (bit i for lane i) is set: x * z for 16 lanes (-x is x
+   with its sign bit flipped, exactly as times_z flips it); the bits are the lanes' mask as they are */
 INLINE __m512 flip16(float x, uint32_t bits) {
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    __m512i sign = _mm512_slli_epi32(_mm512_srlv_epi32(_mm512_set1_epi32((int)bits), lane), 31);
-    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_set1_epi32((int)f2u(x)), sign));
+    return _mm512_mask_mov_ps(_mm512_set1_ps(x), (__mmask16)bits, _mm512_set1_ps(-x));
 }
 #define F16_RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 /* The 16-bit groups ask for the weights 4 KiB ahead (a group is one 64-byte line): measured on the 2-core EPYC, a
@@ -408,6 +407,43 @@ void update_perturb(void *out, void *w, int64_t n, const int64_t *key, double ep
     BLOCKS(u(w, b, e, ukey[2], ukey[0], ukey[1], cs); p(out, w, b, e, key[2], key[0], key[1], eps32))
 }
 
+/* `update` at explicit element indices (zrng.update_rows_kernel): each value as `update` updates the element of its
+   index, with the arithmetic update_for picks (an embedding lookup's rows, while its table's update is left for the
+   LM head tied to it, Mezo.perturbed) */
+typedef void update_rows_fn(void *, const int64_t *, int64_t, int64_t, uint64_t, uint32_t, uint32_t, double);
+#define UPDATE_ROWS(K, D)                                                                         \
+    static void update_rows_##K##D(void *w, const int64_t *index, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
+                                   uint32_t k1, double cs) {                                      \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t s = b; s < e; s++) {                                                         \
+            int32_t zi = zint_at((uint64_t)index[s] + offset, k0, k1, D);                         \
+            store(w, s, (float)((double)load(w, s, K) - cs * (double)zi), K);                     \
+        }                                                                                         \
+    }
+EACH_KIND(UPDATE_ROWS)
+#define UPDATE_ROWS_SIGNS_F32(K)                                                                  \
+    static void update_rows_signs_f32_##K(void *w, const int64_t *index, int64_t b, int64_t e, uint64_t offset, \
+                                          uint32_t k0, uint32_t k1, double c) {                   \
+        float cf = (float)c;                                                                      \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t s = b; s < e; s++) {                                                         \
+            int32_t zi = zint_at((uint64_t)index[s] + offset, k0, k1, 2);                         \
+            store(w, s, load(w, s, K) - times_z(cf, zi, zi < 0 ? 0x80000000u : 0u, 2), K);       \
+        }                                                                                         \
+    }
+UPDATE_ROWS_SIGNS_F32(0) UPDATE_ROWS_SIGNS_F32(1) UPDATE_ROWS_SIGNS_F32(2)
+#define ENTRY_UPDATE_ROWS(K, D) update_rows_##K##D,
+static update_rows_fn *const UPDATE_ROWSS[] = {EACH_KIND(ENTRY_UPDATE_ROWS)};
+static update_rows_fn *const UPDATE_ROWS_SIGNS_F32S[] = {update_rows_signs_f32_0, update_rows_signs_f32_1,
+                                                          update_rows_signs_f32_2};
+void update_rows(void *w, const int64_t *index, int64_t n, const int64_t *key, double c, int kind, int dist,
+                 int threads) {
+    int signs = dist == 2 && (double)(float)c == c;
+    update_rows_fn *f = signs ? UPDATE_ROWS_SIGNS_F32S[kind] : UPDATE_ROWSS[kind * 3 + dist];
+    double cs = signs ? c : cscale(c, dist);
+    BLOCKS(f(w, index, b, e, key[2], key[0], key[1], cs))
+}
+
 /* zrng.update_kernel_stochastic, step for step: v = w - c*z in `wide` (fp64 for fp32 storage, else fp32); r = v
    rounded to nearest; n = r's other neighbour (r's bit pattern + 1 away from zero, - 1 toward it, wrapping as zrng's
    signed view does; from a zero: the smallest subnormal with v's sign); n when u < |v - r| / |n - r| and v != r. */
@@ -481,6 +517,7 @@ _SIGNATURES = {
     "perturb": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
     "perturb_rows": [_P, _P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
     "update": [_P, _I64, _P, _DBL, _INT, _INT, _INT],
+    "update_rows": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT],
     "update_list": [_P, _P, _P, _I64, _DBL, _INT, _INT, _INT],
     "update_perturb": [_P, _P, _I64, _P, _DBL, _P, _DBL, _INT, _INT, _INT],
     "update_stochastic": [_P, _I64, _P, _P, _DBL, _INT, _INT, _INT],
@@ -652,6 +689,13 @@ def _update(lib, fallback, w, key, c, distribution):
                zrng.distribution_code(distribution), torch.get_num_threads())
 
 
+def _update_rows(lib, fallback, w, index, key, c, distribution):
+    if not (_on_cpu(w) and _on_cpu(index, dtypes=(torch.int64,)) and index.numel() == w.numel() and _key_ok(key)):
+        return fallback(w, index, key, c, distribution)
+    lib.update_rows(w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(c), _KIND[w.dtype],
+                    zrng.distribution_code(distribution), torch.get_num_threads())
+
+
 def _update_stochastic(lib, fallback, w, key, rkey, c, distribution):
     if not _on_cpu(w) or not _key_ok(key, rkey):
         return fallback(w, key, rkey, c, distribution)
@@ -660,4 +704,4 @@ def _update_stochastic(lib, fallback, w, key, rkey, c, distribution):
 
 
 _TWINS = {"z_kernel": _z, "perturb_kernel": _perturb, "perturb_rows_kernel": _perturb_rows,
-          "update_kernel": _update, "update_kernel_stochastic": _update_stochastic}
+          "update_kernel": _update, "update_rows_kernel": _update_rows, "update_kernel_stochastic": _update_stochastic}

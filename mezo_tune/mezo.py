@@ -28,7 +28,7 @@ import functools
 import hashlib
 import math
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -423,6 +423,17 @@ def _is_plain_embedding(module: torch.nn.Module) -> bool:
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
+@dataclass
+class _Pending:
+    """An update left for the next perturbed forward (Mezo.apply_update): θ ← R(θ - c·z_step) for the tensors left."""
+
+    step: int
+    c: float
+    keys: dict[str, torch.Tensor]  # the tensors left: name -> key tensor of z_step from element 0
+    c_on: dict  # c as an fp64 tensor on each device
+    done: dict[str, int] = field(default_factory=dict)  # a tensor updated in part (row blocks): its elements done
+
+
 # From this many elements a trainable nn.Linear weight is perturbed in row blocks during a perturbed forward
 # (`Mezo.perturbed`'s linear_forward) rather than swapped whole for a perturbed copy: 8M (an LM head), in every dtype.
 # Blocks of a smaller weight made its matmuls slower than the perturbed copy they save: with the rademacher32 kernels,
@@ -500,8 +511,7 @@ class Mezo:
         # defer_updates: leave each step's update pending, to be fused into the next perturbed forward (see
         # apply_update); the caller then calls flush() before reading the weights itself (train does)
         self.defer_updates = False
-        # (step, c, the key tensor of each tensor left, c as an fp64 tensor on each device)
-        self._pending: tuple[int, float, dict[str, torch.Tensor], dict] | None = None
+        self._pending: _Pending | None = None
         self._keys_step, self._keys = None, {}  # the latest step's keys: _step_key's and _key_tensor's
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
         self._hooked: dict[int, tuple[list, list]] = {}
@@ -588,13 +598,19 @@ class Mezo:
         def embedding_forward(module, ids):
             # A lookup reads only the rows of its ids: perturb those rows alone, and look up in them.
             w = module.weight
-            self.flush([self._name_of[id(w)]])  # a pending update first: the lookup reads the stored rows
+            name = self._name_of[id(w)]
             rows, inverse = torch.unique(ids, return_inverse=True)
             width = w.shape[1]
             index = (rows[:, None] * width + torch.arange(width, device=w.device)).reshape(-1)
+            # A pending update of the table: applied to the gathered rows alone, the table left to the pass that fuses
+            # it (a blocked LM head tied to it, else the context's exit); in part already: applied first.
+            stored = w[rows].reshape(-1)
+            if not self._update_rows(stored, index, name):
+                self.flush([name])
+                stored = w[rows].reshape(-1)
             values = torch.empty(index.numel(), dtype=w.dtype, device=w.device)
-            key = self._key_tensor(step, self._name_of[id(w)], 0, w.device)
-            rows_kernel(values, w[rows].reshape(-1), index, key, eps_on(w.device), self.distribution)
+            key = self._key_tensor(step, name, 0, w.device)
+            rows_kernel(values, stored, index, key, eps_on(w.device), self.distribution)
             return torch.nn.functional.embedding(inverse, values.view(-1, width))
 
         def linear_forward(module, x):
@@ -607,9 +623,13 @@ class Mezo:
             rows = self._block_rows(w)
             block = self._acquire((min(rows, out_features), in_features), w.dtype, w.device)
             try:
+                name = self._name_of[id(w)]
                 for a in range(0, out_features, rows):
                     b = min(a + rows, out_features)
-                    perturb(block[: b - a], w[a:b], self._name_of[id(w)], offset=a * in_features)
+                    # its pending update fused block by block (a flush first, where the kernels do not take them)
+                    if not self._update_perturb(block[: b - a], w[a:b], name, step, eps_on(w.device),
+                                                offset=a * in_features, numel=w.numel()):
+                        perturb(block[: b - a], w[a:b], name, offset=a * in_features)
                     # what F.linear computes (mm, or addmm with the bias), written into the output's columns in
                     # place: assigning a block's result to them cost a copy (bf16 LM head: 46.6 -> 44.7 ms). out=
                     # takes no autograd, which a perturbed forward never needs.
@@ -759,8 +779,9 @@ class Mezo:
         if self.defer_updates and self._defers():
             touched = self.directions.touched(self.seed, step, self._names)
             weights = [(name, w) for name, w, _ in self._weights() if name in touched]
-            self._pending = (step, c, {name: self._key_tensor(step, name, 0, w.device) for name, w in weights},
-                             {w.device: torch.tensor(c, dtype=torch.float64, device=w.device) for _, w in weights})
+            self._pending = _Pending(step, c, {name: self._key_tensor(step, name, 0, w.device) for name, w in weights},
+                                     {w.device: torch.tensor(c, dtype=torch.float64, device=w.device)
+                                      for _, w in weights})
             return
         self._update_now(step, c)
 
@@ -771,40 +792,63 @@ class Mezo:
                 and not self._offloaded
                 and all(w.is_contiguous() and zrng.fuses_updates(w) for _, w, _ in self._weights()))
 
-    def _update_perturb(self, out: torch.Tensor, w: torch.Tensor, name: str, step: int, eps: torch.Tensor) -> bool:
-        """The pending update of whole tensor `name` (w) and its perturbation by ±ε (eps: an fp64 tensor on w's
-        device) into out, in one pass; False where there is none for it (or the kernels do not take it: the caller
-        perturbs, after a flush)."""
-        if self._pending is None or name not in self._pending[2]:
+    def _update_perturb(self, out: torch.Tensor, w: torch.Tensor, name: str, step: int, eps: torch.Tensor,
+                        offset: int = 0, numel: int | None = None) -> bool:
+        """The pending update of tensor `name` and its perturbation by ±ε (eps: an fp64 tensor on w's device) into
+        out, in one pass, for w: the whole tensor, or (a blocked LM head) its elements from `offset` of `numel`, taken
+        in order. False where there is none for them (or the kernels do not take them: the caller perturbs, after a
+        flush, which updates what is left)."""
+        pending = self._pending
+        if pending is None or name not in pending.keys or pending.done.get(name, 0) != offset:
             return False
-        _, _, left, c_on = self._pending
-        key = self._key_tensor(step, name, 0, w.device)
-        if not zrng.update_perturb(out, w, key, eps, left[name], c_on[w.device], self.distribution):
+        ukey = pending.keys[name]
+        if offset:
+            ukey = zrng.key_tensor(int(ukey[0]), int(ukey[1]), offset, w.device)
+        key = self._key_tensor(step, name, offset, w.device)
+        if not zrng.update_perturb(out, w, key, eps, ukey, pending.c_on[w.device], self.distribution):
             return False
-        self._updated([name])
+        if offset + w.numel() < (w.numel() if numel is None else numel):
+            pending.done[name] = offset + w.numel()
+        else:
+            self._updated([name])
+        return True
+
+    def _update_rows(self, values: torch.Tensor, index: torch.Tensor, name: str) -> bool:
+        """Values gathered from tensor `name` at element `index`, updated in place as the pending update would
+        update them there (the tensor itself left pending); False where the tensor is updated in part (the caller
+        flushes it and gathers again)."""
+        pending = self._pending
+        if pending is None or name not in pending.keys:
+            return True  # nothing pending: the stored values are current
+        if pending.done.get(name, 0):
+            return False
+        kernel = zrng.kernel(zrng.update_rows_kernel, self.use_compile)
+        kernel(values, index, pending.keys[name], pending.c_on[values.device], self.distribution)
         return True
 
     def flush(self, names=None) -> None:
         """Apply what is left of a pending update (see apply_update): to every tensor, or to those of `names`."""
-        if self._pending is None:
+        pending = self._pending
+        if pending is None:
             return
-        step, c, left, _ = self._pending
-        todo = set(left) if names is None else left.keys() & set(names)
+        todo = set(pending.keys) if names is None else pending.keys.keys() & set(names)
         if not todo:
             return
-        self._update_now(step, c, todo)
+        self._update_now(pending.step, pending.c, todo, pending.done)
         self._updated(todo)
 
     def _updated(self, names) -> None:
         """These tensors have had the pending update: nothing is pending once none is left."""
-        left = self._pending[2]
+        pending = self._pending
         for name in names:
-            del left[name]
-        if not left:
+            del pending.keys[name]
+            pending.done.pop(name, None)
+        if not pending.keys:
             self._pending = None
 
-    def _update_now(self, step: int, c: float, names=None) -> None:
-        """apply_update's θ ← R(θ - c·z_step), applied now, to the tensors the step touches (of `names`, if given)."""
+    def _update_now(self, step: int, c: float, names=None, done: dict[str, int] | None = None) -> None:
+        """apply_update's θ ← R(θ - c·z_step), applied now, to the tensors the step touches (of `names`, if given);
+        done: elements already updated at the start of a tensor (a pending update applied in part, round to nearest)."""
         stochastic = zrng.kernel(zrng.update_kernel_stochastic, self.use_compile)
         c_t = {}
         touched = self.directions.touched(self.seed, step, self._names)
@@ -825,7 +869,8 @@ class Mezo:
                 if not w.is_contiguous():
                     strided.append((w, flat))
                 if self.rounding == "nearest":
-                    nearest.append((flat, self._step_key(step, name), offset))
+                    start = done.get(name, 0) if done else 0
+                    nearest.append((flat[start:], self._step_key(step, name), offset + start))
                     continue
                 keys = self._chunk_keys(step, name, w.numel(), w.device, offset=offset)
                 rkeys = self._chunk_keys(step, name, w.numel(), w.device, zrng.ROUNDING_STREAM, offset)

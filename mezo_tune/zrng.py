@@ -177,6 +177,16 @@ def update_kernel(w: torch.Tensor, key: torch.Tensor, c: torch.Tensor, distribut
     w.copy_(v.to(w.dtype))
 
 
+def update_rows_kernel(w: torch.Tensor, index: torch.Tensor, key: torch.Tensor, c: torch.Tensor,
+                       distribution: str) -> None:
+    """update_kernel at explicit element indices, in place: w = the values there.
+
+    For an embedding lookup while the table's update is left pending for a later pass (Mezo.perturbed): the
+    looked-up rows updated exactly as update_kernel updates those elements of the table."""
+    z = _z(index + key[2], key[0], key[1], distribution, torch.float64)
+    w.copy_((w.to(torch.float64) - c * z).to(torch.float32).to(w.dtype))
+
+
 def _int_view_dtype(dtype: torch.dtype) -> torch.dtype:
     return {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
 

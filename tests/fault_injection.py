@@ -84,10 +84,10 @@ def arm(spec: dict) -> None:
         update_tensors = zrng.update_tensors
         state["updated"] = 0  # tensors of record `step` updated so far
 
-        def now(self, s, c, names=None):
+        def now(self, s, c, *args, **kwargs):
             state["in_update"] = s == step
             try:
-                update_now(self, s, c, names)
+                update_now(self, s, c, *args, **kwargs)
             finally:
                 state["in_update"] = False
 
@@ -99,12 +99,13 @@ def arm(spec: dict) -> None:
             state["updated"] += len(items) if state["in_update"] else 0
             return update_tensors(items, *a, **kw)
 
-        def fused_or_die(self, out, w, name, s, eps):
+        def fused_or_die(self, out, w, name, s, eps, *args, **kwargs):
             # the update left pending for the next step's first perturbed forward (Mezo.apply_update), tensor by tensor
-            pending = self._pending is not None and self._pending[0] == step and name in self._pending[2]
+            # (a blocked LM head: block by block)
+            pending = self._pending is not None and self._pending.step == step and name in self._pending.keys
             if pending and state["updated"] == k - 1:
                 die()
-            done = update_perturb(self, out, w, name, s, eps)
+            done = update_perturb(self, out, w, name, s, eps, *args, **kwargs)
             state["updated"] += 1 if pending and done else 0
             return done
 

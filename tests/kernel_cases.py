@@ -56,7 +56,8 @@ def _add_specials(w: torch.Tensor, g: torch.Generator) -> None:
 
 def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[str]:
     """Run every kernel both ways on `device`: zrng's eager kernel and tk's twin of it (tk: anything with the five
-    kernels as attributes; if it has update_perturb, that too, against the update then the perturbation). Returns a
+    kernels as attributes; if it has update_perturb, that too, against the update then the perturbation; and
+    update_rows_kernel, if it has it). Returns a
     description of each case whose bits differ.
 
     specials: weights with infinities, NaN, subnormals and exact rounding ties too, perturbed copies into every
@@ -114,6 +115,12 @@ def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[st
                             bad.append(f"update_perturb {dtype} {case}: not covered")
                         check(f"update_perturb (w) {dtype} c={c} {case}", *ws)
                         check(f"update_perturb (out) {dtype} c={c} {case}", *outs)
+                    if hasattr(tk, "update_rows_kernel"):  # an embedding's looked-up rows, its update pending
+                        index = torch.randperm(4 * n, generator=torch.Generator().manual_seed(si))[:n].to(device)
+                        ws = [w.clone(), w.clone()]
+                        zrng.update_rows_kernel(ws[0], index, key, c_t, dist)
+                        tk.update_rows_kernel(ws[1], index, key, c_t, dist)
+                        check(f"update_rows_kernel {dtype} c={c} {case}", *ws)
                     ws = [w.clone(), w.clone()]
                     zrng.update_kernel_stochastic(ws[0], key, rkey, c_t, dist)
                     tk.update_kernel_stochastic(ws[1], key, rkey, c_t, dist)

@@ -14,7 +14,7 @@ from kernel_cases import SHAPES, run_cases
 from mezo_tune import cpu_kernels, zrng
 
 KERNELS = (zrng.z_kernel, zrng.perturb_kernel, zrng.perturb_rows_kernel, zrng.update_kernel,
-           zrng.update_kernel_stochastic)
+           zrng.update_rows_kernel, zrng.update_kernel_stochastic)
 # beyond kernel_cases' shapes: tensors large enough for several threads and blocks (16384 elements), one of them with
 # its index crossing 2**32 inside a block that is not the first
 LARGE = [(200_003, 2**32 - 70_001), (65_536, 7)]
@@ -183,7 +183,8 @@ def test_update_perturb_hands_back_what_it_does_not_cover(lib):
 
 
 def test_twins_cover_every_kernel_and_have_zrng_signatures(lib):
-    covered = {"z_kernel", "perturb_kernel", "perturb_rows_kernel", "update_kernel", "update_kernel_stochastic"}
+    covered = {"z_kernel", "perturb_kernel", "perturb_rows_kernel", "update_kernel", "update_rows_kernel",
+               "update_kernel_stochastic"}
     for fn in KERNELS:
         twin = cpu_kernels.twin(fn, fn)
         assert (twin is not None) == (fn.__name__ in covered)

@@ -266,9 +266,16 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
     the same records, bit for bit, and after flush() the same weights as updates applied at once: tied and untied
     heads, every linear in row blocks or none (those and the embedding are updated before their first use), SGD and
     momentum (several updates per record: the last one is left pending)."""
-    fused = []
-    real = zrng.update_perturb
+    fused, flushed = [], set()
+    real, real_flush = zrng.update_perturb, mezo.Mezo.flush
     monkeypatch.setattr(zrng, "update_perturb", lambda *a: fused.append(a[0].numel()) or real(*a))
+
+    def flush(self, names=None):  # what a pending update leaves to a pass of its own
+        if self._pending is not None:
+            flushed.update(self._pending.keys if names is None else self._pending.keys.keys() & set(names))
+        real_flush(self, names)
+
+    monkeypatch.setattr(mezo.Mezo, "flush", flush)
     for rule in (mezo.UpdateRule(), mezo.UpdateRule(0.5, 3)):
         now, later = _deferred_pair(dtype, tie, distribution, large_linear, rule=rule)
         for engine in (now, later):
@@ -278,10 +285,15 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
             records = [e.step(t, 1e-2, f) for e, f in zip((now, later), loss)]
             assert repr(records[0]) == repr(records[1]) and not records[0][0]["skipped"]  # repr: exact floats
             assert now._pending is None and later._pending is not None
+        if rule.window == 1:  # (momentum: a record's updates but the last are applied at once, by a flush)
+            # every tensor took the fused pass (whole, or a blocked head block by block; a tied embedding's lookup
+            # updates its rows alone), but an untied embedding, updated at the context's exit
+            assert flushed == (set() if tie else {"model.embed_tokens.weight"})
         assert later.digest() == now.digest() and later._pending is None  # digest flushes
         assert_bit_equal(snapshot(now.model), snapshot(later.model))
         assert fused  # some tensors took the fused pass
         fused.clear()
+        flushed.clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -310,6 +322,30 @@ def test_a_forward_that_raises_still_applies_the_pending_update():
         with torch.no_grad(), later.perturbed(1, +1):
             lm_loss(later.model, batch())
     hook.remove()
+    assert later._pending is None
+    assert_bit_equal(snapshot(now.model), snapshot(later.model))
+
+
+def test_a_forward_that_raises_inside_a_blocked_linear_applies_the_rest_of_its_update(monkeypatch):
+    """A pending update fused block by block into a blocked linear, the forward raising after some of its blocks:
+    the context's exit updates the rest of that tensor (from where the blocks stopped) and every other, once each."""
+    now, later = _deferred_pair(torch.float32, True, "rademacher32", large_linear=1)
+    for engine in (now, later):
+        engine.linear_block_elements = 32 * 7
+        engine.step(0, 0.5, lambda e=engine: lm_loss(e.model, batch()))
+    calls, real_mm = [], torch.mm
+
+    def mm(*args, **kwargs):  # the third block's matmul raises: two blocks of the first linear updated
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), later.perturbed(1, +1):
+            lm_loss(later.model, batch())
+    monkeypatch.setattr(torch, "mm", real_mm)
     assert later._pending is None
     assert_bit_equal(snapshot(now.model), snapshot(later.model))
 

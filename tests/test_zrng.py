@@ -107,3 +107,24 @@ def test_versions():
     assert not zrng.replays("philox4x32", 1, "gaussian")
     with pytest.raises(ValueError, match="unknown distribution 'normal'"):
         zrng.version_for("normal")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("distribution", zrng.DISTRIBUTIONS)
+def test_updated_rows_are_the_rows_of_the_updated_table(dtype, distribution):
+    """update_rows_kernel (an embedding's looked-up rows while the table's update is pending) gives the values that
+    update_kernel writes at those elements of the whole table, at any key offset, with or without the C twin."""
+    from mezo_tune import cpu_kernels
+
+    table = (torch.randn(40, 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    key = zrng.key_tensor(*zrng.stream_key(3, 9, "emb"), 2**32 - 500)
+    c = torch.tensor(float(torch.tensor(3e-3, dtype=torch.float32)), dtype=torch.float64)
+    updated = table.clone()
+    zrng.update_kernel(updated.view(-1), key, c, distribution)
+    rows = torch.tensor([39, 0, 21, 5])
+    index = (rows[:, None] * 24 + torch.arange(24)).reshape(-1)
+    kernels = [zrng.update_rows_kernel, cpu_kernels.twin(zrng.update_rows_kernel, zrng.update_rows_kernel)]
+    for kernel in filter(None, kernels):
+        values = table[rows].reshape(-1)
+        kernel(values, index, key, c, distribution)
+        assert torch.equal(values.view(-1, 24), updated[rows]), kernel
