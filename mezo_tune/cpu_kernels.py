@@ -240,27 +240,37 @@ INLINE void update_group_f16(uint16_t *w, uint32_t hw, float c) {
 INLINE __m512 widen_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-INLINE int store_group_bf16(uint16_t *out, __m512 lo, __m512 hi) {
-    if (_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20))  /* 0x20: the subnormal class */
-        return 0;
+/* 32 fp32 lanes rounded to bf16 and stored, NaN lanes as 0xFFFF; none of them may be subnormal */
+INLINE void store_normal_bf16(uint16_t *out, __m512 lo, __m512 hi) {
     __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  /* lo's lanes first */
     __mmask32 nan = _mm512_kunpackw(_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q), _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q));
     _mm512_storeu_si512(out, _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(-1)));
+}
+INLINE int store_group_bf16(uint16_t *out, __m512 lo, __m512 hi) {
+    if (_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20))  /* 0x20: the subnormal class */
+        return 0;
+    store_normal_bf16(out, lo, hi);
     return 1;
 }
-INLINE int perturb_group_bf16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {
-    __builtin_prefetch(w + AHEAD);
-    return store_group_bf16(out, _mm512_add_ps(widen_bf16(w), flip16(eps, hw)),
-                            _mm512_add_ps(widen_bf16(w + 16), flip16(eps, hw >> 16)));
+/* checked: whether a sum may be subnormal (perturb_bf16_signs: not where the scale is at least TINY) */
+INLINE int store_bf16(uint16_t *out, __m512 lo, __m512 hi, int checked) {
+    if (checked) return store_group_bf16(out, lo, hi);
+    store_normal_bf16(out, lo, hi);
+    return 1;
 }
-INLINE int update_group_bf16(uint16_t *w, uint32_t hw, float c) {
+INLINE int perturb_group_bf16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps, int checked) {
+    __builtin_prefetch(w + AHEAD);
+    return store_bf16(out, _mm512_add_ps(widen_bf16(w), flip16(eps, hw)),
+                      _mm512_add_ps(widen_bf16(w + 16), flip16(eps, hw >> 16)), checked);
+}
+INLINE int update_group_bf16(uint16_t *w, uint32_t hw, float c, int checked) {
     __builtin_prefetch(w + AHEAD, 1);
-    return store_group_bf16(w, _mm512_sub_ps(widen_bf16(w), flip16(c, hw)),
-                            _mm512_sub_ps(widen_bf16(w + 16), flip16(c, hw >> 16)));
+    return store_bf16(w, _mm512_sub_ps(widen_bf16(w), flip16(c, hw)),
+                      _mm512_sub_ps(widen_bf16(w + 16), flip16(c, hw >> 16)), checked);
 }
 #define BF16_PERTURB_GROUP(...) \
-    if (!perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps)) { GROUP_LOOP(__VA_ARGS__) }
-#define BF16_UPDATE_GROUP(...) if (!update_group_bf16((uint16_t *)w + gs, hw, cf)) { GROUP_LOOP(__VA_ARGS__) }
+    if (!perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps, 1)) { GROUP_LOOP(__VA_ARGS__) }
+#define BF16_UPDATE_GROUP(...) if (!update_group_bf16((uint16_t *)w + gs, hw, cf, 1)) { GROUP_LOOP(__VA_ARGS__) }
 #define HAVE_BF16_GROUPS 1
 #else
 #define HAVE_BF16_GROUPS 0
@@ -316,9 +326,62 @@ typedef void perturb_fn(void *, const void *, int64_t, int64_t, uint64_t, uint32
 EACH_PAIR(PERTURB)
 #define ENTRY3(W, O, D) perturb_##W##O##D,
 static perturb_fn *const PERTURBS[] = {EACH_PAIR(ENTRY3)};
+#if defined(__AVX512BF16__)
+/* bf16 storage, rademacher32: a block's whole groups in one loop of their own, the groups cut by its ends (and any
+   group with a subnormal sum) by the functions the tables hold (perturb_222, update_signs_f32_2). Per group the same
+   functions (perturb_group_bf16, update_group_bf16), so the same bits, with less around them: no bounds check or
+   index arithmetic per group, and no subnormal check where none can occur. A sum x + s of a bf16 value x and s = +-eps
+   (or -+c) with |s| >= 2^-100 is never subnormal: if |x| < 2^-126 it is at least |s| - |x| > 2^-126; otherwise x and
+   s are both normal, and either their magnitudes are more than a factor 2 apart (the sum is at least half the larger
+   one) or x is within a factor 2 of |s| >= 2^-100, so both are multiples of 2^-123 and so is their sum, which is 0 or
+   at least 2^-123. Below that scale (eps 0, a tiny c) every group is checked as before. */
+#define TINY 0x1p-100f
+/* the whole groups of [b, e): [cut[0], cut[1]); returns their count */
+INLINE int sign_groups(int64_t b, int64_t e, uint64_t offset, int64_t *cut) {
+    int64_t b1 = b + (int64_t)((32 - ((offset + (uint64_t)b) & 31)) & 31);
+    int64_t e1 = e - (int64_t)((offset + (uint64_t)e) & 31);
+    cut[0] = b1, cut[1] = e1;
+    return e1 > b1 ? (int)((e1 - b1) >> 5) : 0;
+}
+/* GROUP(gs, hw, checked) on each whole group of [b, e) (false: a subnormal sum, nothing stored), GENERIC(a, z) on the
+   rest; s: the scale */
+#define SIGN_GROUPS_LOOP(GROUP, GENERIC, s)                                                       \
+    int64_t cut[2];                                                                               \
+    int ng = sign_groups(b, e, offset, cut);                                                      \
+    if (ng == 0) { GENERIC(b, e); return; }                                                       \
+    if (cut[0] > b) GENERIC(b, cut[0]);                                                           \
+    if (e > cut[1]) GENERIC(cut[1], e);                                                           \
+    uint32_t H[BLOCK / 32];                                                                       \
+    uint64_t q0 = (offset + (uint64_t)cut[0]) >> 5;                                               \
+    _Pragma("omp simd")                                                                           \
+    for (int g = 0; g < ng; g++) {                                                                \
+        uint64_t q = q0 + (uint64_t)g;                                                            \
+        H[g] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ k1, k0);                                   \
+    }                                                                                             \
+    const int checked = !(fabsf(s) >= TINY);                                                      \
+    for (int g = 0; g < ng; g++) {                                                                \
+        int64_t gs = cut[0] + 32 * (int64_t)g;                                                    \
+        if (!GROUP(gs, H[g], checked)) GENERIC(gs, gs + 32);                                      \
+    }
+static void perturb_bf16_signs(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
+                               uint32_t k1, float eps) {
+#define GROUP(gs, hw, checked) perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps, checked)
+#define GENERIC(a, z) perturb_222(out, w, a, z, offset, k0, k1, eps)
+    SIGN_GROUPS_LOOP(GROUP, GENERIC, eps)
+#undef GROUP
+#undef GENERIC
+}
+#endif
+/* the perturbation kernel of (w kind, out kind, distribution) */
+static perturb_fn *perturb_for(int wkind, int okind, int dist) {
+#if defined(__AVX512BF16__)
+    if (wkind == 2 && okind == 2 && dist == 2) return perturb_bf16_signs;
+#endif
+    return PERTURBS[(wkind * 3 + okind) * 3 + dist];
+}
 void perturb(void *out, const void *w, int64_t n, const int64_t *key, double eps, int wkind, int okind, int dist,
              int threads) {
-    perturb_fn *f = PERTURBS[(wkind * 3 + okind) * 3 + dist];
+    perturb_fn *f = perturb_for(wkind, okind, dist);
     float eps32 = (float)eps;
     BLOCKS(f(out, w, b, e, key[2], key[0], key[1], eps32))
 }
@@ -370,8 +433,25 @@ UPDATE_SIGNS_F32(0) UPDATE_SIGNS_F32(1) UPDATE_SIGNS_F32(2)
 #define ENTRY2(K, D) update_##K##D,
 static update_fn *const UPDATES[] = {EACH_KIND(ENTRY2)};
 static update_fn *const UPDATES_SIGNS_F32[] = {update_signs_f32_0, update_signs_f32_1, update_signs_f32_2};
+#if defined(__AVX512BF16__)
+/* update_signs_f32_2's whole groups in a loop of their own (see perturb_bf16_signs) */
+static void update_bf16_signs(void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, uint32_t k1, double c) {
+    float cf = (float)c;
+#define GROUP(gs, hw, checked) update_group_bf16((uint16_t *)w + gs, hw, cf, checked)
+#define GENERIC(a, z) update_signs_f32_2(w, a, z, offset, k0, k1, c)
+    SIGN_GROUPS_LOOP(GROUP, GENERIC, cf)
+#undef GROUP
+#undef GENERIC
+}
+#endif
 static update_fn *update_for(double c, int kind, int dist) {
-    return dist == 2 && (double)(float)c == c ? UPDATES_SIGNS_F32[kind] : UPDATES[kind * 3 + dist];
+    if (dist == 2 && (double)(float)c == c) {
+#if defined(__AVX512BF16__)
+        if (kind == 2) return update_bf16_signs;
+#endif
+        return UPDATES_SIGNS_F32[kind];
+    }
+    return UPDATES[kind * 3 + dist];
 }
 void update(void *w, int64_t n, const int64_t *key, double c, int kind, int dist, int threads) {
     update_fn *f = update_for(c, kind, dist);
@@ -400,7 +480,7 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
    by the previous step). The same two functions on the same block as the two separate calls: the same bits. */
 void update_perturb(void *out, void *w, int64_t n, const int64_t *key, double eps, const int64_t *ukey, double c,
                     int kind, int dist, int threads) {
-    perturb_fn *p = PERTURBS[(kind * 3 + kind) * 3 + dist];
+    perturb_fn *p = perturb_for(kind, kind, dist);
     update_fn *u = update_for(c, kind, dist);
     float eps32 = (float)eps;
     double cs = cscale(c, dist);

@@ -771,8 +771,10 @@ class Mezo:
         CPU with the C kernels or on CUDA with Triton, the two-point estimator, no offloading), the update is left
         pending: the next perturbed forward applies it to each tensor in the same pass that forms the tensor's
         perturbed copy (zrng.update_perturb: one read of the weights instead of two; the same bits as the update then
-        the perturbation), and on its way out to whatever it did not perturb whole. Anything else that reads the weights calls flush() first: digest
-        and rule_state do; a caller that reads the model itself (an eval, a save) must."""
+        the perturbation), a blocked linear's block by block; an embedding's lookup updates the rows it gathers and
+        leaves the table to a blocked LM head tied to it; the forward's exit updates whatever is left. Anything else
+        that reads the weights calls flush() first: digest and rule_state do; a caller that reads the model itself (an
+        eval, a save) must."""
         if c == 0.0:
             return
         self.flush()

@@ -46,7 +46,10 @@ def _add_specials(w: torch.Tensor, g: torch.Generator) -> None:
     fp16 and bf16 subnormals, values right next to fp16's overflow threshold, and exact rounding ties of fp16 and bf16
     (normal and subnormal)."""
     put = {1: float("inf"), 2: float("-inf"), 4: float("nan"), 6: 1e-40, 8: -3e-42, 10: 2.0**-24, 12: -(2.0**-25) * 3,
-           14: 65519.0, 15: 65520.0, 16: -65504.0, 18: 2.0**-133}
+           14: 65519.0, 15: 65520.0, 16: -65504.0, 18: 2.0**-133,
+           # bf16 values whose sum with a scale of 2**-120 and either sign is the fp32 subnormal +-2**-127 (the smallest
+           # scale a sum can be subnormal at, which the bf16 kernels check for)
+           35: 2.0**-120 - 2.0**-127, 36: 2.0**-127 - 2.0**-120}
     for start, value in put.items():
         w[start::37] = value
     for start, dtype, scale in ((20, torch.bfloat16, 1.0), (22, torch.float16, 1.0), (24, torch.float16, 2.0**-20),
@@ -84,7 +87,7 @@ def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[st
                 check(f"z_kernel {dtype} {case}", *outs)
             for dtype in DTYPES:
                 w = _weights(n, dtype, device, si, specials)
-                for eps in (1e-3, -1e-3, 0.37) + ((0.0, 1e-30) if specials else ()):
+                for eps in (1e-3, -1e-3, 0.37) + ((0.0, 1e-30, 2.0**-120) if specials else ()):
                     eps_t = torch.tensor(eps, dtype=torch.float64, device=device)
                     for out_dtype in DTYPES if specials else {dtype, torch.float32}:
                         outs = [torch.empty(n, dtype=out_dtype, device=device) for _ in range(2)]
@@ -99,7 +102,8 @@ def run_cases(device: str, tk, shapes=SHAPES, specials: bool = False) -> list[st
                     check(f"perturb_rows_kernel {dtype} eps={eps} {case}", *outs)
                 # c as training passes it (an fp32 value: rademacher32's C update then computes in fp32) and not (fp64 only);
                 # 2**-40 and fp32(1.2345e-11): w - c is inexact in fp64 against weights of ~0.02 (over 29 binades)
-                for c in (1e-3, F32_1E3, -2.5e-7, 3.0, 2.0**-40, F32_TINY) + ((1e-30, -7e4, F32_1E_30) if specials else ()):
+                for c in (1e-3, F32_1E3, -2.5e-7, 3.0, 2.0**-40, F32_TINY) + (
+                        (1e-30, -7e4, F32_1E_30, 2.0**-120) if specials else ()):
                     c_t = torch.tensor(c, dtype=torch.float64, device=device)
                     ws = [w.clone(), w.clone()]
                     zrng.update_kernel(ws[0], key, c_t, dist)
