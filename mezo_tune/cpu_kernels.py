@@ -333,8 +333,8 @@ static perturb_fn *const PERTURBS[] = {EACH_PAIR(ENTRY3)};
    index arithmetic per group, and no subnormal check where none can occur. A sum x + s of a bf16 value x and s = +-eps
    (or -+c) with |s| >= 2^-100 is never subnormal: if |x| < 2^-126 it is at least |s| - |x| > 2^-126; otherwise x and
    s are both normal, and either their magnitudes are more than a factor 2 apart (the sum is at least half the larger
-   one) or x is within a factor 2 of |s| >= 2^-100, so both are multiples of 2^-123 and so is their sum, which is 0 or
-   at least 2^-123. Below that scale (eps 0, a tiny c) every group is checked as before. */
+   one) or |x| >= |s| / 2 >= 2^-101, so both are multiples of 2^-124 (fp32's ulp at 2^-101) and so is their sum,
+   which is 0 or at least 2^-124. Below that scale (eps 0, a tiny c) every group is checked as before. */
 #define TINY 0x1p-100f
 /* the whole groups of [b, e): [cut[0], cut[1]); returns their count */
 INLINE int sign_groups(int64_t b, int64_t e, uint64_t offset, int64_t *cut) {
