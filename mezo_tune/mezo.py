@@ -513,27 +513,38 @@ class Mezo:
         # apply_update); the caller then calls flush() before reading the weights itself (train does)
         self.defer_updates = False
         self._pending: _Pending | None = None
-        self._keys_step, self._keys = None, {}  # the latest step's keys: _step_key's and _key_tensor's
+        self._keys: dict[int, dict] = {}  # the two latest steps' keys, _step_key's and _key_tensor's (see there)
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
         self._hooked: dict[int, tuple[list, list]] = {}
 
     # -- keys
+    def _step_keys(self, step: int) -> dict:
+        """The keys kept for `step`, for the two latest steps: a step's two perturbed forwards and its update ask for
+        each of ~300 names (a blake2b each), and a pending update of the step before (apply_update) may be flushed in
+        between (an untied embedding's, at the first forward's exit), which must not drop them."""
+        keys = self._keys.get(step)
+        if keys is None:
+            if len(self._keys) >= 2:
+                del self._keys[min(self._keys)]
+            keys = self._keys[step] = {}
+        return keys
+
     def _step_key(self, step: int, name: str) -> tuple[int, int]:
-        """zrng.stream_key of z for (step, name), kept for the latest step: its two perturbed forwards and its update
-        ask for each of ~300 names (a blake2b each)."""
-        if self._keys_step != step:
-            self._keys_step, self._keys = step, {}
-        key = self._keys.get(name)
+        """zrng.stream_key of z for (step, name), kept (_step_keys)."""
+        keys = self._step_keys(step)
+        key = keys.get(name)
         if key is None:
-            key = self._keys[name] = zrng.stream_key(self.seed, step, name)
+            key = keys[name] = zrng.stream_key(self.seed, step, name)
         return key
 
     def _key_tensor(self, step: int, name: str, offset: int, device) -> torch.Tensor:
-        """zrng.key_tensor of (step, name) from element `offset`, kept for the step's second perturbed forward."""
+        """zrng.key_tensor of (step, name) from element `offset`, kept (_step_keys) for the step's second perturbed
+        forward."""
         key = self._step_key(step, name)
-        cached = self._keys.get((name, offset, device))
+        keys = self._keys[step]
+        cached = keys.get((name, offset, device))
         if cached is None:
-            cached = self._keys[(name, offset, device)] = zrng.key_tensor(*key, offset, device)
+            cached = keys[(name, offset, device)] = zrng.key_tensor(*key, offset, device)
         return cached
 
     def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):

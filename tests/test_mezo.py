@@ -361,3 +361,17 @@ def test_updates_are_applied_at_once_where_they_cannot_be_fused(what):
     engine.defer_updates = True
     engine.step(0, 0.5, lambda: lm_loss(model, batch()), directions=2)
     assert engine._pending is None
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_deferred_step_hashes_each_key_once(tie, monkeypatch):
+    """A step's stream keys are hashed once per tensor, also when the update left pending by the step before is
+    flushed between its forwards (an untied embedding's, at the first forward's exit): the keys of the two latest
+    steps are kept."""
+    engine = _deferred_pair(torch.float32, tie, "rademacher32")[1]
+    calls, real = [], zrng.stream_key
+    monkeypatch.setattr(zrng, "stream_key", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for t in range(3):
+        calls.clear()
+        engine.step(t, 1e-2, lambda: lm_loss(engine.model, batch(t)))
+        assert len(calls) == len(engine.trainable.names), t
