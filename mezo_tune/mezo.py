@@ -430,7 +430,6 @@ class _Pending:
     step: int
     c: float
     keys: dict[str, torch.Tensor]  # the tensors left: name -> key tensor of z_step from element 0
-    stream_keys: dict[str, tuple[int, int]]  # name -> zrng.stream_key of z_step (key tensors from other elements)
     c_on: dict  # c as an fp64 tensor on each device
     done: dict[str, int] = field(default_factory=dict)  # a tensor updated in part (row blocks): its elements done
 
@@ -794,7 +793,6 @@ class Mezo:
             touched = self.directions.touched(self.seed, step, self._names)
             weights = [(name, w) for name, w, _ in self._weights() if name in touched]
             self._pending = _Pending(step, c, {name: self._key_tensor(step, name, 0, w.device) for name, w in weights},
-                                     {name: self._step_key(step, name) for name, _ in weights},
                                      {w.device: torch.tensor(c, dtype=torch.float64, device=w.device)
                                       for _, w in weights})
             return
@@ -816,7 +814,7 @@ class Mezo:
         pending = self._pending
         if pending is None or name not in pending.keys or pending.done.get(name, 0) != offset:
             return False
-        ukey = pending.keys[name] if offset == 0 else zrng.key_tensor(*pending.stream_keys[name], offset, w.device)
+        ukey = self._key_tensor(pending.step, name, offset, w.device)  # kept with the step's (_step_keys)
         key = self._key_tensor(step, name, offset, w.device)
         if not zrng.update_perturb(out, w, key, eps, ukey, pending.c_on[w.device], self.distribution):
             return False
