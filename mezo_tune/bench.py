@@ -354,14 +354,27 @@ def overhead_in_copies(result: dict) -> float:
     forward): its step in copies. It does not depend on how fast the matmuls are, so it compares across machines
     (issue #16)."""
     if "copy_times" in result:  # each step against the forward and the copy timed right after it
-        scale = result["bytes_moved"] / result["copy_bytes"]  # the copy's bytes: those of the weights, up to 2**27
-        return statistics.median((t - 2 * f) / (c * scale) for t, f, c in
-                                 zip(result["times"], result["forward_times"], result["copy_times"]))
+        return statistics.median(_overheads_per_call(result))
     if "forward_times" in result:  # the median of paired differences: each step against the forward timed after it
         beyond = statistics.median(t - 2 * f for t, f in zip(result["times"], result["forward_times"]))
     else:
         beyond = result["seconds"] - 2 * result.get("forward_seconds", 0.0)
     return beyond / weight_copy_seconds(result)
+
+
+def _overheads_per_call(result: dict) -> list[float]:
+    """Each call's (time - 2 x the forward timed right after it) / the weight copy timed right after that forward."""
+    scale = result["bytes_moved"] / result["copy_bytes"]  # the copy's bytes: those of the weights, up to 2**27
+    return [(t - 2 * f) / (c * scale) for t, f, c in zip(result["times"], result["forward_times"], result["copy_times"])]
+
+
+def overhead_quartiles(result: dict) -> tuple[float, float] | None:
+    """The first and third quartiles of a step variant's per-call overheads in copies (overhead_in_copies is their
+    median): how far the figure moves from call to call on this machine. None with fewer than two calls."""
+    if "copy_times" not in result or len(result["times"]) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(_overheads_per_call(result), n=4)
+    return q1, q3
 
 
 def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len: int = 64, repeats: int = 5,
@@ -399,6 +412,7 @@ def bench(model_spec: str, dtype: str = "float32", batch_size: int = 8, seq_len:
         "forward_between_calls_s": {v: results[v]["forward_seconds"] for v in ("mezo", "backprop", "reference")},
         "weight_copy_s": {v: weight_copy_seconds(results[v]) for v in VARIANTS[1:]},
         "overhead_in_copies": {v: overhead_in_copies(results[v]) for v in VARIANTS[1:]},
+        "overhead_quartiles": {v: overhead_quartiles(results[v]) for v in ("mezo", "backprop", "reference")},
         "times": {v: results[v]["times"] for v in VARIANTS},
         "forward_times": {v: results[v]["forward_times"] for v in ("mezo", "backprop", "reference")},
         "copy_times": {v: results[v]["copy_times"] for v in ("mezo", "backprop", "reference")},
@@ -549,7 +563,9 @@ def format_bench(res: dict) -> str:
               f"{r['replay_bandwidth_fraction']:.2f} of copy bandwidth"]
     if "overhead_in_copies" in res:
         o, c = res["overhead_in_copies"], res["weight_copy_s"]
-        lines.append(f"overhead in weight copies      MeZO {o['mezo']:.1f}, reference {o['reference']:.1f}, "
+        q = (res.get("overhead_quartiles") or {}).get("mezo")
+        spread = f" (quartiles over the calls {q[0]:.1f}-{q[1]:.1f})" if q else ""
+        lines.append(f"overhead in weight copies      MeZO {o['mezo']:.1f}{spread}, reference {o['reference']:.1f}, "
                      f"backprop {o['backprop']:.1f}, replay {o['replay']:.1f} (step - 2 forwards, over one copy of "
                      f"the trainable weights: {c['mezo'] * 1e3:.1f} ms in MeZO's process)")
     return "\n".join(lines)

@@ -689,7 +689,10 @@ class Mezo:
                     by_hooks.add(id(module))
                 elif id(module) in hooked or id(module) in forwards:
                     forward = forwards.get(id(module)) or functools.partial(type(module).forward, module)
-                    module.forward = swapping(module, forward) if id(module) in hooked else forward
+                    # object's setattr: nn.Module's first checks whether the value is a parameter, buffer or module
+                    # (~20 isinstance calls: 0.6 ms a forward of a 30-layer Llama, against 0.1)
+                    object.__setattr__(module, "forward", swapping(module, forward) if id(module) in hooked
+                                       else forward)
                     overridden.append(module)
             if by_hooks:
                 def pre_hook(module, args):
@@ -711,7 +714,7 @@ class Mezo:
             yield
         finally:
             for module in overridden:
-                del module.forward  # back to the class's forward
+                object.__delattr__(module, "forward")  # back to the class's forward
             for h in handles:
                 h.remove()
             self._hooked = {}

@@ -74,8 +74,23 @@ def test_bench_reports_every_variant_and_the_replay_bandwidth():
     assert res["overhead_in_copies"]["replay"] == pytest.approx(1 / res["ratios"]["replay_bandwidth_fraction"],
                                                                 rel=1e-12)  # the same figure, divided the other way
     assert "overhead in weight copies      MeZO" in format_bench(res)
+    assert res["overhead_quartiles"] == {"mezo": None, "backprop": None, "reference": None}  # one call each
     # live tensors: at least the weights; backprop holds AdamW's two moments as well
     assert res["forward_tensor_peak_bytes"] >= 4 * params and res["backprop_tensor_peak_bytes"] >= 3 * 4 * params
+
+
+def test_overhead_quartiles_are_those_of_the_per_call_ratios():
+    """bench reports how far the overhead in copies moves from call to call: the quartiles of the ratios whose median
+    is the figure (each call's time less two forwards, over the copy after them, scaled to the weights' bytes)."""
+    from mezo_tune.bench import overhead_in_copies, overhead_quartiles
+
+    result = {"bytes_moved": 800, "copy_bytes": 400, "times": [2.5, 2.9, 2.3, 3.1, 2.6],
+              "forward_times": [1.0, 1.1, 1.0, 1.2, 1.0], "copy_times": [0.1, 0.2, 0.1, 0.1, 0.2]}
+    ratios = [(0.5 / 0.2), (0.7 / 0.4), (0.3 / 0.2), (0.7 / 0.2), (0.6 / 0.4)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    assert overhead_quartiles(result) == pytest.approx((q1, q3), rel=1e-12)
+    assert overhead_in_copies(result) == pytest.approx(statistics.median(ratios), rel=1e-12)
+    assert overhead_quartiles({**result, "times": [2.5], "forward_times": [1.0], "copy_times": [0.1]}) is None
 
 
 def test_tensor_peak_skips_fake_tensors_left_by_compile():
