@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import zrng
+from . import cpu_kernels, zrng
 from .directions import Directions
 
 ESTIMATORS = ("spsa", "fzoo")
@@ -429,7 +429,7 @@ class _Pending:
 
     step: int
     c: float
-    keys: dict[str, torch.Tensor]  # the tensors left: name -> key tensor of z_step from element 0
+    names: set[str]  # the tensors left (their keys: Mezo._key_tensor, _key_address of `step`)
     c_on: dict  # c as an fp64 tensor on each device
     done: dict[str, int] = field(default_factory=dict)  # a tensor updated in part (row blocks): its elements done
 
@@ -442,6 +442,7 @@ class _Pending:
 # of 9, the engines A/B in one process as `docs/bench_step_parts.py DTYPE N blocks Z` runs them; README "Half
 # precision").
 BLOCKED_LINEAR_ELEMENTS = 1 << 23
+_KEY_TABLE = ("key table",)  # where Mezo._key_address keeps a step's table among its keys (names are strings)
 
 
 class Mezo:
@@ -515,6 +516,7 @@ class Mezo:
         self._keys: dict[int, dict] = {}  # the two latest steps' keys, _step_key's and _key_tensor's (see there)
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
         self._hooked: dict[int, tuple[list, list]] = {}
+        self._hooked_cache: dict[frozenset, dict] = {}  # _hooked_by's
 
     # -- keys
     def _step_keys(self, step: int) -> dict:
@@ -546,6 +548,18 @@ class Mezo:
             cached = keys[(name, offset, device)] = zrng.key_tensor(*key, offset, device)
         return cached
 
+    def _key_address(self, step: int, name: str) -> int:
+        """The address of (k0, k1, 0), the key of z_step for tensor `name` from element 0, in the step's key table: one
+        int64 tensor of every trainable tensor's row, made at the step's first call (one tensor a step where
+        _key_tensor makes one a name), kept with the step's keys (_step_keys) for the C kernels' hot path."""
+        keys = self._step_keys(step)
+        table = keys.get(_KEY_TABLE)
+        if table is None:
+            rows = torch.tensor([(*self._step_key(step, n), 0) for n in self._names], dtype=torch.int64)
+            stride = rows.stride(0) * rows.element_size()
+            table = keys[_KEY_TABLE] = (rows, {n: rows.data_ptr() + stride * i for i, n in enumerate(self._names)})
+        return table[1][name]
+
     def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):
         """(a, b, key) per chunk of `numel` elements whose first one is the tensor's element `offset` (a shard's)."""
         k0, k1 = zrng.stream_key(self.seed, step, name, stream)
@@ -567,6 +581,7 @@ class Mezo:
         swapped: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         handles = []
         touched = self.directions.touched(self.seed, step, self._names)
+        c_kernels = cpu_kernels.library() if self.use_compile else None  # for _perturb_whole
 
         def is_touched(p) -> bool:
             return self._name_of[id(p)] in touched
@@ -597,8 +612,9 @@ class Mezo:
                     continue
                 orig = p.data
                 buf = self._acquire(orig.shape, orig.dtype, orig.device)
-                if not self._update_perturb(buf, orig, name, step, eps_on(orig.device)):
-                    perturb(buf, orig, name)
+                if not (c_kernels is not None and self._perturb_whole(c_kernels, buf, orig, name, step, sign)):
+                    if not self._update_perturb(buf, orig, name, step, eps_on(orig.device)):
+                        perturb(buf, orig, name)
                 swapped[name] = (p, orig)
                 p.data = buf
 
@@ -668,12 +684,7 @@ class Mezo:
 
         overridden, loading = [], []
         try:
-            hooked: dict[int, tuple[list, list]] = {}
-            for module, params in self._owners:
-                named = [(self._name_of[id(p)], p) for p in params if is_touched(p)]
-                if named:  # a module with none touched runs untouched
-                    hooked[id(module)] = (named, [n for n, _ in named])
-            self._hooked = hooked
+            hooked = self._hooked = self._hooked_by(touched)
             # A module's own forward: a lookup of perturbed rows (plain embeddings), a perturbed matmul in row blocks
             # (large linears), and around it (or the class forward) the swap of the module's other touched tensors.
             # An instance attribute, not module hooks: with any global module hook every module call of the model
@@ -724,6 +735,21 @@ class Mezo:
                 self._restore(entry)
             swapped.clear()
             self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
+
+    def _hooked_by(self, touched: frozenset) -> dict[int, tuple[list, list]]:
+        """id(module) -> (its touched (name, parameter) pairs, their names) for the modules owning a touched tensor,
+        kept for the latest few sets (dense directions touch the same set every record, layerwise a new one)."""
+        hooked = self._hooked_cache.get(touched)
+        if hooked is None:
+            hooked = {}
+            for module, params in self._owners:
+                named = [(self._name_of[id(p)], p) for p in params if self._name_of[id(p)] in touched]
+                if named:  # a module with none touched runs untouched
+                    hooked[id(module)] = (named, [n for n, _ in named])
+            if len(self._hooked_cache) >= 4:
+                del self._hooked_cache[next(iter(self._hooked_cache))]
+            self._hooked_cache[touched] = hooked
+        return hooked
 
     def _block_rows(self, w: torch.Tensor) -> int:
         """Output rows of a large weight that `perturbed` forms and applies at a time (linear_forward).
@@ -795,9 +821,9 @@ class Mezo:
         if self.defer_updates and self._defers():
             touched = self.directions.touched(self.seed, step, self._names)
             weights = [(name, w) for name, w, _ in self._weights() if name in touched]
-            self._pending = _Pending(step, c, {name: self._key_tensor(step, name, 0, w.device) for name, w in weights},
-                                     {w.device: torch.tensor(c, dtype=torch.float64, device=w.device)
-                                      for _, w in weights})
+            devices = {w.device for _, w in weights}
+            self._pending = _Pending(step, c, {name for name, _ in weights},
+                                     {d: torch.tensor(c, dtype=torch.float64, device=d) for d in devices})
             return
         self._update_now(step, c)
 
@@ -815,7 +841,7 @@ class Mezo:
         in order. False where there is none for them (or the kernels do not take them: the caller perturbs, after a
         flush, which updates what is left)."""
         pending = self._pending
-        if pending is None or name not in pending.keys or pending.done.get(name, 0) != offset:
+        if pending is None or name not in pending.names or pending.done.get(name, 0) != offset:
             return False
         ukey = self._key_tensor(pending.step, name, offset, w.device)  # kept with the step's (_step_keys)
         key = self._key_tensor(step, name, offset, w.device)
@@ -827,17 +853,37 @@ class Mezo:
             self._updated([name])
         return True
 
+    def _perturb_whole(self, lib, out: torch.Tensor, w: torch.Tensor, name: str, step: int, sign: int) -> bool:
+        """out = θ ± εz_step for the whole of tensor `name` (w: its values), its pending update applied first in the
+        same pass, by one call of the C kernels (lib): what `perturbed` does for most tensors of most forwards (a
+        contiguous CPU tensor of a C storage dtype, z from the dense kernels, an update pending whole or not at all),
+        with the keys' addresses and plain floats; the same kernels and arguments as the general path
+        (zrng.update_perturb, then the perturbation kernel's C twin). False where it does not apply."""
+        if not w.is_cpu or self.directions.forms(w):
+            return False
+        code = zrng.distribution_code(self.distribution)
+        pending = self._pending
+        if pending is None or name not in pending.names:
+            return cpu_kernels.perturb_whole(lib, out, w, self._key_address(step, name), sign * self.eps, code)
+        if pending.done.get(name, 0) or not cpu_kernels.perturb_whole(
+                lib, out, w, self._key_address(step, name), sign * self.eps, code,
+                self._key_address(pending.step, name), pending.c):
+            return False
+        self._updated([name])
+        return True
+
     def _update_rows(self, values: torch.Tensor, index: torch.Tensor, name: str) -> bool:
         """Values gathered from tensor `name` at element `index`, updated in place as the pending update would
         update them there (the tensor itself left pending); False where the tensor is updated in part (the caller
         flushes it and gathers again)."""
         pending = self._pending
-        if pending is None or name not in pending.keys:
+        if pending is None or name not in pending.names:
             return True  # nothing pending: the stored values are current
         if pending.done.get(name, 0):
             return False
         kernel = zrng.kernel(zrng.update_rows_kernel, self.use_compile)
-        kernel(values, index, pending.keys[name], pending.c_on[values.device], self.distribution)
+        kernel(values, index, self._key_tensor(pending.step, name, 0, values.device), pending.c_on[values.device],
+               self.distribution)
         return True
 
     def flush(self, names=None) -> None:
@@ -845,7 +891,7 @@ class Mezo:
         pending = self._pending
         if pending is None:
             return
-        todo = set(pending.keys) if names is None else pending.keys.keys() & set(names)
+        todo = set(pending.names) if names is None else pending.names & set(names)
         if not todo:
             return
         self._update_now(pending.step, pending.c, todo, pending.done)
@@ -855,9 +901,9 @@ class Mezo:
         """These tensors have had the pending update: nothing is pending once none is left."""
         pending = self._pending
         for name in names:
-            del pending.keys[name]
+            pending.names.remove(name)
             pending.done.pop(name, None)
-        if not pending.keys:
+        if not pending.names:
             self._pending = None
 
     def _update_now(self, step: int, c: float, names=None, done: dict[str, int] | None = None) -> None:

@@ -99,17 +99,24 @@ def arm(spec: dict) -> None:
             state["updated"] += len(items) if state["in_update"] else 0
             return update_tensors(items, *a, **kw)
 
-        def fused_or_die(self, out, w, name, s, eps, *args, **kwargs):
+        def fused_or_die(fused, at):
             # the update left pending for the next step's first perturbed forward (Mezo.apply_update), tensor by tensor
-            # (a blocked LM head: block by block)
-            pending = self._pending is not None and self._pending.step == step and name in self._pending.keys
-            if pending and state["updated"] == k - 1:
-                die()
-            done = update_perturb(self, out, w, name, s, eps, *args, **kwargs)
-            state["updated"] += 1 if pending and done else 0
-            return done
+            # (a blocked LM head: block by block): Mezo._update_perturb, or the hot path's _perturb_whole (the tensor's
+            # name: argument `at`)
+            def run(self, *args, **kwargs):
+                name = args[at]
+                pending = self._pending is not None and self._pending.step == step and name in self._pending.names
+                if pending and state["updated"] == k - 1:
+                    die()
+                done = fused(self, *args, **kwargs)
+                state["updated"] += 1 if pending and done else 0
+                return done
 
-        mezo.Mezo._update_now, mezo.Mezo._update_perturb, zrng.update_tensors = now, fused_or_die, tensors_then_die
+            return run
+
+        mezo.Mezo._update_now, zrng.update_tensors = now, tensors_then_die
+        mezo.Mezo._update_perturb = fused_or_die(update_perturb, 2)  # (out, w, name, ...)
+        mezo.Mezo._perturb_whole = fused_or_die(mezo.Mezo._perturb_whole, 3)  # (lib, out, w, name, ...)
     elif phase == "append":  # the n-th write of a block (the header is write 0)
         write_chunk = trajectory.TrajectoryWriter._write_chunk
 

@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call
 
 from conftest import ARCHS, build_model
-from mezo_tune import mezo, zrng
+from mezo_tune import cpu_kernels, mezo, zrng
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -269,10 +269,13 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
     fused, flushed = [], set()
     real, real_flush = zrng.update_perturb, mezo.Mezo.flush
     monkeypatch.setattr(zrng, "update_perturb", lambda *a: fused.append(a[0].numel()) or real(*a))
+    real_whole = cpu_kernels.perturb_whole  # the hot path's C call (Mezo._perturb_whole): fused where given a ukey
+    monkeypatch.setattr(cpu_kernels, "perturb_whole", lambda lib, out, w, key, eps, code, ukey=None, c=0.0: (
+        ukey is not None and fused.append(w.numel())) or real_whole(lib, out, w, key, eps, code, ukey, c))
 
     def flush(self, names=None):  # what a pending update leaves to a pass of its own
         if self._pending is not None:
-            flushed.update(self._pending.keys if names is None else self._pending.keys.keys() & set(names))
+            flushed.update(self._pending.names if names is None else self._pending.names & set(names))
         real_flush(self, names)
 
     monkeypatch.setattr(mezo.Mezo, "flush", flush)

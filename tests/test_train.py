@@ -806,6 +806,7 @@ def test_a_compiled_run_fuses_its_updates_and_equals_an_eager_run(lm_recipe, tmp
     """With compile on, each step's update is left pending and fused into the next step's first perturbed forward
     (Mezo.apply_update); evals, checkpoints, keyframes and the end apply it first. The run's records, keyframes, evals
     and final weights equal those of the same run with compile off (eager kernels, each update applied at once)."""
+    from mezo_tune import cpu_kernels
     from mezo_tune.mezo import Mezo
 
     fused, real = [], Mezo._update_perturb
@@ -816,6 +817,9 @@ def test_a_compiled_run_fuses_its_updates_and_equals_an_eager_run(lm_recipe, tmp
         return done
 
     monkeypatch.setattr(Mezo, "_update_perturb", counted)
+    real_whole = cpu_kernels.perturb_whole  # the hot path's C call (Mezo._perturb_whole): fused where given a ukey
+    monkeypatch.setattr(cpu_kernels, "perturb_whole", lambda lib, out, w, key, eps, code, ukey=None, c=0.0: (
+        fused.append(ukey is not None) or real_whole(lib, out, w, key, eps, code, ukey, c)))
     runs = {}
     for compile in ("on", "off"):
         recipe = lm_recipe(f"{compile}.toml", out=f"runs/{compile}", steps=7, lr=1e-2, eps=1e-2, compile=compile,
