@@ -1,9 +1,11 @@
 """`train --dry-run`: the resolved recipe, the trainable set's size and a peak-memory estimate, without loading
 weights (the model is built on the meta device from its config).
 
-Estimate of MeZO's peak (the forward pass dominates; MeZO adds one module's perturbed copy):
+Estimate of MeZO's peak (the forward pass dominates; MeZO adds perturbed copies of a few tensors at a time):
     weights                      n_params x bytes(dtype)
-    + largest perturbed module   max over modules of its trainable bytes (the scratch copy)
+    + perturbed copies           the small tensors' (modules whose trainable tensors have at most Mezo.SMALL_TENSOR
+                                 elements each, up to Mezo.EARLY_ELEMENTS in all: norms, biases, adapters), alive for
+                                 the whole forward, + the largest other module's trainable bytes (the scratch copy)
     + the larger of (no autograd: a layer's transients are freed before the logits exist)
         logits                   batch x positions x vocab x (bytes(dtype) + 8)   (fp32 copy + log-softmax; fp32
                                  logits need no copy: 8 bytes)
@@ -16,7 +18,7 @@ transformers libraries, ~0.4 GB resident on CPU) is not included.
 Quantized bases (bitsandbytes) store the linear layers of the decoder (not the LM head) in 1 byte (8bit, plus an fp32
 scale per row) or 0.5 byte (4bit NF4, plus an fp32 absmax per 64 weights) per weight, and dequantize one layer's weight
 at a time into the compute dtype. Adapter runs (peft, built on the meta device too) add the adapter tensors in fp32;
-the perturbed copy is then the largest adapter module's, in fp32.
+the perturbed copies are then the adapter modules', in fp32.
 
 `measure_step_peak_bytes` measures the same quantity (live tensor bytes: the weights plus the peak of the tensors
 alive at once during one MeZO step, tracked op by op): tests/test_adapters.py checks the estimate against it (within
@@ -74,15 +76,21 @@ def _quantized_linears(model) -> list:
 
 
 def estimate_peak_bytes(model, recipe: Recipe) -> dict:
-    from .mezo import trainable_set
+    from .mezo import Mezo, trainable_set
 
     b = _BYTES[recipe.model.dtype]
     adapter = recipe.adapter.type != "none"
     trainable = trainable_set(model, recipe.model.freeze, adapter=adapter)
     train_ids = {id(p) for p in trainable.params}
     n_params = sum(p.numel() for p in model.parameters())
-    largest = max((sum(p.numel() * p.element_size() for p in m.parameters(recurse=False) if id(p) in train_ids)
-                   for m in model.modules()), default=0)
+    early, early_elements, largest = 0, 0, 0  # perturbed copies: as Mezo._hooked_by picks them
+    for m in model.modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) in train_ids]
+        size, nbytes = sum(p.numel() for p in own), sum(p.numel() * p.element_size() for p in own)
+        if own and max(p.numel() for p in own) <= Mezo.SMALL_TENSOR and early_elements + size <= Mezo.EARLY_ELEMENTS:
+            early, early_elements = early + nbytes, early_elements + size
+        else:
+            largest = max(largest, nbytes)
     quantization = getattr(recipe.model, "quantization", "none")
     quantized = _quantized_linears(model) if quantization != "none" else []
     q_numel = sum(w.numel() for w in quantized)
@@ -98,7 +106,7 @@ def estimate_peak_bytes(model, recipe: Recipe) -> dict:
                     or getattr(cfg, "n_inner", None) or 4 * hidden)
     parts = {
         "weights": weights,
-        "perturbed_copy": largest,
+        "perturbed_copy": early + largest,
         "logits": batch * positions * cfg.vocab_size * (b + 4 if b == 4 else b + 8),
         "activations": batch * seq * (4 * hidden + 2 * intermediate) * b,
     }

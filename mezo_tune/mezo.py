@@ -449,6 +449,7 @@ class Mezo:
     """Perturbation and update over a trainable set, for one run (seed, ε, z distribution, rounding)."""
 
     DEFERS = True  # whether an update may be left pending for the next perturbed forward (apply_update)
+    SMALL_TENSOR, EARLY_ELEMENTS = 1 << 16, 1 << 22  # see _hooked_by
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
@@ -620,7 +621,8 @@ class Mezo:
 
         def swap_out(names):
             for name in names:
-                self._restore(swapped.pop(name, None))
+                if name not in early_names:  # swapped for the whole forward, restored at its exit
+                    self._restore(swapped.pop(name, None))
 
         def embedding_forward(module, ids):
             # A lookup reads only the rows of its ids: perturb those rows alone, and look up in them.
@@ -682,9 +684,10 @@ class Mezo:
 
             return run
 
-        overridden, loading = [], []
+        overridden, loading, early_names = [], [], frozenset()
         try:
-            hooked = self._hooked = self._hooked_by(touched)
+            hooked, (early, early_ids) = self._hooked_by(touched)
+            self._hooked = hooked
             # A module's own forward: a lookup of perturbed rows (plain embeddings), a perturbed matmul in row blocks
             # (large linears), and around it (or the class forward) the swap of the module's other touched tensors.
             # An instance attribute, not module hooks: with any global module hook every module call of the model
@@ -694,8 +697,12 @@ class Mezo:
             forwards = {id(m): functools.partial(fn, m) for fns, fn in ((self._embeddings, embedding_forward),
                                                                         (self._large_linears, linear_forward))
                         for m in fns if is_touched(m.weight)}
+            swap_in(early)  # the small tensors, for the whole forward (_hooked_by)
+            early_names = frozenset(name for name, _ in early)
             by_hooks = set()
             for module, _ in self._owners:
+                if id(module) in early_ids:
+                    continue
                 if id(module) in hooked and "forward" in module.__dict__:
                     by_hooks.add(id(module))
                 elif id(module) in hooked or id(module) in forwards:
@@ -736,20 +743,40 @@ class Mezo:
             swapped.clear()
             self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
 
-    def _hooked_by(self, touched: frozenset) -> dict[int, tuple[list, list]]:
-        """id(module) -> (its touched (name, parameter) pairs, their names) for the modules owning a touched tensor,
-        kept for the latest few sets (dense directions touch the same set every record, layerwise a new one)."""
-        hooked = self._hooked_cache.get(touched)
-        if hooked is None:
-            hooked = {}
+    def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list]], tuple[list, set[int]]]:
+        """(id(module) -> (its touched (name, parameter) pairs, their names) for the modules owning a touched tensor;
+        the early swaps: the touched pairs `perturbed` swaps in for the whole forward, and their modules' ids), kept
+        for the latest few sets (dense directions touch the same set every record, layerwise a new one).
+
+        A module whose touched tensors are all small (at most SMALL_TENSOR elements: norms, biases, adapters) has
+        them swapped in when the perturbed forward starts, with the other such modules', rather than around each of
+        its calls: a swap costs the same Python whatever the tensor's size (~30 us inside a forward, whose matmuls
+        have just evicted the interpreter's data; SmolLM2: 61 norms, 122 swaps a step). Up to EARLY_ELEMENTS in all,
+        so that their perturbed copies, alive for the whole forward, add little to its peak; not a module with a
+        forward of its own (embeddings, large linears, one someone else installed) or holding the weight of one."""
+        cached = self._hooked_cache.get(touched)
+        if cached is None:
+            hooked, early, early_ids, total = {}, [], set(), 0
+            special = (*self._embeddings, *self._large_linears)
+            own_forward = {id(m) for m in special}
+            # their weights too, wherever else owned (a tied LM head's): a lookup perturbs the stored rows itself
+            read_whole = {self._name_of[id(m.weight)] for m in special}
             for module, params in self._owners:
                 named = [(self._name_of[id(p)], p) for p in params if self._name_of[id(p)] in touched]
-                if named:  # a module with none touched runs untouched
-                    hooked[id(module)] = (named, [n for n, _ in named])
+                if not named:  # a module with none touched runs untouched
+                    continue
+                hooked[id(module)] = (named, [n for n, _ in named])
+                size = sum(p.numel() for _, p in named)
+                if (max(p.numel() for _, p in named) <= self.SMALL_TENSOR and total + size <= self.EARLY_ELEMENTS
+                        and id(module) not in own_forward and "forward" not in module.__dict__
+                        and not any(n in read_whole for n, _ in named)):
+                    early += [(n, p) for n, p in named if n not in {e for e, _ in early}]
+                    early_ids.add(id(module))
+                    total += size
             if len(self._hooked_cache) >= 4:
                 del self._hooked_cache[next(iter(self._hooked_cache))]
-            self._hooked_cache[touched] = hooked
-        return hooked
+            cached = self._hooked_cache[touched] = (hooked, (early, early_ids))
+        return cached
 
     def _block_rows(self, w: torch.Tensor) -> int:
         """Output rows of a large weight that `perturbed` forms and applies at a time (linear_forward).

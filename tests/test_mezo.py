@@ -54,12 +54,22 @@ def test_freeze_patterns():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype):
+@pytest.mark.parametrize("small", [None, 0, 64], ids=["small-default", "none-early", "norms-early"])
+def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype, small):
     """The hooks compute exactly loss(θ ± εz), and no stored bit changes. (Every weight through the hooks: 16-bit
-    linears go by row blocks by default, whose matmuls may round differently on another CPU; tested below.)"""
+    linears go by row blocks by default, whose matmuls may round differently on another CPU; tested below.) Small
+    tensors are swapped in for the whole forward (Mezo._hooked_by): all of this tiny model's but the embedding tables
+    by default, none, or the norms and biases alone (the linears swapped around their calls)."""
     model = build_model(arch, dtype)
     ts = mezo.trainable_set(model)
     engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1 << 62)
+    if small is not None:
+        engine.SMALL_TENSOR = small
+    early = engine._hooked_by(frozenset(ts.names))[1][0]
+    if small is None:
+        assert len(early) == len(ts.names) - len(engine._embeddings)  # (tied: the LM head's weight is a table's)
+    else:  # those of modules whose tensors are all small (a linear's bias goes with its weight)
+        assert all(p.numel() <= small for _, p in early) and bool(early) == bool(small)
     ids = batch()
     before = snapshot(model)
     for sign in (+1, -1):
@@ -283,6 +293,8 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
         now, later = _deferred_pair(dtype, tie, distribution, large_linear, rule=rule)
         for engine in (now, later):
             engine.linear_block_elements = 32 * 7
+            if tie:  # the norms swapped in for the whole forward, the linears around their calls (default: all)
+                engine.SMALL_TENSOR = 64
         for t in range(4):
             loss = [lambda e=e: lm_loss(e.model, batch(t)) for e in (now, later)]
             records = [e.step(t, 1e-2, f) for e, f in zip((now, later), loss)]
