@@ -517,7 +517,7 @@ class Mezo:
         self._keys: dict[int, dict] = {}  # the two latest steps' keys, _step_key's and _key_tensor's (see there)
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
         self._hooked: dict[int, tuple[list, list]] = {}
-        self._hooked_cache: dict[frozenset, dict] = {}  # _hooked_by's
+        self._hooked_cache: dict[frozenset, tuple] = {}  # _hooked_by's
 
     # -- keys
     def _step_keys(self, step: int) -> dict:
@@ -753,10 +753,11 @@ class Mezo:
         its calls: a swap costs the same Python whatever the tensor's size (~30 us inside a forward, whose matmuls
         have just evicted the interpreter's data; SmolLM2: 61 norms, 122 swaps a step). Up to EARLY_ELEMENTS in all,
         so that their perturbed copies, alive for the whole forward, add little to its peak; not a module with a
-        forward of its own (embeddings, large linears, one someone else installed) or holding the weight of one."""
+        forward of its own (embeddings, large linears, one someone else installed) or holding the weight of one, and
+        none where accelerate offloads (the weights exist only inside their modules' calls)."""
         cached = self._hooked_cache.get(touched)
         if cached is None:
-            hooked, early, early_ids, total = {}, [], set(), 0
+            hooked, early, early_ids, taken, total = {}, [], set(), set(), 0
             special = (*self._embeddings, *self._large_linears)
             own_forward = {id(m) for m in special}
             # their weights too, wherever else owned (a tied LM head's): a lookup perturbs the stored rows itself
@@ -769,8 +770,9 @@ class Mezo:
                 size = sum(p.numel() for _, p in named)
                 if (max(p.numel() for _, p in named) <= self.SMALL_TENSOR and total + size <= self.EARLY_ELEMENTS
                         and id(module) not in own_forward and "forward" not in module.__dict__
-                        and not any(n in read_whole for n, _ in named)):
-                    early += [(n, p) for n, p in named if n not in {e for e, _ in early}]
+                        and not any(n in read_whole for n, _ in named) and not self._offloaded):
+                    early += [(n, p) for n, p in named if n not in taken]  # a tensor two modules own: once
+                    taken.update(n for n, _ in named)
                     early_ids.add(id(module))
                     total += size
             if len(self._hooked_cache) >= 4:
