@@ -521,13 +521,16 @@ class Mezo:
 
     # -- keys
     def _step_keys(self, step: int) -> dict:
-        """The keys kept for `step`, for the two latest steps: a step's two perturbed forwards and its update ask for
-        each of ~300 names (a blake2b each), and a pending update of the step before (apply_update) may be flushed in
-        between (an untied embedding's, at the first forward's exit), which must not drop them."""
+        """The keys kept for `step`, for the two steps asked for last: a step's two perturbed forwards and its update
+        ask for each of ~300 names (a blake2b each), and a pending update of the step before (apply_update) may be
+        flushed in between (an untied embedding's, at the first forward's exit), which must not drop them. The older
+        of the two is dropped, not the lower step: a step run out of order (bench's extra call for the peak, a resume)
+        would otherwise be kept for good and leave one place to the current step and its pending update, which then
+        evicted each other at every tensor (bench, bf16: +400 ms a step, rebuilding the key tables)."""
         keys = self._keys.get(step)
         if keys is None:
             if len(self._keys) >= 2:
-                del self._keys[min(self._keys)]
+                del self._keys[next(iter(self._keys))]  # the one made first
             keys = self._keys[step] = {}
         return keys
 
