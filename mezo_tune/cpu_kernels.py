@@ -738,8 +738,7 @@ def perturb_whole(lib: ctypes.CDLL, out: torch.Tensor, w: torch.Tensor, key: int
     addresses of int64 (k0, k1, offset) rows that outlive the call, eps and c plain floats and the distribution its
     code, where the twins take tensors and names, whose checks and conversions cost more than a small tensor's pass.
     False, doing nothing, where the C kernels do not cover out and w."""
-    if not (w.is_cpu and w.dtype in _KIND and w.is_contiguous() and out.is_cpu and out.dtype == w.dtype
-            and out.is_contiguous() and out.numel() == w.numel()):
+    if not (_on_cpu(out, w) and out.dtype == w.dtype):
         return False
     kind = _KIND[w.dtype]
     if ukey is None:
