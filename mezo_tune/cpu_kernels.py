@@ -194,19 +194,29 @@ INLINE void store(void *p, int64_t s, float v, int kind) {
 /* fp16 storage, rademacher32, whole groups: with AVX-512 the conversions are the hardware's (vcvtph2ps, and
    vcvtps2ph rounding to nearest even), which is what torch's vectorized fp16 conversion on x86 runs and what the
    integer functions above emulate; the compiler does not vectorize them by itself, and the integer ones cost 4x a
-   weight copy. Elsewhere (AVX2 builds, other CPUs) the integer code runs; both are checked against eager torch. */
-#if defined(__AVX512F__)
+   weight copy. With AVX2 the same with 8 lanes where the CPU has F16C (every AVX2 x86 CPU does; built with -mf16c);
+   elsewhere (other CPUs) the integer code runs; all are checked against eager torch. */
+#if defined(__AVX2__)
 #include <immintrin.h>
+/* The 16-bit groups ask for the weights 4 KiB ahead (a group is one 64-byte line): measured on the 2-core EPYC, a
+   bf16 perturbation pass over 134M weights went from 0.080-0.092 to 0.062-0.067 ns a weight (1 or 2 KiB ahead: no
+   better than none, 8 KiB: worse). A prefetch never faults, past the end of a tensor included. */
+#define AHEAD 2048
+/* x with its sign flipped in lane i where bit i of `bits` is set: x * z for 8 lanes (the zsign of SIGN_ELEMENT) */
+INLINE __m256 flip8(__m256 x, uint32_t bits) {
+    const __m256i shift = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    __m256i sign = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32((int)bits), shift),
+                                    _mm256_set1_epi32((int)0x80000000u));
+    return _mm256_xor_ps(x, _mm256_castsi256_ps(sign));
+}
+#endif
+#if defined(__AVX512F__)
 /* x with its sign flipped in the lanes whose bit of `bits` (bit i for lane i) is set: x * z for 16 lanes (-x is x
    with its sign bit flipped, exactly as times_z flips it); the bits are the lanes' mask as they are */
 INLINE __m512 flip16(float x, uint32_t bits) {
     return _mm512_mask_mov_ps(_mm512_set1_ps(x), (__mmask16)bits, _mm512_set1_ps(-x));
 }
 #define F16_RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-/* The 16-bit groups ask for the weights 4 KiB ahead (a group is one 64-byte line): measured on the 2-core EPYC, a
-   bf16 perturbation pass over 134M weights went from 0.080-0.092 to 0.062-0.067 ns a weight (1 or 2 KiB ahead: no
-   better than none, 8 KiB: worse). A prefetch never faults, past the end of a tensor included. */
-#define AHEAD 2048
 INLINE void perturb_group_f16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {
     __builtin_prefetch(w + AHEAD);
     for (int h = 0; h < 2; h++) {
@@ -221,6 +231,26 @@ INLINE void update_group_f16(uint16_t *w, uint32_t hw, float c) {
         __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 16 * h)));
         __m512 v = _mm512_sub_ps(x, flip16(c, hw >> (16 * h)));
         _mm256_storeu_si256((__m256i *)(w + 16 * h), _mm512_cvtps_ph(v, F16_RNE));
+    }
+}
+#define F16_PERTURB_GROUP(...) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps);
+#define F16_UPDATE_GROUP(...) update_group_f16((uint16_t *)w + gs, hw, cf);
+#define HAVE_F16_GROUPS 1
+#elif defined(__AVX2__) && defined(__F16C__)
+INLINE void perturb_group_f16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {
+    __builtin_prefetch(w + AHEAD);
+    for (int h = 0; h < 4; h++) {
+        __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * h)));
+        __m256 v = _mm256_add_ps(x, flip8(_mm256_set1_ps(eps), hw >> (8 * h)));
+        _mm_storeu_si128((__m128i *)(out + 8 * h), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+INLINE void update_group_f16(uint16_t *w, uint32_t hw, float c) {
+    __builtin_prefetch(w + AHEAD, 1);
+    for (int h = 0; h < 4; h++) {
+        __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * h)));
+        __m256 v = _mm256_sub_ps(x, flip8(_mm256_set1_ps(c), hw >> (8 * h)));
+        _mm_storeu_si128((__m128i *)(w + 8 * h), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     }
 }
 #define F16_PERTURB_GROUP(...) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps);
@@ -271,6 +301,42 @@ INLINE int update_group_bf16(uint16_t *w, uint32_t hw, float c, int checked) {
 #define BF16_PERTURB_GROUP(...) \
     if (!perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps, 1)) { GROUP_LOOP(__VA_ARGS__) }
 #define BF16_UPDATE_GROUP(...) if (!update_group_bf16((uint16_t *)w + gs, hw, cf, 1)) { GROUP_LOOP(__VA_ARGS__) }
+#define HAVE_BF16_GROUPS 1
+#elif defined(__AVX2__)
+/* bf16 storage, rademacher32, whole groups, with AVX2 (and AVX-512 without BF16): f32_to_bf16's integer rounding on
+   8 lanes at a time, which the compiler does not vectorize as well by itself (README, "Half precision on AVX2") */
+INLINE __m256 widen8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* f32_to_bf16 on 8 lanes, one pattern to a 32-bit lane: round to nearest even, a NaN lane 0xFFFF (the wrapped sum of
+   a negative NaN's pattern is or-ed to 0xFFFF too) */
+INLINE __m256i round8_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    return _mm256_or_si256(r, _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)), 16));
+}
+/* 16 fp32 lanes rounded to bf16 and stored in order (packus interleaves the 128-bit halves; the permute undoes it) */
+INLINE void store16_bf16(uint16_t *out, __m256 lo, __m256 hi) {
+    __m256i packed = _mm256_packus_epi32(round8_bf16(lo), round8_bf16(hi));
+    _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(packed, 0xD8));
+}
+INLINE void perturb_group_bf16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {
+    __builtin_prefetch(w + AHEAD);
+    __m256 e = _mm256_set1_ps(eps);
+    for (int h = 0; h < 32; h += 16)
+        store16_bf16(out + h, _mm256_add_ps(widen8_bf16(w + h), flip8(e, hw >> h)),
+                     _mm256_add_ps(widen8_bf16(w + h + 8), flip8(e, hw >> (h + 8))));
+}
+INLINE void update_group_bf16(uint16_t *w, uint32_t hw, float c) {
+    __builtin_prefetch(w + AHEAD, 1);
+    __m256 m = _mm256_set1_ps(c);
+    for (int h = 0; h < 32; h += 16)
+        store16_bf16(w + h, _mm256_sub_ps(widen8_bf16(w + h), flip8(m, hw >> h)),
+                     _mm256_sub_ps(widen8_bf16(w + h + 8), flip8(m, hw >> (h + 8))));
+}
+#define BF16_PERTURB_GROUP(...) perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps);
+#define BF16_UPDATE_GROUP(...) update_group_bf16((uint16_t *)w + gs, hw, cf);
 #define HAVE_BF16_GROUPS 1
 #else
 #define HAVE_BF16_GROUPS 0
@@ -606,7 +672,8 @@ _SIGNATURES = {
 # the storage kinds of the C source
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # what torch.compile's CPU backend passes for the same capability
-_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+              "AVX2": ["-mavx2", "-mfma", "-mf16c"]}  # F16C: every AVX2 x86 CPU has it (the fp16 groups use it)
 
 
 def _compiler() -> str | None:

@@ -119,6 +119,28 @@ def test_cases_catch_the_bf16_groups_without_their_fixes(lib, tmp_path, monkeypa
     assert bad and all("bfloat16" in line and "rademacher32" in line for line in bad), bad
 
 
+@pytest.mark.skipif("-mavx2" not in cpu_kernels.compile_flags(), reason="the AVX2 build (torch's AVX2 capability)")
+@pytest.mark.parametrize("what, old, new, dtypes", [
+    ("bf16 ties away from zero", "_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb)",
+     "_mm256_add_epi32(u, _mm256_set1_epi32(0x8000))", {"bfloat16"}),
+    ("bf16 NaN lanes left as the sum rounds them",
+     "return _mm256_or_si256(r, _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)), 16));",
+     "return r;", {"bfloat16"}),
+    ("fp16 perturbed copies truncated",
+     "_mm_storeu_si128((__m128i *)(out + 8 * h), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT))",
+     "_mm_storeu_si128((__m128i *)(out + 8 * h), _mm256_cvtps_ph(v, _MM_FROUND_TO_ZERO))", {"float16"}),
+    ("signs taken from the lanes' bits in reverse", "_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24)",
+     "_mm256_set_epi32(31, 30, 29, 28, 27, 26, 25, 24)", {"bfloat16", "float16"}),
+])
+def test_cases_catch_a_wrong_avx2_group(lib, tmp_path, monkeypatch, what, old, new, dtypes):
+    """The AVX2 groups (16-bit storage, rademacher32: F16C conversions for fp16, f32_to_bf16's integer rounding on 8
+    lanes for bf16) are held to the same cases: a rounding tie, a NaN pattern or a sign in the wrong lane fails the
+    rademacher32 cases of that dtype, and only those."""
+    bad = run_cases("cpu", _mutant(tmp_path, monkeypatch, fix=(old, new)), SHAPES, specials=True)
+    assert bad and all("rademacher32" in line for line in bad), bad
+    assert {d for d in ("bfloat16", "float16") if any(f"torch.{d}" in line for line in bad)} == dtypes, bad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_update_list_is_update_per_tensor(lib, dtype):
     """One update_list call over tensors of kernel_cases' shapes and LARGE's (several blocks and threads, an offset
