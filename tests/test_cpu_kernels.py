@@ -123,14 +123,13 @@ def test_cases_catch_the_bf16_groups_without_their_fixes(lib, tmp_path, monkeypa
 @pytest.mark.parametrize("what, old, new, dtypes", [
     ("bf16 ties away from zero", "_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb)",
      "_mm256_add_epi32(u, _mm256_set1_epi32(0x8000))", {"bfloat16"}),
-    ("bf16 NaN lanes left as the sum rounds them",
-     "return _mm256_or_si256(r, _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)), 16));",
-     "return r;", {"bfloat16"}),
-    ("fp16 perturbed copies truncated",
-     "_mm_storeu_si128((__m128i *)(out + 8 * h), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT))",
-     "_mm_storeu_si128((__m128i *)(out + 8 * h), _mm256_cvtps_ph(v, _MM_FROUND_TO_ZERO))", {"float16"}),
-    ("signs taken from the lanes' bits in reverse", "_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24)",
-     "_mm256_set_epi32(31, 30, 29, 28, 27, 26, 25, 24)", {"bfloat16", "float16"}),
+    ("bf16 NaN lanes left as the sum rounds them", "_mm256_or_si256(r, nan)", "r", {"bfloat16"}),
+    ("fp16 truncated", "_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)", "_mm256_cvtps_ph(v, _MM_FROUND_TO_ZERO)",
+     {"float16"}),
+    ("fp16 signs of two lanes' bits swapped", "add8_f16(out + 8, w + 8, v, negv, bits, SHIFTS8(8, 12));",
+     "add8_f16(out + 8, w + 8, v, negv, bits, SHIFTS8(12, 8));", {"float16"}),
+    ("bf16 signs taken in the order of the weights, not of the widened lanes", "SHIFTS8(0, 8), SHIFTS8(4, 12)",
+     "SHIFTS8(0, 4), SHIFTS8(8, 12)", {"bfloat16"}),
 ])
 def test_cases_catch_a_wrong_avx2_group(lib, tmp_path, monkeypatch, what, old, new, dtypes):
     """The AVX2 groups (16-bit storage, rademacher32: F16C conversions for fp16, f32_to_bf16's integer rounding on 8
