@@ -27,7 +27,7 @@ import fnmatch
 import functools
 import hashlib
 import math
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -450,6 +450,7 @@ class Mezo:
 
     DEFERS = True  # whether an update may be left pending for the next perturbed forward (apply_update)
     SMALL_TENSOR, EARLY_ELEMENTS = 1 << 16, 1 << 22  # see _hooked_by
+    ALONE = True  # see perturbed's swapping_alone
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
@@ -515,8 +516,8 @@ class Mezo:
         self.defer_updates = False
         self._pending: _Pending | None = None
         self._keys: dict[int, dict] = {}  # the two latest steps' keys, _step_key's and _key_tensor's (see there)
-        # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names)
-        self._hooked: dict[int, tuple[list, list]] = {}
+        # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names, alone: _hooked_by)
+        self._hooked: dict[int, tuple[list, list, bool]] = {}
         self._hooked_cache: dict[frozenset, tuple] = {}  # _hooked_by's
 
     # -- keys
@@ -609,6 +610,13 @@ class Mezo:
                 o, x = (flat_out, flat_w) if b - a == n else (flat_out[a:b], flat_w[a:b])
                 kernel(o, x, self._key_tensor(step, name, offset + a, w.device), eps_on(w.device), self.distribution)
 
+        def form(buf: torch.Tensor, w: torch.Tensor, name: str) -> None:
+            """buf = θ ± εz for the whole of tensor `name` (w: its stored values), its pending update applied first."""
+            if not (c_kernels is not None and self._perturb_whole(c_kernels, buf, w, name, step, sign)):
+                w = w.detach()
+                if not self._update_perturb(buf, w, name, step, eps_on(w.device)):
+                    perturb(buf, w, name)
+
         def swap_in(named):
             """Point each (name, parameter) at θ ± εz formed into a scratch buffer; the stored θ is kept aside."""
             for name, p in named:
@@ -616,9 +624,7 @@ class Mezo:
                     continue
                 orig = p.data
                 buf = self._acquire(orig.shape, orig.dtype, orig.device)
-                if not (c_kernels is not None and self._perturb_whole(c_kernels, buf, orig, name, step, sign)):
-                    if not self._update_perturb(buf, orig, name, step, eps_on(orig.device)):
-                        perturb(buf, orig, name)
+                form(buf, orig, name)
                 swapped[name] = (p, orig)
                 p.data = buf
 
@@ -676,7 +682,9 @@ class Mezo:
 
         def swapping(module, forward):
             """module's forward with its touched tensors pointed at their perturbed copies for its duration."""
-            named, names = hooked[id(module)]
+            named, names, alone = hooked[id(module)]
+            if alone and self.ALONE:
+                return swapping_alone(module, forward, named)
 
             def run(*args, **kwargs):
                 swap_in(named)
@@ -684,6 +692,32 @@ class Mezo:
                     return forward(*args, **kwargs)
                 finally:
                     swap_out(names)
+
+            return run
+
+        def swapping_alone(module, forward, named):
+            """`swapping` for a module that alone owns its touched tensors (every linear of a decoder layer): the
+            perturbed copies take the parameters' places in the module's own parameter dict for its call, which its
+            forward reads them from (module.weight), instead of becoming the Parameters' .data (whose getter makes a
+            tensor and whose setter checks and copies metadata, twice a tensor) with the context's bookkeeping. A
+            call that raises puts the parameters back here."""
+            params = module._parameters
+            local = {id(v): k for k, v in params.items() if v is not None}
+            entries = [(local[id(p)], name, p, self._scratch[(p.dtype, p.device, tuple(p.shape))]) for name, p in named]
+
+            def run(*args, **kwargs):
+                try:
+                    for key, name, p, pool in entries:
+                        buf = pool.pop() if pool else torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                        params[key] = buf  # in the dict before it is formed: released below if forming raises
+                        form(buf, p, name)
+                    return forward(*args, **kwargs)
+                finally:
+                    for key, _, p, pool in entries:
+                        buf = params[key]
+                        if buf is not p:
+                            pool.append(buf)
+                            params[key] = p
 
             return run
 
@@ -746,10 +780,11 @@ class Mezo:
             swapped.clear()
             self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
 
-    def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list]], tuple[list, set[int]]]:
-        """(id(module) -> (its touched (name, parameter) pairs, their names) for the modules owning a touched tensor;
-        the early swaps: the touched pairs `perturbed` swaps in for the whole forward, and their modules' ids), kept
-        for the latest few sets (dense directions touch the same set every record, layerwise a new one).
+    def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list, bool]], tuple[list, set[int]]]:
+        """(id(module) -> (its touched (name, parameter) pairs, their names, whether it alone owns them) for the
+        modules owning a touched tensor; the early swaps: the touched pairs `perturbed` swaps in for the whole forward,
+        and their modules' ids), kept for the latest few sets (dense directions touch the same set every record,
+        layerwise a new one).
 
         A module whose touched tensors are all small (at most SMALL_TENSOR elements: norms, biases, adapters) has
         them swapped in when the perturbed forward starts, with the other such modules', rather than around each of
@@ -765,11 +800,15 @@ class Mezo:
             own_forward = {id(m) for m in special}
             # their weights too, wherever else owned (a tied LM head's): a lookup perturbs the stored rows itself
             read_whole = {self._name_of[id(m.weight)] for m in special}
+            owners = Counter(self._name_of[id(p)] for module, params in self._owners for p in params)
+            owners.update(read_whole)
             for module, params in self._owners:
                 named = [(self._name_of[id(p)], p) for p in params if self._name_of[id(p)] in touched]
                 if not named:  # a module with none touched runs untouched
                     continue
-                hooked[id(module)] = (named, [n for n, _ in named])
+                # alone: no other module owns (or reads whole) any of them, and they are its own parameters
+                alone = all(owners[n] == 1 for n, _ in named) and not self._offloaded
+                hooked[id(module)] = (named, [n for n, _ in named], alone)
                 size = sum(p.numel() for _, p in named)
                 if (max(p.numel() for _, p in named) <= self.SMALL_TENSOR and total + size <= self.EARLY_ELEMENTS
                         and id(module) not in own_forward and "forward" not in module.__dict__

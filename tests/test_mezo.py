@@ -54,15 +54,18 @@ def test_freeze_patterns():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("small", [None, 0, 64], ids=["small-default", "none-early", "norms-early"])
-def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype, small):
+@pytest.mark.parametrize("small, alone", [(None, True), (0, True), (64, True), (0, False)],
+                         ids=["small-default", "none-early", "norms-early", "none-early-data-swaps"])
+def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype, small, alone):
     """The hooks compute exactly loss(θ ± εz), and no stored bit changes. (Every weight through the hooks: 16-bit
     linears go by row blocks by default, whose matmuls may round differently on another CPU; tested below.) Small
     tensors are swapped in for the whole forward (Mezo._hooked_by): all of this tiny model's but the embedding tables
-    by default, none, or the norms and biases alone (the linears swapped around their calls)."""
+    by default, none, or the norms and biases alone (the linears swapped around their calls). A module that alone
+    owns its tensors takes their perturbed copies in its parameter dict (ALONE), else through the Parameters' data."""
     model = build_model(arch, dtype)
     ts = mezo.trainable_set(model)
     engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1 << 62)
+    engine.ALONE = alone
     if small is not None:
         engine.SMALL_TENSOR = small
     early = engine._hooked_by(frozenset(ts.names))[1][0]
@@ -98,6 +101,34 @@ def test_step_with_zero_lr_changes_no_bit(dtype):
     before = snapshot(model)
     (rec,) = engine.step(0, 0.0, lambda: lm_loss(model, batch()))
     assert math.isfinite(rec["g"]) and rec["g"] != 0
+    assert_bit_equal(before, snapshot(model))
+
+
+def test_a_linear_that_raises_puts_its_parameters_back(monkeypatch):
+    """A module that alone owns its tensors has their perturbed copies in its parameter dict for its call (Mezo.ALONE):
+    when its forward raises, the Parameters are back in their places and no stored bit has changed."""
+    model = build_model("llama")
+    ts = mezo.trainable_set(model)
+    engine = mezo.Mezo(model, ts, seed=1, eps=1e-1, large_linear=1 << 62)
+    engine.SMALL_TENSOR = 0  # the linears around their calls (this tiny model's are all small)
+    target = model.model.layers[1].mlp.down_proj
+    assert engine._hooked_by(frozenset(ts.names))[0][id(target)][2]  # alone
+    plain, seen = torch.nn.Linear.forward, []
+
+    def forward(self, x):
+        if self is target:
+            seen.append(self.weight)
+            raise RuntimeError("boom")
+        return plain(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", forward)
+    params = {m: dict(m._parameters) for m in model.modules()}
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), engine.perturbed(0, +1):
+            lm_loss(model, batch())
+    assert seen and not isinstance(seen[0], torch.nn.Parameter)  # it ran with the perturbed copy
+    assert all(m._parameters[k] is p for m, ps in params.items() for k, p in ps.items())
     assert_bit_equal(before, snapshot(model))
 
 
