@@ -209,6 +209,16 @@ INLINE __m256 signed8(__m256 x, __m256 negx, __m256i bits, __m256i shift) {
     return _mm256_blendv_ps(x, negx, _mm256_castsi256_ps(_mm256_sllv_epi32(bits, shift)));
 }
 #define SHIFTS8(a, b) _mm256_setr_epi32(31 - (a), 30 - (a), 29 - (a), 28 - (a), 31 - (b), 30 - (b), 29 - (b), 28 - (b))
+/* perturb_group_T and update_group_T of the AVX2 groups, around add_group_T (the weights asked for AHEAD first) */
+#define GROUP_FUNCTIONS(T)                                                                        \
+    INLINE void perturb_group_##T(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {    \
+        __builtin_prefetch(w + AHEAD);                                                            \
+        add_group_##T(out, w, hw, eps);                                                           \
+    }                                                                                             \
+    INLINE void update_group_##T(uint16_t *w, uint32_t hw, float c) {                             \
+        __builtin_prefetch(w + AHEAD, 1);                                                         \
+        add_group_##T(w, w, hw, -c);                                                              \
+    }
 #endif
 #if defined(__AVX512F__)
 /* x with its sign flipped in the lanes whose bit of `bits` (bit i for lane i) is set: x * z for 16 lanes (-x is x
@@ -251,14 +261,7 @@ INLINE void add_group_f16(uint16_t *out, const uint16_t *w, uint32_t hw, float x
     add8_f16(out + 16, w + 16, v, negv, bits, SHIFTS8(16, 20));
     add8_f16(out + 24, w + 24, v, negv, bits, SHIFTS8(24, 28));
 }
-INLINE void perturb_group_f16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {
-    __builtin_prefetch(w + AHEAD);
-    add_group_f16(out, w, hw, eps);
-}
-INLINE void update_group_f16(uint16_t *w, uint32_t hw, float c) {
-    __builtin_prefetch(w + AHEAD, 1);
-    add_group_f16(w, w, hw, -c);
-}
+GROUP_FUNCTIONS(f16)
 #define F16_PERTURB_GROUP(...) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps);
 #define F16_UPDATE_GROUP(...) update_group_f16((uint16_t *)w + gs, hw, cf);
 #define HAVE_F16_GROUPS 1
@@ -341,14 +344,7 @@ INLINE void add_group_bf16(uint16_t *out, const uint16_t *w, uint32_t hw, float 
     add16_bf16(out, w, v, negv, bits, SHIFTS8(0, 8), SHIFTS8(4, 12));
     add16_bf16(out + 16, w + 16, v, negv, bits, SHIFTS8(16, 24), SHIFTS8(20, 28));
 }
-INLINE void perturb_group_bf16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps) {
-    __builtin_prefetch(w + AHEAD);
-    add_group_bf16(out, w, hw, eps);
-}
-INLINE void update_group_bf16(uint16_t *w, uint32_t hw, float c) {
-    __builtin_prefetch(w + AHEAD, 1);
-    add_group_bf16(w, w, hw, -c);
-}
+GROUP_FUNCTIONS(bf16)
 #define BF16_PERTURB_GROUP(...) perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps);
 #define BF16_UPDATE_GROUP(...) update_group_bf16((uint16_t *)w + gs, hw, cf);
 #define HAVE_BF16_GROUPS 1
