@@ -516,8 +516,9 @@ class Mezo:
         self.defer_updates = False
         self._pending: _Pending | None = None
         self._keys: dict[int, dict] = {}  # the two latest steps' keys, _step_key's and _key_tensor's (see there)
-        # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names, alone: _hooked_by)
-        self._hooked: dict[int, tuple[list, list, bool]] = {}
+        # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names, their keys in its
+        # parameter dict where it alone owns them, else None: _hooked_by)
+        self._hooked: dict[int, tuple[list, list, list | None]] = {}
         self._hooked_cache: dict[frozenset, tuple] = {}  # _hooked_by's
 
     # -- keys
@@ -682,9 +683,9 @@ class Mezo:
 
         def swapping(module, forward):
             """module's forward with its touched tensors pointed at their perturbed copies for its duration."""
-            named, names, alone = hooked[id(module)]
-            if alone and self.ALONE:
-                return swapping_alone(module, forward, named)
+            named, names, local = hooked[id(module)]
+            if local is not None and self.ALONE:
+                return swapping_alone(module, forward, named, local)
 
             def run(*args, **kwargs):
                 swap_in(named)
@@ -695,28 +696,25 @@ class Mezo:
 
             return run
 
-        def swapping_alone(module, forward, named):
+        def swapping_alone(module, forward, named, local):
             """`swapping` for a module that alone owns its touched tensors (every linear of a decoder layer): the
-            perturbed copies take the parameters' places in the module's own parameter dict for its call, which its
-            forward reads them from (module.weight), instead of becoming the Parameters' .data (whose getter makes a
-            tensor and whose setter checks and copies metadata, twice a tensor) with the context's bookkeeping. A
-            call that raises puts the parameters back here."""
+            perturbed copies take the parameters' places in the module's own parameter dict (under `local`, their
+            keys there) for its call, which its forward reads them from (module.weight), instead of becoming the
+            Parameters' .data (whose getter makes a tensor and whose setter checks and copies metadata, twice a
+            tensor) with the context's bookkeeping. A call that raises puts the parameters back here."""
             params = module._parameters
-            local = {id(v): k for k, v in params.items() if v is not None}
-            entries = [(local[id(p)], name, p, self._scratch[(p.dtype, p.device, tuple(p.shape))]) for name, p in named]
 
             def run(*args, **kwargs):
                 try:
-                    for key, name, p, pool in entries:
-                        buf = pool.pop() if pool else torch.empty(p.shape, dtype=p.dtype, device=p.device)
-                        params[key] = buf  # in the dict before it is formed: released below if forming raises
+                    for key, (name, p) in zip(local, named):
+                        # in the dict before it is formed: released below if forming raises
+                        buf = params[key] = self._acquire(p.shape, p.dtype, p.device)
                         form(buf, p, name)
                     return forward(*args, **kwargs)
                 finally:
-                    for key, _, p, pool in entries:
-                        buf = params[key]
-                        if buf is not p:
-                            pool.append(buf)
+                    for key, (_, p) in zip(local, named):
+                        if params[key] is not p:
+                            self._release(params[key])
                             params[key] = p
 
             return run
@@ -780,11 +778,12 @@ class Mezo:
             swapped.clear()
             self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
 
-    def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list, bool]], tuple[list, set[int]]]:
-        """(id(module) -> (its touched (name, parameter) pairs, their names, whether it alone owns them) for the
-        modules owning a touched tensor; the early swaps: the touched pairs `perturbed` swaps in for the whole forward,
-        and their modules' ids), kept for the latest few sets (dense directions touch the same set every record,
-        layerwise a new one).
+    def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list, list | None]],
+                                                      tuple[list, set[int]]]:
+        """(id(module) -> (its touched (name, parameter) pairs, their names, their keys in its parameter dict if it
+        alone owns them, else None) for the modules owning a touched tensor; the early swaps: the touched pairs
+        `perturbed` swaps in for the whole forward, and their modules' ids), kept for the latest few sets (dense
+        directions touch the same set every record, layerwise a new one).
 
         A module whose touched tensors are all small (at most SMALL_TENSOR elements: norms, biases, adapters) has
         them swapped in when the perturbed forward starts, with the other such modules', rather than around each of
@@ -806,9 +805,12 @@ class Mezo:
                 named = [(self._name_of[id(p)], p) for p in params if self._name_of[id(p)] in touched]
                 if not named:  # a module with none touched runs untouched
                     continue
-                # alone: no other module owns (or reads whole) any of them, and they are its own parameters
-                alone = all(owners[n] == 1 for n, _ in named) and not self._offloaded
-                hooked[id(module)] = (named, [n for n, _ in named], alone)
+                # alone: no other module owns (or reads whole) any of them; then their keys in its parameter dict
+                local = None
+                if all(owners[n] == 1 for n, _ in named) and not self._offloaded:
+                    key_of = {id(v): k for k, v in module._parameters.items() if v is not None}
+                    local = [key_of[id(p)] for _, p in named]
+                hooked[id(module)] = (named, [n for n, _ in named], local)
                 size = sum(p.numel() for _, p in named)
                 if (max(p.numel() for _, p in named) <= self.SMALL_TENSOR and total + size <= self.EARLY_ELEMENTS
                         and id(module) not in own_forward and "forward" not in module.__dict__
