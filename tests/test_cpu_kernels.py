@@ -1,6 +1,7 @@
 """The C kernels for CPU (mezo_tune/cpu_kernels.py) are bit-identical to the eager torch kernels of zrng, and the
 dispatcher runs them where they apply."""
 
+import functools
 import inspect
 import os
 import subprocess
@@ -30,8 +31,9 @@ def lib():
 
 def _twins():
     """zrng's kernels with their C twins swapped in (falling back to the eager kernel, so that a case the twin does not
-    cover compares eager with eager)."""
-    return types.SimpleNamespace(**{fn.__name__: cpu_kernels.twin(fn, fn) or fn for fn in KERNELS})
+    cover compares eager with eager), and the fused update + perturbation (run_cases checks it against the two)."""
+    return types.SimpleNamespace(**{fn.__name__: cpu_kernels.twin(fn, fn) or fn for fn in KERNELS},
+                                 update_perturb=cpu_kernels.update_perturb)
 
 
 def test_c_kernels_bit_equal_eager(lib):
@@ -52,7 +54,8 @@ def _mutant(tmp_path, monkeypatch, flags=None, **replace):
         assert source.count(old) == 1, old
         source = source.replace(old, new)
     mutant = cpu_kernels.load(cpu_kernels._build(cpu_kernels._compiler(), flags or cpu_kernels.compile_flags(), source))
-    return types.SimpleNamespace(**{fn.__name__: cpu_kernels.twin(fn, fn, mutant) for fn in KERNELS})
+    return types.SimpleNamespace(**{fn.__name__: cpu_kernels.twin(fn, fn, mutant) for fn in KERNELS},
+                                 update_perturb=functools.partial(cpu_kernels.update_perturb, lib=mutant))
 
 
 def _failing_kernels(bad: list[str]) -> set[str]:
@@ -62,11 +65,12 @@ def _failing_kernels(bad: list[str]) -> set[str]:
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs FMA")
 def test_cases_catch_fp_contraction(lib, tmp_path, monkeypatch):
     """Built with -ffp-contract=fast, `w + eps * z` becomes one fused multiply-add (one rounding where eager torch
-    rounds twice): the cases see it in the perturbed copies. The update's c*z is exact in fp64, so contraction
-    cannot change it: those cases still pass."""
+    rounds twice): the cases see it in the perturbed copies (the fused update + perturbation's too). The update's c*z
+    is exact in fp64, so contraction cannot change it: those cases still pass."""
     flags = [f for f in cpu_kernels.compile_flags() if f != "-ffp-contract=off"] + ["-ffp-contract=fast", "-mfma"]
     bad = run_cases("cpu", _mutant(tmp_path, monkeypatch, flags), SHAPES)
-    assert _failing_kernels(bad) == {"perturb_kernel", "perturb_rows_kernel"}
+    assert _failing_kernels(bad) == {"perturb_kernel", "perturb_rows_kernel", "update_perturb"}
+    assert not any(line.startswith("update_perturb (w)") for line in bad), bad
 
 
 BF16_RNE = "(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16"
@@ -138,6 +142,30 @@ def test_cases_catch_a_wrong_avx2_group(lib, tmp_path, monkeypatch, what, old, n
     bad = run_cases("cpu", _mutant(tmp_path, monkeypatch, fix=(old, new)), SHAPES, specials=True)
     assert bad and all("rademacher32" in line for line in bad), bad
     assert {d for d in ("bfloat16", "float16") if any(f"torch.{d}" in line for line in bad)} == dtypes, bad
+
+
+FUSED_UPDATE = "update_group_##T((uint16_t *)w + gs, HU[g], cf);"
+FUSED_PERTURB = "perturb_group_##T((uint16_t *)out + gs, (const uint16_t *)w + gs, H[g], eps);"
+
+
+@pytest.mark.skipif(not {"-mavx2", "-mavx512f"} & set(cpu_kernels.compile_flags()), reason="x86 builds only")
+@pytest.mark.parametrize("what, fixes, fails", [
+    ("each group perturbed before its update",
+     {"a": (FUSED_UPDATE, ""), "b": (FUSED_PERTURB, FUSED_PERTURB + " " + FUSED_UPDATE)}, {"update_perturb (out)"}),
+    ("the update's signs from the perturbation's key",
+     {"a": ("HU[g] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ u1, u0);",
+            "HU[g] = bits((uint32_t)q, (uint32_t)(q >> 32) ^ k1, k0);")}, {"update_perturb (w)", "update_perturb (out)"}),
+])
+def test_cases_catch_a_wrong_fused_group(lib, tmp_path, monkeypatch, what, fixes, fails):
+    """update_perturb's fused 16-bit groups (each group updated, then perturbed, in one pass) are held to the update
+    then the perturbation: perturbing the weights before their update, or taking the update's signs from the other
+    key, fails the fused cases of rademacher32 (the distribution the groups run), and no other case."""
+    bad = run_cases("cpu", _mutant(tmp_path, monkeypatch, **fixes), SHAPES, specials=True)
+    assert bad and all("rademacher32" in line for line in bad), bad
+    assert {line.split(" torch.")[0] for line in bad} == fails, bad
+    has_bf16 = "-mavx512bf16" not in cpu_kernels.compile_flags()  # there the bf16 groups are AVX512-BF16's own
+    assert {d for d in ("bfloat16", "float16") if any(f"torch.{d}" in line for line in bad)} == (
+        {"bfloat16", "float16"} if has_bf16 else {"float16"}), bad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
