@@ -362,11 +362,17 @@ GROUP_FUNCTIONS(bf16)
 #define UPDATE_GROUP_2 BF16_UPDATE_GROUP
 #define HAVE_GROUPS(K) ((K) == 1 ? HAVE_F16_GROUPS : (K) == 2 ? HAVE_BF16_GROUPS : 0)
 
-/* CALL on each block [b, e) of [0, n) (n: a variable of the caller); BLOCKS: over `threads` threads */
+/* CALL on each block [b, e) of [0, n) (n: a variable of the caller); BLOCKS: over `threads` threads from
+   PARALLEL_FROM elements on, below that with no parallel region at all (an OpenMP region of one thread, `if` false,
+   cost each small tensor of a perturbed forward ~8 us more: 30 layers at width 64, 2 threads, Zen 3) */
 #define EACH_BLOCK(CALL) for (int64_t b = 0; b < n; b += BLOCK) { int64_t e = b + BLOCK < n ? b + BLOCK : n; CALL; }
 #define BLOCKS(CALL)                                                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(n >= PARALLEL_FROM)")      \
-    EACH_BLOCK(CALL)
+    if (n < PARALLEL_FROM || threads <= 1) {                                                      \
+        EACH_BLOCK(CALL)                                                                          \
+    } else {                                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
+        EACH_BLOCK(CALL)                                                                          \
+    }
 /* Each kernel body is compiled once per (storage kind(s), distribution), the constants folded in, and picked from a
    table: M(kind, dist) for every kind and distribution, M(w kind, out kind, dist) for every pair of kinds. */
 #define EACH_DIST(M, ...) M(__VA_ARGS__, 0) M(__VA_ARGS__, 1) M(__VA_ARGS__, 2)
@@ -600,32 +606,71 @@ FUSED_GROUPS(1, f16)
 #if HAVE_FUSED_BF16
 FUSED_GROUPS(2, bf16)
 #endif
-/* `update` of w by (ukey, c), then `perturb` of the updated w into out by (key, eps), one block after the other: the
-   block is read from memory once, its second reading comes from cache (Mezo.perturbed, for an update left pending
-   by the previous step). The same two functions on the same block as the two separate calls: the same bits. Where
-   the fused groups above apply, they run instead. */
-void update_perturb(void *out, void *w, int64_t n, const int64_t *key, double eps, const int64_t *ukey, double c,
-                    int kind, int dist, int threads) {
-    if (dist == 2 && (double)(float)c == c && key[2] == ukey[2] && (kind == 1 ? HAVE_FUSED_F16 : kind == 2 ? HAVE_FUSED_BF16 : 0)) {
-        float eps32 = (float)eps;
+/* How one tensor's perturbed copy is formed, picked once per tensor: `perturb` by (key, eps) or, with an update
+   pending (ukey non-null), `update` of w by (ukey, c) then `perturb` of the updated w, one block after the other (the
+   block is read from memory once, its second reading comes from cache; the same two functions on the same block as
+   the two separate calls: the same bits), or the fused groups above where they apply. */
+typedef void fused_fn(void *, void *, int64_t, int64_t, uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, float, double);
+typedef struct {
+    perturb_fn *p;
+    update_fn *u;  /* NULL: no update */
+    fused_fn *f;   /* the fused groups, or NULL */
+    float eps32;
+    double c, cs;
+} former;
+static former former_for(double eps, const int64_t *key, const int64_t *ukey, double c, int kind, int dist) {
+    former f = {perturb_for(kind, kind, dist), NULL, NULL, (float)eps, c, cscale(c, dist)};
+    if (ukey == NULL) return f;
+    f.u = update_for(c, kind, dist);
+    if (dist == 2 && (double)(float)c == c && key[2] == ukey[2]) {
 #if HAVE_FUSED_F16
-        if (kind == 1) {
-            BLOCKS(update_perturb_groups_1(out, w, b, e, key[2], key[0], key[1], ukey[0], ukey[1], eps32, c))
-            return;
-        }
+        if (kind == 1) f.f = update_perturb_groups_1;
 #endif
 #if HAVE_FUSED_BF16
-        if (kind == 2) {
-            BLOCKS(update_perturb_groups_2(out, w, b, e, key[2], key[0], key[1], ukey[0], ukey[1], eps32, c))
-            return;
-        }
+        if (kind == 2) f.f = update_perturb_groups_2;
 #endif
     }
-    perturb_fn *p = perturb_for(kind, kind, dist);
-    update_fn *u = update_for(c, kind, dist);
-    float eps32 = (float)eps;
-    double cs = cscale(c, dist);
-    BLOCKS(u(w, b, e, ukey[2], ukey[0], ukey[1], cs); p(out, w, b, e, key[2], key[0], key[1], eps32))
+    return f;
+}
+INLINE void form_block(const former *f, void *out, void *w, int64_t b, int64_t e, const int64_t *key,
+                       const int64_t *ukey) {
+    if (f->f) {
+        f->f(out, w, b, e, key[2], key[0], key[1], ukey[0], ukey[1], f->eps32, f->c);
+        return;
+    }
+    if (f->u) f->u(w, b, e, ukey[2], ukey[0], ukey[1], f->cs);
+    f->p(out, w, b, e, key[2], key[0], key[1], f->eps32);
+}
+/* `update` of w by (ukey, c), then `perturb` of the updated w into out by (key, eps) (Mezo.perturbed, for an update
+   left pending by the previous step) */
+void update_perturb(void *out, void *w, int64_t n, const int64_t *key, double eps, const int64_t *ukey, double c,
+                    int kind, int dist, int threads) {
+    former f = former_for(eps, key, ukey, c, kind, dist);
+    BLOCKS(form_block(&f, out, w, b, e, key, ukey))
+}
+/* The perturbed copies of `count` tensors of one kind in one call (outs[t], ws[t]: ns[t] elements; keys[t] its key,
+   ukeys[t] its pending update's or NULL): `perturb` or `update_perturb` of each, in one parallel region (a module's or
+   a family's tensors, Mezo.perturbed: one call where there were several, each with its entry and thread wake-up),
+   each tensor's blocks shared out as `perturb` shares them. */
+void form_list(void *const *outs, void *const *ws, const int64_t *ns, const int64_t *const *keys,
+               const int64_t *const *ukeys, int64_t count, double eps, double c, int kind, int dist, int threads) {
+    int64_t total = 0;
+    for (int64_t t = 0; t < count; t++) total += ns[t];
+    if (total < PARALLEL_FROM || threads <= 1) {
+        for (int64_t t = 0; t < count; t++) {
+            former f = former_for(eps, keys[t], ukeys[t], c, kind, dist);
+            const int64_t n = ns[t];
+            EACH_BLOCK(form_block(&f, outs[t], ws[t], b, e, keys[t], ukeys[t]))
+        }
+        return;
+    }
+    _Pragma("omp parallel num_threads(threads)")
+    for (int64_t t = 0; t < count; t++) {
+        former f = former_for(eps, keys[t], ukeys[t], c, kind, dist);
+        const int64_t n = ns[t];
+        _Pragma("omp for schedule(static) nowait")
+        EACH_BLOCK(form_block(&f, outs[t], ws[t], b, e, keys[t], ukeys[t]))
+    }
 }
 
 /* `update` at explicit element indices (zrng.update_rows_kernel): each value as `update` updates the element of its
@@ -741,11 +786,12 @@ _SIGNATURES = {
     "update_rows": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT],
     "update_list": [_P, _P, _P, _I64, _DBL, _INT, _INT, _INT],
     "update_perturb": [_P, _P, _I64, _P, _DBL, _P, _DBL, _INT, _INT, _INT],
+    "form_list": [_P, _P, _P, _P, _P, _I64, _DBL, _DBL, _INT, _INT, _INT],
     "update_stochastic": [_P, _I64, _P, _P, _DBL, _INT, _INT, _INT],
     "adam_f32": [_P, _P, _P, _I64, _P, _P, _INT, _INT],
 }
-# the storage kinds of the C source
-_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# the storage kinds of the C source (form_list takes one; Mezo._form_list looks it up)
+KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # what torch.compile's CPU backend passes for the same capability
 _ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
               "AVX2": ["-mavx2", "-mfma", "-mf16c"]}  # F16C: every AVX2 x86 CPU has it (the fp16 groups use it)
@@ -817,7 +863,7 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
-def _on_cpu(*tensors: torch.Tensor, dtypes=tuple(_KIND)) -> bool:
+def _on_cpu(*tensors: torch.Tensor, dtypes=tuple(KINDS)) -> bool:
     """Contiguous CPU tensors of the given dtypes and all of one size (the C kernels trust both)."""
     n = tensors[0].numel()
     for t in tensors:  # a loop, not all(...): this runs for every tensor of every perturbed forward
@@ -851,13 +897,13 @@ def update_list(tensors: list[torch.Tensor], keys: torch.Tensor, c: float, distr
     """zrng.update_kernel over whole tensors of one dtype in one call (keys: int64, one (k0, k1, offset) row per
     tensor); False, doing nothing, where the C kernels do not cover them (the caller runs the kernel per tensor)."""
     lib = lib or library()
-    if (lib is None or not tensors or tensors[0].dtype not in _KIND or keys.shape != (len(tensors), 3)
+    if (lib is None or not tensors or tensors[0].dtype not in KINDS or keys.shape != (len(tensors), 3)
             or not _key_ok(keys) or not all(_on_cpu(t, dtypes=(tensors[0].dtype,)) for t in tensors)):
         return False
     count = len(tensors)
     lib.update_list((ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors]),
                     (ctypes.c_int64 * count)(*[t.numel() for t in tensors]), keys.data_ptr(), count, float(c),
-                    _KIND[tensors[0].dtype], zrng.distribution_code(distribution), torch.get_num_threads())
+                    KINDS[tensors[0].dtype], zrng.distribution_code(distribution), torch.get_num_threads())
     return True
 
 
@@ -869,7 +915,7 @@ def update_perturb(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: f
     if lib is None or not (_on_cpu(out, w) and out.dtype == w.dtype and _key_ok(key, ukey)):
         return False
     lib.update_perturb(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), ukey.data_ptr(), float(c),
-                       _KIND[w.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
+                       KINDS[w.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
     return True
 
 
@@ -882,7 +928,7 @@ def perturb_whole(lib: ctypes.CDLL, out: torch.Tensor, w: torch.Tensor, key: int
     False, doing nothing, where the C kernels do not cover out and w."""
     if not (_on_cpu(out, w) and out.dtype == w.dtype):
         return False
-    kind = _KIND[w.dtype]
+    kind = KINDS[w.dtype]
     if ukey is None:
         lib.perturb(out.data_ptr(), w.data_ptr(), w.numel(), key, eps, kind, kind, distribution,
                     torch.get_num_threads())
@@ -890,6 +936,18 @@ def perturb_whole(lib: ctypes.CDLL, out: torch.Tensor, w: torch.Tensor, key: int
         lib.update_perturb(out.data_ptr(), w.data_ptr(), w.numel(), key, eps, ukey, c, kind, distribution,
                            torch.get_num_threads())
     return True
+
+
+def form_list(lib: ctypes.CDLL, outs: list[int], ws: list[int], ns: list[int], keys: list[int],
+              ukeys: list[int | None], eps: float, c: float, kind: int, distribution: int) -> None:
+    """`perturb_whole` of several tensors of one storage kind in one call: outs, ws their data addresses (contiguous
+    CPU tensors, out and w of one size and kind), ns their sizes, keys the addresses of their keys' (k0, k1, offset)
+    rows and ukeys those of their pending updates' (None: none; c: that update's scale). For the hot path of a
+    perturbed forward (Mezo._form_list): the caller has checked the tensors."""
+    count = len(outs)
+    ptrs = ctypes.c_void_p * count
+    lib.form_list(ptrs(*outs), ptrs(*ws), (ctypes.c_int64 * count)(*ns), ptrs(*keys), ptrs(*ukeys), count, eps, c, kind,
+                  distribution, torch.get_num_threads())
 
 
 def twin(fn, fallback, lib: ctypes.CDLL | None = None):
@@ -911,8 +969,8 @@ def _z(lib, fallback, out, key, distribution):
 def _perturb(lib, fallback, out, w, key, eps, distribution):
     if not _on_cpu(out, w) or not _key_ok(key):
         return fallback(out, w, key, eps, distribution)
-    lib.perturb(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), _KIND[w.dtype],
-                _KIND[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
+    lib.perturb(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), KINDS[w.dtype],
+                KINDS[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _perturb_rows(lib, fallback, out, w, index, key, eps, distribution):
@@ -920,27 +978,27 @@ def _perturb_rows(lib, fallback, out, w, index, key, eps, distribution):
             and _key_ok(key)):
         return fallback(out, w, index, key, eps, distribution)
     lib.perturb_rows(out.data_ptr(), w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(eps),
-                     _KIND[w.dtype], _KIND[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
+                     KINDS[w.dtype], KINDS[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _update(lib, fallback, w, key, c, distribution):
     if not _on_cpu(w) or not _key_ok(key):
         return fallback(w, key, c, distribution)
-    lib.update(w.data_ptr(), w.numel(), key.data_ptr(), float(c), _KIND[w.dtype],
+    lib.update(w.data_ptr(), w.numel(), key.data_ptr(), float(c), KINDS[w.dtype],
                zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _update_rows(lib, fallback, w, index, key, c, distribution):
     if not (_on_cpu(w) and _on_cpu(index, dtypes=(torch.int64,)) and index.numel() == w.numel() and _key_ok(key)):
         return fallback(w, index, key, c, distribution)
-    lib.update_rows(w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(c), _KIND[w.dtype],
+    lib.update_rows(w.data_ptr(), index.data_ptr(), w.numel(), key.data_ptr(), float(c), KINDS[w.dtype],
                     zrng.distribution_code(distribution), torch.get_num_threads())
 
 
 def _update_stochastic(lib, fallback, w, key, rkey, c, distribution):
     if not _on_cpu(w) or not _key_ok(key, rkey):
         return fallback(w, key, rkey, c, distribution)
-    lib.update_stochastic(w.data_ptr(), w.numel(), key.data_ptr(), rkey.data_ptr(), float(c), _KIND[w.dtype],
+    lib.update_stochastic(w.data_ptr(), w.numel(), key.data_ptr(), rkey.data_ptr(), float(c), KINDS[w.dtype],
                           zrng.distribution_code(distribution), torch.get_num_threads())
 
 

@@ -27,6 +27,8 @@ alive at once during one MeZO step, tracked op by op): tests/test_adapters.py ch
 
 from __future__ import annotations
 
+from collections import Counter
+
 from .recipe import Recipe, recipe_to_toml
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -83,14 +85,17 @@ def estimate_peak_bytes(model, recipe: Recipe) -> dict:
     trainable = trainable_set(model, recipe.model.freeze, adapter=adapter)
     train_ids = {id(p) for p in trainable.params}
     n_params = sum(p.numel() for p in model.parameters())
-    early, early_elements, largest = 0, 0, 0  # perturbed copies: as Mezo._hooked_by picks them
+    early, early_elements = 0, 0  # perturbed copies: as Mezo._hooked_by picks them
+    parent_of = {id(c): p for p in model.modules() for c in p.children()}
+    together = Counter()  # the others, alive together: a module's, or its family's (its parent's children's)
     for m in model.modules():
         own = [p for p in m.parameters(recurse=False) if id(p) in train_ids]
         size, nbytes = sum(p.numel() for p in own), sum(p.numel() * p.element_size() for p in own)
         if own and max(p.numel() for p in own) <= Mezo.SMALL_TENSOR and early_elements + size <= Mezo.EARLY_ELEMENTS:
             early, early_elements = early + nbytes, early_elements + size
-        else:
-            largest = max(largest, nbytes)
+        elif own:
+            together[id(parent_of.get(id(m), m))] += nbytes
+    largest = max(together.values(), default=0)
     quantization = getattr(recipe.model, "quantization", "none")
     quantized = _quantized_linears(model) if quantization != "none" else []
     q_numel = sum(w.numel() for w in quantized)

@@ -114,9 +114,26 @@ def arm(spec: dict) -> None:
 
             return run
 
+        form_list = mezo.Mezo._form_list
+
+        def list_or_die(self, lib, items, *args):
+            # the same for several tensors in one C call (a kill inside it leaves the first ones updated): the items
+            # before the k-th pending tensor, then die
+            names = self._pending.names if self._pending is not None and self._pending.step == step else set()
+            pending = [i for i, (_, _, name) in enumerate(items) if name in names]
+            if pending and state["updated"] + len(pending) >= k:
+                form_list(self, lib, items[: pending[k - 1 - state["updated"]]], *args)
+                die()
+            before = set(names)
+            rest = form_list(self, lib, items, *args)
+            after = self._pending.names if self._pending is not None else set()
+            state["updated"] += len(before - after)
+            return rest
+
         mezo.Mezo._update_now, zrng.update_tensors = now, tensors_then_die
         mezo.Mezo._update_perturb = fused_or_die(update_perturb, 2)  # (out, w, name, ...)
         mezo.Mezo._perturb_whole = fused_or_die(mezo.Mezo._perturb_whole, 3)  # (lib, out, w, name, ...)
+        mezo.Mezo._form_list = list_or_die  # (lib, [(out, w, name), ...], ...)
     elif phase == "append":  # the n-th write of a block (the header is write 0)
         write_chunk = trajectory.TrajectoryWriter._write_chunk
 

@@ -221,6 +221,42 @@ def test_update_perturb_is_the_update_then_the_perturbation(lib, dtype):
                 assert torch.equal(out.view(torch.uint8), expected_out.view(torch.uint8)), (dist, c, n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_form_list_is_each_tensors_perturbation(lib, dtype):
+    """form_list (a module's or a family's perturbed copies in one call, Mezo._form_list) gives each tensor the bits of
+    perturb_whole alone: the perturbation, or the update then the perturbation where it has a pending update; tensors
+    of kernel_cases' shapes and LARGE's, special values, every distribution, an fp32-exact c and one that is not, both
+    signs of eps, one thread and two."""
+    from kernel_cases import F32_1E3, _weights
+
+    shapes = SHAPES + LARGE
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for dist in ("gaussian", "rademacher", "rademacher32"):
+                code = zrng.distribution_code(dist)
+                for c, eps in ((F32_1E3, 1e-3), (1e-3, -1e-2)):
+                    keys = [zrng.key_tensor(*zrng.stream_key(5, 10, f"w{i}"), o) for i, (_, o) in enumerate(shapes)]
+                    ukeys = [zrng.key_tensor(*zrng.stream_key(5, 9, f"w{i}"), o) if i % 3 else None
+                             for i, (_, o) in enumerate(shapes)]  # some with an update pending, some without
+                    ws = [_weights(n, dtype, "cpu", i, specials=True) for i, (n, _) in enumerate(shapes)]
+                    expected_w, expected = [w.clone() for w in ws], [torch.empty_like(w) for w in ws]
+                    for w, out, key, ukey in zip(expected_w, expected, keys, ukeys):
+                        assert cpu_kernels.perturb_whole(lib, out, w, key.data_ptr(), eps, code,
+                                                         None if ukey is None else ukey.data_ptr(), c)
+                    outs = [torch.empty_like(w) for w in ws]
+                    cpu_kernels.form_list(lib, [o.data_ptr() for o in outs], [w.data_ptr() for w in ws],
+                                          [w.numel() for w in ws], [k.data_ptr() for k in keys],
+                                          [None if u is None else u.data_ptr() for u in ukeys], eps, c,
+                                          cpu_kernels.KINDS[dtype], code)
+                    for i in range(len(shapes)):
+                        assert torch.equal(ws[i].view(torch.uint8), expected_w[i].view(torch.uint8)), (dist, c, i)
+                        assert torch.equal(outs[i].view(torch.uint8), expected[i].view(torch.uint8)), (dist, c, i)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_update_perturb_hands_back_what_it_does_not_cover(lib):
     """False, and nothing written, for a strided weight, an output of another dtype or size, an fp64 weight."""
     key = zrng.key_tensor(1, 2, 0)

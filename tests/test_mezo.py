@@ -54,18 +54,21 @@ def test_freeze_patterns():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("small, alone", [(None, True), (0, True), (64, True), (0, False)],
-                         ids=["small-default", "none-early", "norms-early", "none-early-data-swaps"])
-def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype, small, alone):
+@pytest.mark.parametrize("small, alone, families", [(None, True, True), (0, True, True), (64, True, True),
+                                                    (0, True, False), (0, False, False)],
+                         ids=["small-default", "none-early", "norms-early", "none-early-no-families",
+                              "none-early-data-swaps"])
+def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype, small, alone, families):
     """The hooks compute exactly loss(θ ± εz), and no stored bit changes. (Every weight through the hooks: 16-bit
     linears go by row blocks by default, whose matmuls may round differently on another CPU; tested below.) Small
     tensors are swapped in for the whole forward (Mezo._hooked_by): all of this tiny model's but the embedding tables
     by default, none, or the norms and biases alone (the linears swapped around their calls). A module that alone
-    owns its tensors takes their perturbed copies in its parameter dict (ALONE), else through the Parameters' data."""
+    owns its tensors takes their perturbed copies in its parameter dict (ALONE), else through the Parameters' data;
+    such modules with one parent are swapped around the parent's call (FAMILIES), or each around its own."""
     model = build_model(arch, dtype)
     ts = mezo.trainable_set(model)
     engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1 << 62)
-    engine.ALONE = alone
+    engine.ALONE, engine.FAMILIES = alone, families
     if small is not None:
         engine.SMALL_TENSOR = small
     early = engine._hooked_by(frozenset(ts.names))[1][0]
@@ -73,6 +76,9 @@ def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype
         assert len(early) == len(ts.names) - len(engine._embeddings)  # (tied: the LM head's weight is a table's)
     else:  # those of modules whose tensors are all small (a linear's bias goes with its weight)
         assert all(p.numel() <= small for _, p in early) and bool(early) == bool(small)
+    if small == 0:  # e.g. each attention's projections: one family
+        assert all(len(members) > 1 for _, members in engine._hooked_by(frozenset(ts.names))[2])
+        assert len(engine._hooked_by(frozenset(ts.names))[2]) >= 4
     ids = batch()
     before = snapshot(model)
     for sign in (+1, -1):
@@ -313,6 +319,9 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
     real_whole = cpu_kernels.perturb_whole  # the hot path's C call (Mezo._perturb_whole): fused where given a ukey
     monkeypatch.setattr(cpu_kernels, "perturb_whole", lambda lib, out, w, key, eps, code, ukey=None, c=0.0: (
         ukey is not None and fused.append(w.numel())) or real_whole(lib, out, w, key, eps, code, ukey, c))
+    real_list = cpu_kernels.form_list  # the same for several tensors in one call (Mezo._form_list)
+    monkeypatch.setattr(cpu_kernels, "form_list", lambda lib, outs, ws, ns, keys, ukeys, *a: fused.extend(
+        n for n, u in zip(ns, ukeys) if u is not None) or real_list(lib, outs, ws, ns, keys, ukeys, *a))
 
     def flush(self, names=None):  # what a pending update leaves to a pass of its own
         if self._pending is not None:

@@ -820,6 +820,9 @@ def test_a_compiled_run_fuses_its_updates_and_equals_an_eager_run(lm_recipe, tmp
     real_whole = cpu_kernels.perturb_whole  # the hot path's C call (Mezo._perturb_whole): fused where given a ukey
     monkeypatch.setattr(cpu_kernels, "perturb_whole", lambda lib, out, w, key, eps, code, ukey=None, c=0.0: (
         fused.append(ukey is not None) or real_whole(lib, out, w, key, eps, code, ukey, c)))
+    real_list = cpu_kernels.form_list  # the same for several tensors in one call (Mezo._form_list)
+    monkeypatch.setattr(cpu_kernels, "form_list", lambda lib, outs, ws, ns, keys, ukeys, *a: fused.extend(
+        u is not None for u in ukeys) or real_list(lib, outs, ws, ns, keys, ukeys, *a))
     runs = {}
     for compile in ("on", "off"):
         recipe = lm_recipe(f"{compile}.toml", out=f"runs/{compile}", steps=7, lr=1e-2, eps=1e-2, compile=compile,
