@@ -561,9 +561,9 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
    element: each whole group updated and then perturbed while its line is in L1 (update_group_T then perturb_group_T,
    the functions of the separate passes: the same bits), both groups' hashes made a block at a time; the groups cut
    by the block's ends by the per-element functions, the update then the perturbation. On the 2-core Zen 3
-   (SmolLM2's 134M weights, /work/exp/variants.py-style side by side, README: stop 28) the pass went from 1.62 to
-   1.32 weight copies in bf16 and from 1.37 to 1.07 in fp16, against the update and the perturbation a block (16384
-   weights) apart. */
+   (tensors of SmolLM2's shapes, 134M weights, the two libraries alternating in one process, README: stop 28) the
+   pass went from 1.62 to 1.32 weight copies in bf16 and from 1.37 to 1.07 in fp16, against the update and the
+   perturbation a block (16384 weights) apart. */
 #define FUSED_GROUPS(K, T)                                                                        \
     static void update_perturb_groups_##K(void *out, void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
                                           uint32_t k1, uint32_t u0, uint32_t u1, float eps, double c) { \
