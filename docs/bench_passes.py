@@ -28,7 +28,8 @@ code = zrng.distribution_code(dist)
 scratch = torch.empty(max(p.numel() for p in tr.params), dtype=tr.params[0].dtype)
 src = torch.ones(tr.numel, dtype=tr.params[0].dtype); dst = torch.empty_like(src)
 # every step's keys made beforehand (the engine keeps a step's key table for its three passes): the timed passes are
-# the kernels, one C call per tensor as a perturbed forward's hot path makes them (Mezo._perturb_whole)
+# the kernels, one C call per tensor (a perturbed forward's hot path, Mezo._form_list, makes one per module or
+# family of modules: the same kernels, one parallel region for several tensors)
 keys = {s: {n: zrng.key_tensor(*zrng.stream_key(0, s, n)) for n in tr.names} for s in range(repeats + 3)}
 
 

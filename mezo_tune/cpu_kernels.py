@@ -922,10 +922,11 @@ def update_perturb(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: f
 def perturb_whole(lib: ctypes.CDLL, out: torch.Tensor, w: torch.Tensor, key: int, eps: float, distribution: int,
                   ukey: int | None = None, c: float = 0.0) -> bool:
     """`perturb` of a whole tensor (out = R(w + eps·z)), and with ukey `update_perturb` (w ← R(w - c·z_u) first, in
-    the same pass), for the hot path of a perturbed forward (Mezo.perturbed swaps ~540 tensors a step): the keys are
-    addresses of int64 (k0, k1, offset) rows that outlive the call, eps and c plain floats and the distribution its
-    code, where the twins take tensors and names, whose checks and conversions cost more than a small tensor's pass.
-    False, doing nothing, where the C kernels do not cover out and w."""
+    the same pass), as the hot path of a perturbed forward calls them (form_list: several tensors at once): the keys
+    are addresses of int64 (k0, k1, offset) rows that outlive the call, eps and c plain floats and the distribution
+    its code, where the twins take tensors and names, whose checks and conversions cost more than a small tensor's
+    pass (docs/bench_passes.py times the kernels with it; the tests hold form_list to it). False, doing nothing,
+    where the C kernels do not cover out and w."""
     if not (_on_cpu(out, w) and out.dtype == w.dtype):
         return False
     kind = KINDS[w.dtype]

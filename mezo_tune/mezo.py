@@ -593,7 +593,7 @@ class Mezo:
         swapped: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         handles = []
         touched = self.directions.touched(self.seed, step, self._names)
-        c_kernels = cpu_kernels.library() if self.use_compile else None  # for _perturb_whole
+        c_kernels = cpu_kernels.library() if self.use_compile else None  # for _form_list
 
         def is_touched(p) -> bool:
             return self._name_of[id(p)] in touched
@@ -617,17 +617,13 @@ class Mezo:
                 o, x = (flat_out, flat_w) if b - a == n else (flat_out[a:b], flat_w[a:b])
                 kernel(o, x, self._key_tensor(step, name, offset + a, w.device), eps_on(w.device), self.distribution)
 
-        def form(buf: torch.Tensor, w: torch.Tensor, name: str) -> None:
-            """buf = θ ± εz for the whole of tensor `name` (w: its stored values), its pending update applied first."""
-            if not (c_kernels is not None and self._perturb_whole(c_kernels, buf, w, name, step, sign)):
+        def form_all(items):
+            """buf = θ ± εz for the whole of tensor `name`, its pending update applied first, for each (buf, w, name)
+            item (w: the tensor's stored values): by the C kernels' hot path (_form_list), else here."""
+            for buf, w, name in self._form_list(c_kernels, items, step, sign) if c_kernels is not None else items:
                 w = w.detach()
                 if not self._update_perturb(buf, w, name, step, eps_on(w.device)):
                     perturb(buf, w, name)
-
-        def form_all(items):
-            """form(buf, w, name) of each item, those the C kernels' hot path takes in one call (_form_list)."""
-            for buf, w, name in self._form_list(c_kernels, items, step, sign) if c_kernels is not None else items:
-                form(buf, w, name)
 
         def swap_in(named):
             """Point each (name, parameter) at θ ± εz formed into a scratch buffer; the stored θ is kept aside."""
@@ -966,35 +962,19 @@ class Mezo:
             self._updated([name])
         return True
 
-    def _perturb_whole(self, lib, out: torch.Tensor, w: torch.Tensor, name: str, step: int, sign: int) -> bool:
-        """out = θ ± εz_step for the whole of tensor `name` (w: its values), its pending update applied first in the
-        same pass, by one call of the C kernels (lib): what `perturbed` does for most tensors of most forwards (a
-        contiguous CPU tensor of a C storage dtype, z from the dense kernels, an update pending whole or not at all),
-        with the keys' addresses and plain floats; the same kernels and arguments as the general path
-        (zrng.update_perturb, then the perturbation kernel's C twin). False where it does not apply."""
-        if not w.is_cpu or self.directions.forms(w):
-            return False
-        code = zrng.distribution_code(self.distribution)
-        pending = self._pending
-        if pending is None or name not in pending.names:
-            return cpu_kernels.perturb_whole(lib, out, w, self._key_address(step, name), sign * self.eps, code)
-        if pending.done.get(name, 0) or not cpu_kernels.perturb_whole(
-                lib, out, w, self._key_address(step, name), sign * self.eps, code,
-                self._key_address(pending.step, name), pending.c):
-            return False
-        self._updated([name])
-        return True
-
     def _form_list(self, lib, items: list, step: int, sign: int) -> list:
-        """_perturb_whole of several (out, w, name) items in one call of the C kernels (lib): those of the first C
-        storage dtype among them that it takes (a contiguous CPU tensor, z from the dense kernels, its pending update
-        whole or none); returns the others, for form(). out is a scratch buffer of w's shape and dtype."""
-        pending, kind, take, rest, updated = self._pending, None, [], [], []
+        """out = θ ± εz_step for each (out, w, name) item, the whole of tensor `name` (w: its values, out a scratch
+        buffer of its shape and dtype), its pending update applied first in the same pass, by the C kernels (lib): what
+        `perturbed` does for most tensors of most forwards (a contiguous CPU tensor of a C storage dtype, z from the
+        dense kernels, an update pending whole or not at all), one call a storage dtype (cpu_kernels.form_list: a
+        module's, a family's or the early swaps' tensors at once), with the keys' addresses and plain floats; the same
+        kernels and arguments as the general path (zrng.update_perturb, then the perturbation kernel's C twin).
+        Returns the items it does not take, for that path."""
+        pending, by_kind, rest, updated = self._pending, {}, [], []
         for item in items:
             out, w, name = item
-            k = cpu_kernels.KINDS.get(w.dtype)
-            if (k is None or (kind is not None and k != kind) or not w.is_cpu or not w.is_contiguous()
-                    or self.directions.forms(w)):
+            kind = cpu_kernels.KINDS.get(w.dtype)
+            if kind is None or not w.is_cpu or not w.is_contiguous() or self.directions.forms(w):
                 rest.append(item)
                 continue
             ukey = None
@@ -1004,14 +984,14 @@ class Mezo:
                     continue
                 ukey = self._key_address(pending.step, name)
                 updated.append(name)
-            kind = k
-            take.append((out.data_ptr(), w.data_ptr(), w.numel(), self._key_address(step, name), ukey))
-        if take:
+            by_kind.setdefault(kind, []).append(
+                (out.data_ptr(), w.data_ptr(), w.numel(), self._key_address(step, name), ukey))
+        for kind, take in by_kind.items():
             outs, ws, ns, keys, ukeys = zip(*take)
             cpu_kernels.form_list(lib, outs, ws, ns, keys, ukeys, sign * self.eps, pending.c if updated else 0.0, kind,
                                   zrng.distribution_code(self.distribution))
-            if updated:
-                self._updated(updated)
+        if updated:
+            self._updated(updated)
         return rest
 
     def _update_rows(self, values: torch.Tensor, index: torch.Tensor, name: str) -> bool:

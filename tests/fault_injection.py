@@ -101,8 +101,8 @@ def arm(spec: dict) -> None:
 
         def fused_or_die(fused, at):
             # the update left pending for the next step's first perturbed forward (Mezo.apply_update), tensor by tensor
-            # (a blocked LM head: block by block): Mezo._update_perturb, or the hot path's _perturb_whole (the tensor's
-            # name: argument `at`)
+            # (a blocked LM head: block by block): Mezo._update_perturb (the tensor's name: argument `at`); the hot
+            # path's _form_list below
             def run(self, *args, **kwargs):
                 name = args[at]
                 pending = self._pending is not None and self._pending.step == step and name in self._pending.names
@@ -132,7 +132,6 @@ def arm(spec: dict) -> None:
 
         mezo.Mezo._update_now, zrng.update_tensors = now, tensors_then_die
         mezo.Mezo._update_perturb = fused_or_die(update_perturb, 2)  # (out, w, name, ...)
-        mezo.Mezo._perturb_whole = fused_or_die(mezo.Mezo._perturb_whole, 3)  # (lib, out, w, name, ...)
         mezo.Mezo._form_list = list_or_die  # (lib, [(out, w, name), ...], ...)
     elif phase == "append":  # the n-th write of a block (the header is write 0)
         write_chunk = trajectory.TrajectoryWriter._write_chunk

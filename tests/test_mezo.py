@@ -316,10 +316,7 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
     fused, flushed = [], set()
     real, real_flush = zrng.update_perturb, mezo.Mezo.flush
     monkeypatch.setattr(zrng, "update_perturb", lambda *a: fused.append(a[0].numel()) or real(*a))
-    real_whole = cpu_kernels.perturb_whole  # the hot path's C call (Mezo._perturb_whole): fused where given a ukey
-    monkeypatch.setattr(cpu_kernels, "perturb_whole", lambda lib, out, w, key, eps, code, ukey=None, c=0.0: (
-        ukey is not None and fused.append(w.numel())) or real_whole(lib, out, w, key, eps, code, ukey, c))
-    real_list = cpu_kernels.form_list  # the same for several tensors in one call (Mezo._form_list)
+    real_list = cpu_kernels.form_list  # the hot path's C call (Mezo._form_list): fused where given a ukey
     monkeypatch.setattr(cpu_kernels, "form_list", lambda lib, outs, ws, ns, keys, ukeys, *a: fused.extend(
         n for n, u in zip(ns, ukeys) if u is not None) or real_list(lib, outs, ws, ns, keys, ukeys, *a))
 
