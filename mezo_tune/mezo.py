@@ -666,22 +666,26 @@ class Mezo:
             x2, o2 = x.reshape(-1, in_features), out.view(-1, out_features)
             rows = self._block_rows(w)
             block = self._acquire((min(rows, out_features), in_features), w.dtype, w.device)
+            name, bias = self._name_of[id(w)], module.bias
+            form = self._block_former(c_kernels, w, name, step, sign, rows) if c_kernels is not None else None
             try:
-                name = self._name_of[id(w)]
-                for a in range(0, out_features, rows):
-                    b = min(a + rows, out_features)
-                    # its pending update fused block by block (a flush first, where the kernels do not take them)
-                    if not self._update_perturb(block[: b - a], w[a:b], name, step, eps_on(w.device),
-                                                offset=a * in_features, numel=w.numel()):
-                        perturb(block[: b - a], w[a:b], name, offset=a * in_features)
-                    # what F.linear computes (mm, or addmm with the bias), written into the output's columns in
-                    # place: assigning a block's result to them cost a copy (bf16 LM head: 46.6 -> 44.7 ms). out=
-                    # takes no autograd, which a perturbed forward never needs.
-                    with torch.no_grad():
-                        if module.bias is None:
-                            torch.mm(x2, block[: b - a].t(), out=o2[:, a:b])
+                # out= takes no autograd, which a perturbed forward never needs
+                with torch.no_grad():
+                    for i, a in enumerate(range(0, out_features, rows)):
+                        b = min(a + rows, out_features)
+                        part = block[: b - a]
+                        # the C kernels' hot path (its pending update fused), else the general one: the update
+                        # fused block by block (a flush first, where the kernels do not take them)
+                        if form is None or not form(part, w[a:b], i):
+                            if not self._update_perturb(part, w[a:b], name, step, eps_on(w.device),
+                                                        offset=a * in_features, numel=w.numel()):
+                                perturb(part, w[a:b], name, offset=a * in_features)
+                        # what F.linear computes (mm, or addmm with the bias), written into the output's columns in
+                        # place: assigning a block's result to them cost a copy (bf16 LM head: 46.6 -> 44.7 ms)
+                        if bias is None:
+                            torch.mm(x2, part.t(), out=o2[:, a:b])
                         else:
-                            torch.addmm(module.bias[a:b], x2, block[: b - a].t(), out=o2[:, a:b])
+                            torch.addmm(bias[a:b], x2, part.t(), out=o2[:, a:b])
             finally:
                 self._release(block)
             return out
@@ -993,6 +997,49 @@ class Mezo:
         if updated:
             self._updated(updated)
         return rest
+
+    def _block_former(self, lib, w: torch.Tensor, name: str, step: int, sign: int, rows: int):
+        """For a perturbed forward's blocked linear (weight w, blocks of `rows` output rows): form(part, w_block, i)
+        forming part = θ ± εz_step for block i (w_block: its rows of w), the pending update fused in order, by the C
+        kernels directly, one call a block with the keys' addresses made once a step (the general path's checks and
+        conversions cost ~110 us of Python a block inside a forward: SmolLM2's bf16 LM head, 48 blocks, 36.5 against
+        25.3 ms with the kernels made no-ops); form returns False, doing nothing, where the kernels do not take the
+        block. None where _form_list would not take w: the caller's general path."""
+        pending = self._pending
+        fused = pending is not None and name in pending.names
+        if (cpu_kernels.KINDS.get(w.dtype) is None or not w.is_cpu or not w.is_contiguous()
+                or self.directions.forms(w) or (fused and pending.done.get(name, 0))):
+            return None
+        keys = self._block_keys(step, name, w, rows)
+        ukeys = self._block_keys(pending.step, name, w, rows) if fused else None
+        eps, dist, last = sign * self.eps, zrng.distribution_code(self.distribution), len(keys) - 1
+
+        def form(part, w_block, i) -> bool:
+            if ukeys is None or self._pending is not pending or name not in pending.names:
+                return cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist)
+            if not cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist, ukeys[i], pending.c):
+                return False
+            if i < last:
+                pending.done[name] = (i + 1) * rows * w.shape[1]  # from here a flush updates the rest
+            else:
+                self._updated([name])
+            return True
+
+        return form
+
+    def _block_keys(self, step: int, name: str, w: torch.Tensor, rows: int) -> list[int]:
+        """The addresses of the keys of z_step for tensor `name` (w) from the first element of each block of `rows`
+        rows, in one int64 table kept with the step's keys (_step_keys)."""
+        keys = self._step_keys(step)
+        table = keys.get((_KEY_TABLE, name, rows))
+        if table is None:
+            k0, k1 = self._step_key(step, name)
+            width = w.shape[1]
+            rows_t = torch.tensor([(k0, k1, a * width) for a in range(0, w.shape[0], rows)], dtype=torch.int64)
+            stride = rows_t.stride(0) * rows_t.element_size()
+            table = keys[(_KEY_TABLE, name, rows)] = (rows_t, [rows_t.data_ptr() + stride * i
+                                                                for i in range(rows_t.shape[0])])
+        return table[1]
 
     def _update_rows(self, values: torch.Tensor, index: torch.Tensor, name: str) -> bool:
         """Values gathered from tensor `name` at element `index`, updated in place as the pending update would

@@ -99,20 +99,25 @@ def arm(spec: dict) -> None:
             state["updated"] += len(items) if state["in_update"] else 0
             return update_tensors(items, *a, **kw)
 
-        def fused_or_die(fused, at):
+        def counted(self, name, fuse):
             # the update left pending for the next step's first perturbed forward (Mezo.apply_update), tensor by tensor
-            # (a blocked LM head: block by block): Mezo._update_perturb (the tensor's name: argument `at`); the hot
-            # path's _form_list below
-            def run(self, *args, **kwargs):
-                name = args[at]
-                pending = self._pending is not None and self._pending.step == step and name in self._pending.names
-                if pending and state["updated"] == k - 1:
-                    die()
-                done = fused(self, *args, **kwargs)
-                state["updated"] += 1 if pending and done else 0
-                return done
+            # (a blocked LM head: block by block), where `fuse` fuses it into tensor `name`'s perturbed copy: die
+            # before the k-th
+            pending = self._pending is not None and self._pending.step == step and name in self._pending.names
+            if pending and state["updated"] == k - 1:
+                die()
+            done = fuse()
+            state["updated"] += 1 if pending and done else 0
+            return done
 
-            return run
+        def fused_or_die(self, out, w, name, *args, **kwargs):  # the general path
+            return counted(self, name, lambda: update_perturb(self, out, w, name, *args, **kwargs))
+
+        block_former = mezo.Mezo._block_former
+
+        def blocks_or_die(self, lib, w, name, *args):  # a blocked linear's blocks on the C kernels' hot path
+            form = block_former(self, lib, w, name, *args)
+            return None if form is None else lambda *a: counted(self, name, lambda: form(*a))
 
         form_list = mezo.Mezo._form_list
 
@@ -131,7 +136,7 @@ def arm(spec: dict) -> None:
             return rest
 
         mezo.Mezo._update_now, zrng.update_tensors = now, tensors_then_die
-        mezo.Mezo._update_perturb = fused_or_die(update_perturb, 2)  # (out, w, name, ...)
+        mezo.Mezo._update_perturb, mezo.Mezo._block_former = fused_or_die, blocks_or_die
         mezo.Mezo._form_list = list_or_die  # (lib, [(out, w, name), ...], ...)
     elif phase == "append":  # the n-th write of a block (the header is write 0)
         write_chunk = trajectory.TrajectoryWriter._write_chunk

@@ -348,6 +348,42 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
         flushed.clear()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tie", (True, False))
+def test_blocked_linears_on_the_hot_path_are_the_general_path(dtype, tie, monkeypatch):
+    """A blocked linear's blocks formed by the C kernels directly (Mezo._block_former: the keys' addresses made once
+    a step, one call a block, the pending update fused in order) give the general path's bits: the same logits in
+    each perturbed forward, the same records, the same weights; each block took the hot path, fused in the step's
+    first forward."""
+    calls = []
+    real = cpu_kernels.perturb_whole
+    monkeypatch.setattr(cpu_kernels, "perturb_whole", lambda *a, **k: calls.append(len(a) > 6) or real(*a, **k))
+
+    def engine():
+        model = build_model("llama", dtype, tie=tie)
+        e = mezo.Mezo(model, mezo.trainable_set(model), seed=3, eps=1e-2, distribution="rademacher32",
+                      use_compile=True, large_linear=1)  # every linear by blocks
+        e.defer_updates = True
+        e.linear_block_elements = 32 * 7  # 7 rows a block: 46 blocks of the 320-row head, the last one short
+        return e
+
+    hot, general = engine(), engine()
+    general._block_former = lambda *a: None
+    runs = [[], []]
+    for e, out in zip((hot, general), runs):
+        for t in range(3):
+            ids = batch(t)
+            rec = e.step(t, 1e-2, lambda: lm_loss(e.model, ids))
+            with torch.no_grad(), e.perturbed(t + 1, -1):  # fuses step t's update
+                out.append((rec, e.model(ids).logits))
+        e.flush()
+    for (r0, l0), (r1, l1) in zip(*runs):
+        assert repr(r0) == repr(r1)
+        assert torch.equal(l0, l1)
+    assert_bit_equal(snapshot(hot.model), snapshot(general.model))
+    assert calls.count(True) >= 3 * -(-320 // 7) and calls.count(False) > 0  # fused in each step's first forward
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deferred_updates_on_cuda_run_the_same_steps(dtype):
