@@ -648,28 +648,35 @@ void update_perturb(void *out, void *w, int64_t n, const int64_t *key, double ep
     former f = former_for(eps, key, ukey, c, kind, dist);
     BLOCKS(form_block(&f, out, w, b, e, key, ukey))
 }
-/* The perturbed copies of `count` tensors of one kind in one call (outs[t], ws[t]: ns[t] elements; keys[t] its key,
-   ukeys[t] its pending update's or NULL): `perturb` or `update_perturb` of each, in one parallel region (a module's or
-   a family's tensors, Mezo.perturbed: one call where there were several, each with its entry and thread wake-up),
-   each tensor's blocks shared out as `perturb` shares them. */
-void form_list(void *const *outs, void *const *ws, const int64_t *ns, const int64_t *const *keys,
-               const int64_t *const *ukeys, int64_t count, double eps, double c, int kind, int dist, int threads) {
+/* The perturbed copies of `count` tensors of one kind in one call, tensor t described by items[t] (out, w: n
+   elements; key its key, ukey its pending update's or NULL): `perturb` or `update_perturb` of each, in one parallel
+   region (a module's or a family's tensors, Mezo.perturbed: one call where there were several, each with its entry and
+   thread wake-up), each tensor's blocks shared out as `perturb` shares them. One array of items, where there were an
+   array a field: five ctypes arrays made a call cost more Python than the call. */
+typedef struct {
+    void *out, *w;
+    int64_t n;
+    const int64_t *key, *ukey;
+} form_item;
+void form_list(const form_item *items, int64_t count, double eps, double c, int kind, int dist, int threads) {
     int64_t total = 0;
-    for (int64_t t = 0; t < count; t++) total += ns[t];
+    for (int64_t t = 0; t < count; t++) total += items[t].n;
     if (total < PARALLEL_FROM || threads <= 1) {
         for (int64_t t = 0; t < count; t++) {
-            former f = former_for(eps, keys[t], ukeys[t], c, kind, dist);
-            const int64_t n = ns[t];
-            EACH_BLOCK(form_block(&f, outs[t], ws[t], b, e, keys[t], ukeys[t]))
+            const form_item *it = items + t;
+            former f = former_for(eps, it->key, it->ukey, c, kind, dist);
+            const int64_t n = it->n;
+            EACH_BLOCK(form_block(&f, it->out, it->w, b, e, it->key, it->ukey))
         }
         return;
     }
     _Pragma("omp parallel num_threads(threads)")
     for (int64_t t = 0; t < count; t++) {
-        former f = former_for(eps, keys[t], ukeys[t], c, kind, dist);
-        const int64_t n = ns[t];
+        const form_item *it = items + t;
+        former f = former_for(eps, it->key, it->ukey, c, kind, dist);
+        const int64_t n = it->n;
         _Pragma("omp for schedule(static) nowait")
-        EACH_BLOCK(form_block(&f, outs[t], ws[t], b, e, keys[t], ukeys[t]))
+        EACH_BLOCK(form_block(&f, it->out, it->w, b, e, it->key, it->ukey))
     }
 }
 
@@ -786,7 +793,7 @@ _SIGNATURES = {
     "update_rows": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT],
     "update_list": [_P, _P, _P, _I64, _DBL, _INT, _INT, _INT],
     "update_perturb": [_P, _P, _I64, _P, _DBL, _P, _DBL, _INT, _INT, _INT],
-    "form_list": [_P, _P, _P, _P, _P, _I64, _DBL, _DBL, _INT, _INT, _INT],
+    "form_list": [_P, _I64, _DBL, _DBL, _INT, _INT, _INT],
     "update_stochastic": [_P, _I64, _P, _P, _DBL, _INT, _INT, _INT],
     "adam_f32": [_P, _P, _P, _I64, _P, _P, _INT, _INT],
 }
@@ -939,16 +946,13 @@ def perturb_whole(lib: ctypes.CDLL, out: torch.Tensor, w: torch.Tensor, key: int
     return True
 
 
-def form_list(lib: ctypes.CDLL, outs: list[int], ws: list[int], ns: list[int], keys: list[int],
-              ukeys: list[int | None], eps: float, c: float, kind: int, distribution: int) -> None:
-    """`perturb_whole` of several tensors of one storage kind in one call: outs, ws their data addresses (contiguous
-    CPU tensors, out and w of one size and kind), ns their sizes, keys the addresses of their keys' (k0, k1, offset)
-    rows and ukeys those of their pending updates' (None: none; c: that update's scale). For the hot path of a
-    perturbed forward (Mezo._form_list): the caller has checked the tensors."""
-    count = len(outs)
-    ptrs = ctypes.c_void_p * count
-    lib.form_list(ptrs(*outs), ptrs(*ws), (ctypes.c_int64 * count)(*ns), ptrs(*keys), ptrs(*ukeys), count, eps, c, kind,
-                  distribution, torch.get_num_threads())
+def form_list(lib: ctypes.CDLL, items: list[int], eps: float, c: float, kind: int, distribution: int) -> None:
+    """`perturb_whole` of several tensors of one storage kind in one call. items: five ints a tensor, (out, w, n, key,
+    ukey): out's and w's data addresses (contiguous CPU tensors, out and w of n elements and one kind), the address of
+    its key's (k0, k1, offset) row and that of its pending update's (0: none; c: that update's scale). For the hot path
+    of a perturbed forward (Mezo._form_list): the caller has checked the tensors."""
+    lib.form_list((ctypes.c_int64 * len(items))(*items), len(items) // 5, eps, c, kind, distribution,
+                  torch.get_num_threads())
 
 
 def twin(fn, fallback, lib: ctypes.CDLL | None = None):

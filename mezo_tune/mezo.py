@@ -429,7 +429,7 @@ class _Pending:
 
     step: int
     c: float
-    names: set[str]  # the tensors left (their keys: Mezo._key_tensor, _key_address of `step`)
+    names: set[str]  # the tensors left (their keys: Mezo._key_tensor, _key_addresses of `step`)
     c_on: dict  # c as an fp64 tensor on each device
     done: dict[str, int] = field(default_factory=dict)  # a tensor updated in part (row blocks): its elements done
 
@@ -442,7 +442,7 @@ class _Pending:
 # of 9, the engines A/B in one process as `docs/bench_step_parts.py DTYPE N blocks Z` runs them; README "Half
 # precision").
 BLOCKED_LINEAR_ELEMENTS = 1 << 23
-_KEY_TABLE = ("key table",)  # where Mezo._key_address keeps a step's table among its keys (names are strings)
+_KEY_TABLE = ("key table",)  # where Mezo._key_addresses keeps a step's table among its keys (names are strings)
 
 
 class Mezo:
@@ -522,8 +522,8 @@ class Mezo:
         self.defer_updates = False
         self._pending: _Pending | None = None
         self._keys: dict[int, dict] = {}  # the two latest steps' keys, _step_key's and _key_tensor's (see there)
-        # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names, their keys in its
-        # parameter dict where it alone owns them, else None: _hooked_by)
+        # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names, where it alone owns
+        # them a (its parameter dict, key there, name, parameter) each, else None: _hooked_by)
         self._hooked: dict[int, tuple[list, list, list | None]] = {}
         self._hooked_cache: dict[frozenset, tuple] = {}  # _hooked_by's
 
@@ -560,17 +560,17 @@ class Mezo:
             cached = keys[(name, offset, device)] = zrng.key_tensor(*key, offset, device)
         return cached
 
-    def _key_address(self, step: int, name: str) -> int:
-        """The address of (k0, k1, 0), the key of z_step for tensor `name` from element 0, in the step's key table: one
-        int64 tensor of every trainable tensor's row, made at the step's first call (one tensor a step where
-        _key_tensor makes one a name), kept with the step's keys (_step_keys) for the C kernels' hot path."""
+    def _key_addresses(self, step: int) -> dict[str, int]:
+        """name -> the address of (k0, k1, 0), the key of z_step for that trainable tensor from element 0, in the step's
+        key table: one int64 tensor of every trainable tensor's row, made at the step's first call (one tensor a step
+        where _key_tensor makes one a name), kept with the step's keys (_step_keys) for the C kernels' hot path."""
         keys = self._step_keys(step)
         table = keys.get(_KEY_TABLE)
         if table is None:
             rows = torch.tensor([(*self._step_key(step, n), 0) for n in self._names], dtype=torch.int64)
             stride = rows.stride(0) * rows.element_size()
             table = keys[_KEY_TABLE] = (rows, {n: rows.data_ptr() + stride * i for i, n in enumerate(self._names)})
-        return table[1][name]
+        return table[1]
 
     def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):
         """(a, b, key) per chunk of `numel` elements whose first one is the tensor's element `offset` (a shard's)."""
@@ -692,9 +692,9 @@ class Mezo:
 
         def swapping(module, forward):
             """module's forward with its touched tensors pointed at their perturbed copies for its duration."""
-            named, names, local = hooked[id(module)]
-            if local is not None and self.ALONE:
-                return swapping_alone(forward, [(module._parameters, local, named)])
+            named, names, alone = hooked[id(module)]
+            if alone is not None and self.ALONE:
+                return swapping_alone(forward, alone)
 
             def run(*args, **kwargs):
                 swap_in(named)
@@ -705,11 +705,11 @@ class Mezo:
 
             return run
 
-        def swapping_alone(forward, members):
+        def swapping_alone(forward, alone):
             """`swapping` for modules that alone own their touched tensors (every linear of a decoder layer), one
             module or the members of a family (_hooked_by) around their parent's call: the perturbed copies take the
-            parameters' places in each module's own parameter dict (members: (that dict, the tensors' keys there,
-            their (name, parameter) pairs)) for the call, which its forward reads them from (module.weight), instead
+            parameters' places in each module's own parameter dict (alone: (that dict, the tensor's key there, its
+            name, the parameter) per tensor) for the call, which its forward reads them from (module.weight), instead
             of becoming the Parameters' .data (whose getter makes a tensor and whose setter checks and copies
             metadata, twice a tensor) with the context's bookkeeping. A call that raises puts the parameters back
             here."""
@@ -717,19 +717,17 @@ class Mezo:
             def run(*args, **kwargs):
                 try:
                     items = []
-                    for params, local, named in members:
-                        for key, (name, p) in zip(local, named):
-                            # in the dict before it is formed: released below if forming raises
-                            buf = params[key] = self._acquire(p.shape, p.dtype, p.device)
-                            items.append((buf, p, name))
+                    for params, key, name, p in alone:
+                        # in the dict before it is formed: released below if forming raises
+                        buf = params[key] = self._acquire(p.shape, p.dtype, p.device)
+                        items.append((buf, p, name))
                     form_all(items)
                     return forward(*args, **kwargs)
                 finally:
-                    for params, local, named in members:
-                        for key, (_, p) in zip(local, named):
-                            if params[key] is not p:
-                                self._release(params[key])
-                                params[key] = p
+                    for params, key, _, p in alone:
+                        if params[key] is not p:
+                            self._release(params[key])
+                            params[key] = p
 
             return run
 
@@ -752,8 +750,8 @@ class Mezo:
             in_family = set()
             for parent, members in families if self.ALONE and self.FAMILIES else ():
                 forward = functools.partial(type(parent).forward, parent)
-                object.__setattr__(parent, "forward", swapping_alone(
-                    forward, [(m._parameters, hooked[id(m)][2], hooked[id(m)][0]) for m in members]))
+                object.__setattr__(parent, "forward", swapping_alone(forward, [x for m in members
+                                                                              for x in hooked[id(m)][2]]))
                 overridden.append(parent)
                 in_family.update(id(m) for m in members)
             for module, _ in self._owners:
@@ -801,8 +799,9 @@ class Mezo:
 
     def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list, list | None]],
                                                       tuple[list, set[int]], list]:
-        """(id(module) -> (its touched (name, parameter) pairs, their names, their keys in its parameter dict if it
-        alone owns them, else None) for the modules owning a touched tensor; the early swaps: the touched pairs
+        """(id(module) -> (its touched (name, parameter) pairs, their names, and if it alone owns them a (its
+        parameter dict, the tensor's key there, name, parameter) each, else None) for the modules owning a touched
+        tensor; the early swaps: the touched pairs
         `perturbed` swaps in for the whole forward, and their modules' ids; the families: (parent, its children)
         pairs), kept for the latest few sets (dense directions touch the same set every record, layerwise a new one).
 
@@ -835,11 +834,11 @@ class Mezo:
                 if not named:  # a module with none touched runs untouched
                     continue
                 # alone: no other module owns (or reads whole) any of them; then their keys in its parameter dict
-                local = None
+                alone = None
                 if all(owners[n] == 1 for n, _ in named) and not self._offloaded:
                     key_of = {id(v): k for k, v in module._parameters.items() if v is not None}
-                    local = [key_of[id(p)] for _, p in named]
-                hooked[id(module)] = (named, [n for n, _ in named], local)
+                    alone = [(module._parameters, key_of[id(p)], n, p) for n, p in named]
+                hooked[id(module)] = (named, [n for n, _ in named], alone)
                 size = sum(p.numel() for _, p in named)
                 if (max(p.numel() for _, p in named) <= self.SMALL_TENSOR and total + size <= self.EARLY_ELEMENTS
                         and id(module) not in own_forward and "forward" not in module.__dict__
@@ -975,24 +974,25 @@ class Mezo:
         kernels and arguments as the general path (zrng.update_perturb, then the perturbation kernel's C twin).
         Returns the items it does not take, for that path."""
         pending, by_kind, rest, updated = self._pending, {}, [], []
+        keys, forms = self._key_addresses(step), self.directions.forms
+        left = pending.names if pending is not None else ()
+        ukeys = self._key_addresses(pending.step) if left else None
         for item in items:
             out, w, name = item
             kind = cpu_kernels.KINDS.get(w.dtype)
-            if kind is None or not w.is_cpu or not w.is_contiguous() or self.directions.forms(w):
+            if kind is None or not w.is_cpu or not w.is_contiguous() or forms(w):
                 rest.append(item)
                 continue
-            ukey = None
-            if pending is not None and name in pending.names:
+            ukey = 0
+            if name in left:
                 if pending.done.get(name, 0):
                     rest.append(item)
                     continue
-                ukey = self._key_address(pending.step, name)
+                ukey = ukeys[name]
                 updated.append(name)
-            by_kind.setdefault(kind, []).append(
-                (out.data_ptr(), w.data_ptr(), w.numel(), self._key_address(step, name), ukey))
-        for kind, take in by_kind.items():
-            outs, ws, ns, keys, ukeys = zip(*take)
-            cpu_kernels.form_list(lib, outs, ws, ns, keys, ukeys, sign * self.eps, pending.c if updated else 0.0, kind,
+            by_kind.setdefault(kind, []).extend((out.data_ptr(), w.data_ptr(), w.numel(), keys[name], ukey))
+        for kind, rows in by_kind.items():
+            cpu_kernels.form_list(lib, rows, sign * self.eps, pending.c if updated else 0.0, kind,
                                   zrng.distribution_code(self.distribution))
         if updated:
             self._updated(updated)

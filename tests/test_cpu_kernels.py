@@ -246,10 +246,9 @@ def test_form_list_is_each_tensors_perturbation(lib, dtype):
                         assert cpu_kernels.perturb_whole(lib, out, w, key.data_ptr(), eps, code,
                                                          None if ukey is None else ukey.data_ptr(), c)
                     outs = [torch.empty_like(w) for w in ws]
-                    cpu_kernels.form_list(lib, [o.data_ptr() for o in outs], [w.data_ptr() for w in ws],
-                                          [w.numel() for w in ws], [k.data_ptr() for k in keys],
-                                          [None if u is None else u.data_ptr() for u in ukeys], eps, c,
-                                          cpu_kernels.KINDS[dtype], code)
+                    items = [x for o, w, k, u in zip(outs, ws, keys, ukeys)
+                             for x in (o.data_ptr(), w.data_ptr(), w.numel(), k.data_ptr(), u.data_ptr() if u is not None else 0)]
+                    cpu_kernels.form_list(lib, items, eps, c, cpu_kernels.KINDS[dtype], code)
                     for i in range(len(shapes)):
                         assert torch.equal(ws[i].view(torch.uint8), expected_w[i].view(torch.uint8)), (dist, c, i)
                         assert torch.equal(outs[i].view(torch.uint8), expected[i].view(torch.uint8)), (dist, c, i)

@@ -317,8 +317,8 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
     real, real_flush = zrng.update_perturb, mezo.Mezo.flush
     monkeypatch.setattr(zrng, "update_perturb", lambda *a: fused.append(a[0].numel()) or real(*a))
     real_list = cpu_kernels.form_list  # the hot path's C call (Mezo._form_list): fused where given a ukey
-    monkeypatch.setattr(cpu_kernels, "form_list", lambda lib, outs, ws, ns, keys, ukeys, *a: fused.extend(
-        n for n, u in zip(ns, ukeys) if u is not None) or real_list(lib, outs, ws, ns, keys, ukeys, *a))
+    monkeypatch.setattr(cpu_kernels, "form_list", lambda lib, items, *a: fused.extend(
+        items[i + 2] for i in range(0, len(items), 5) if items[i + 4]) or real_list(lib, items, *a))
 
     def flush(self, names=None):  # what a pending update leaves to a pass of its own
         if self._pending is not None:
