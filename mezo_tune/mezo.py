@@ -801,9 +801,9 @@ class Mezo:
                                                       tuple[list, set[int]], list]:
         """(id(module) -> (its touched (name, parameter) pairs, their names, and if it alone owns them a (its
         parameter dict, the tensor's key there, name, parameter) each, else None) for the modules owning a touched
-        tensor; the early swaps: the touched pairs
-        `perturbed` swaps in for the whole forward, and their modules' ids; the families: (parent, its children)
-        pairs), kept for the latest few sets (dense directions touch the same set every record, layerwise a new one).
+        tensor; the early swaps: the touched pairs `perturbed` swaps in for the whole forward, and their modules' ids;
+        the families: (parent, its children) pairs), kept for the latest few sets (dense directions touch the same set
+        every record, layerwise a new one).
 
         A family is the children of one module that alone own their touched tensors and would each be swapped around
         their own calls (a decoder layer's attention projections, its MLP's three linears): with FAMILIES (and ALONE)
@@ -833,7 +833,7 @@ class Mezo:
                 named = [(self._name_of[id(p)], p) for p in params if self._name_of[id(p)] in touched]
                 if not named:  # a module with none touched runs untouched
                     continue
-                # alone: no other module owns (or reads whole) any of them; then their keys in its parameter dict
+                # alone: no other module owns (or reads whole) any of them; then where each is in its parameter dict
                 alone = None
                 if all(owners[n] == 1 for n, _ in named) and not self._offloaded:
                     key_of = {id(v): k for k, v in module._parameters.items() if v is not None}
