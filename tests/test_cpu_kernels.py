@@ -247,7 +247,8 @@ def test_form_list_is_each_tensors_perturbation(lib, dtype):
                                                          None if ukey is None else ukey.data_ptr(), c)
                     outs = [torch.empty_like(w) for w in ws]
                     items = [x for o, w, k, u in zip(outs, ws, keys, ukeys)
-                             for x in (o.data_ptr(), w.data_ptr(), w.numel(), k.data_ptr(), u.data_ptr() if u is not None else 0)]
+                             for x in (o.data_ptr(), w.data_ptr(), w.numel(), k.data_ptr(),
+                                       0 if u is None else u.data_ptr())]
                     cpu_kernels.form_list(lib, items, eps, c, cpu_kernels.KINDS[dtype], code)
                     for i in range(len(shapes)):
                         assert torch.equal(ws[i].view(torch.uint8), expected_w[i].view(torch.uint8)), (dist, c, i)
