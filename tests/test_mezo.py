@@ -353,8 +353,8 @@ def test_deferred_updates_run_the_same_steps(dtype, distribution, tie, large_lin
 def test_blocked_linears_on_the_hot_path_are_the_general_path(dtype, tie, monkeypatch):
     """A blocked linear's blocks formed by the C kernels directly (Mezo._block_former: the keys' addresses made once
     a step, one call a block, the pending update fused in order) give the general path's bits: the same logits in
-    each perturbed forward, the same records, the same weights; each block took the hot path, fused in the step's
-    first forward."""
+    each perturbed forward, the same records, the same weights; the hot path ran (the general one never calls
+    perturb_whole), the update fused into each block of the head in the first forward after each step."""
     calls = []
     real = cpu_kernels.perturb_whole
     monkeypatch.setattr(cpu_kernels, "perturb_whole", lambda *a, **k: calls.append(len(a) > 6) or real(*a, **k))
