@@ -567,9 +567,8 @@ class Mezo:
         keys = self._step_keys(step)
         table = keys.get(_KEY_TABLE)
         if table is None:
-            rows = torch.tensor([(*self._step_key(step, n), 0) for n in self._names], dtype=torch.int64)
-            stride = rows.stride(0) * rows.element_size()
-            table = keys[_KEY_TABLE] = (rows, {n: rows.data_ptr() + stride * i for i, n in enumerate(self._names)})
+            rows, addresses = _key_rows([(*self._step_key(step, n), 0) for n in self._names])
+            table = keys[_KEY_TABLE] = (rows, dict(zip(self._names, addresses)))
         return table[1]
 
     def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):
@@ -959,10 +958,7 @@ class Mezo:
         key = self._key_tensor(step, name, offset, w.device)
         if not zrng.update_perturb(out, w, key, eps, ukey, pending.c_on[w.device], self.distribution):
             return False
-        if offset + w.numel() < (w.numel() if numel is None else numel):
-            pending.done[name] = offset + w.numel()
-        else:
-            self._updated([name])
+        self._updated_to(name, offset + w.numel(), w.numel() if numel is None else numel)
         return True
 
     def _form_list(self, lib, items: list, step: int, sign: int) -> list:
@@ -974,29 +970,34 @@ class Mezo:
         kernels and arguments as the general path (zrng.update_perturb, then the perturbation kernel's C twin).
         Returns the items it does not take, for that path."""
         pending, by_kind, rest, updated = self._pending, {}, [], []
-        keys, forms = self._key_addresses(step), self.directions.forms
+        keys = self._key_addresses(step)
         left = pending.names if pending is not None else ()
         ukeys = self._key_addresses(pending.step) if left else None
         for item in items:
             out, w, name = item
-            kind = cpu_kernels.KINDS.get(w.dtype)
-            if kind is None or not w.is_cpu or not w.is_contiguous() or forms(w):
+            if not self._c_takes(w, name):
                 rest.append(item)
                 continue
             ukey = 0
             if name in left:
-                if pending.done.get(name, 0):
-                    rest.append(item)
-                    continue
                 ukey = ukeys[name]
                 updated.append(name)
-            by_kind.setdefault(kind, []).extend((out.data_ptr(), w.data_ptr(), w.numel(), keys[name], ukey))
+            by_kind.setdefault(cpu_kernels.KINDS[w.dtype], []).extend(
+                (out.data_ptr(), w.data_ptr(), w.numel(), keys[name], ukey))
         for kind, rows in by_kind.items():
             cpu_kernels.form_list(lib, rows, sign * self.eps, pending.c if updated else 0.0, kind,
                                   zrng.distribution_code(self.distribution))
         if updated:
             self._updated(updated)
         return rest
+
+    def _c_takes(self, w: torch.Tensor, name: str) -> bool:
+        """Whether the C kernels' hot path (_form_list, _block_former) forms tensor `name`'s perturbed copy from w (its
+        stored values): a contiguous CPU tensor of a C storage dtype, z from the dense kernels, its pending update (if
+        any) not applied in part."""
+        pending = self._pending
+        return (w.dtype in cpu_kernels.KINDS and w.is_cpu and w.is_contiguous() and not self.directions.forms(w)
+                and not (pending is not None and name in pending.names and pending.done.get(name, 0)))
 
     def _block_former(self, lib, w: torch.Tensor, name: str, step: int, sign: int, rows: int):
         """For a perturbed forward's blocked linear (weight w, blocks of `rows` output rows): form(part, w_block, i)
@@ -1006,24 +1007,20 @@ class Mezo:
         the kernels made no-ops, took 36.5 ms on it against 30.2 for the plain head, and 25.3 against 23.7 on this one
         (2-vCPU Zen 3). form returns False, doing nothing, where the kernels do not take the block. None where
         _form_list would not take w: the caller's general path."""
+        if not self._c_takes(w, name):
+            return None
         pending = self._pending
         fused = pending is not None and name in pending.names
-        if (cpu_kernels.KINDS.get(w.dtype) is None or not w.is_cpu or not w.is_contiguous()
-                or self.directions.forms(w) or (fused and pending.done.get(name, 0))):
-            return None
         keys = self._block_keys(step, name, w, rows)
         ukeys = self._block_keys(pending.step, name, w, rows) if fused else None
-        eps, dist, last = sign * self.eps, zrng.distribution_code(self.distribution), len(keys) - 1
+        eps, dist = sign * self.eps, zrng.distribution_code(self.distribution)
 
         def form(part, w_block, i) -> bool:
             if ukeys is None or self._pending is not pending or name not in pending.names:
                 return cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist)
             if not cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist, ukeys[i], pending.c):
                 return False
-            if i < last:
-                pending.done[name] = (i + 1) * rows * w.shape[1]  # from here a flush updates the rest
-            else:
-                self._updated([name])
+            self._updated_to(name, min((i + 1) * rows, w.shape[0]) * w.shape[1], w.numel())
             return True
 
         return form
@@ -1035,11 +1032,8 @@ class Mezo:
         table = keys.get((_KEY_TABLE, name, rows))
         if table is None:
             k0, k1 = self._step_key(step, name)
-            width = w.shape[1]
-            rows_t = torch.tensor([(k0, k1, a * width) for a in range(0, w.shape[0], rows)], dtype=torch.int64)
-            stride = rows_t.stride(0) * rows_t.element_size()
-            table = keys[(_KEY_TABLE, name, rows)] = (rows_t, [rows_t.data_ptr() + stride * i
-                                                                for i in range(rows_t.shape[0])])
+            table = keys[(_KEY_TABLE, name, rows)] = _key_rows([(k0, k1, a * w.shape[1])
+                                                                 for a in range(0, w.shape[0], rows)])
         return table[1]
 
     def _update_rows(self, values: torch.Tensor, index: torch.Tensor, name: str) -> bool:
@@ -1066,6 +1060,14 @@ class Mezo:
             return
         self._update_now(pending.step, pending.c, todo, pending.done)
         self._updated(todo)
+
+    def _updated_to(self, name: str, upto: int, numel: int) -> None:
+        """Tensor `name` (numel elements) has had the pending update up to element `upto` (a blocked linear's blocks,
+        in order): from there a flush updates the rest; all of it: done."""
+        if upto < numel:
+            self._pending.done[name] = upto
+        else:
+            self._updated([name])
 
     def _updated(self, names) -> None:
         """These tensors have had the pending update: nothing is pending once none is left."""
@@ -1244,6 +1246,14 @@ class Mezo:
         """The weights digest of the trainable tensors now (keyframes, the end block, checkpoints)."""
         self.flush()
         return weights_digest(self.trainable.params, self.digest_scheme)
+
+
+def _key_rows(rows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:
+    """(k0, k1, offset) key rows in one int64 tensor, and each row's address, for the C kernels' hot path (the
+    tensor must be kept alive as long as the addresses are used)."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    stride = table.stride(0) * table.element_size()
+    return table, [table.data_ptr() + stride * i for i in range(len(rows))]
 
 
 def _record(r: int, g: float, eta: float, loss_plus: float, loss_minus: float) -> dict:
