@@ -947,13 +947,19 @@ def perturb_whole(lib: ctypes.CDLL, out: torch.Tensor, w: torch.Tensor, key: int
     return True
 
 
-def form_list(lib: ctypes.CDLL, items: list[int], eps: float, c: float, kind: int, distribution: int) -> None:
+def form_list(lib: ctypes.CDLL, items, eps: float, c: float, kind: int, distribution: int) -> None:
     """`perturb_whole` of several tensors of one storage kind in one call. items: five ints a tensor, (out, w, n, key,
     ukey): out's and w's data addresses (contiguous CPU tensors, out and w of n elements and one kind), the address of
-    its key's (k0, k1, offset) row and that of its pending update's (0: none; c: that update's scale). For the hot path
-    of a perturbed forward (Mezo._form_list): the caller has checked the tensors."""
-    lib.form_list((ctypes.c_int64 * len(items))(*items), len(items) // 5, eps, c, kind, distribution,
-                  torch.get_num_threads())
+    its key's (k0, k1, offset) row and that of its pending update's (0: none; c: that update's scale); a list, or the
+    array form_items made of one (kept by the caller). For the hot path of a perturbed forward (Mezo._form_list): the
+    caller has checked the tensors."""
+    array = items if isinstance(items, ctypes.Array) else form_items(items)
+    lib.form_list(array, len(items) // 5, eps, c, kind, distribution, torch.get_num_threads())
+
+
+def form_items(items: list[int]) -> ctypes.Array:
+    """form_list's items as the C array it passes."""
+    return (ctypes.c_int64 * len(items))(*items)
 
 
 def twin(fn, fallback, lib: ctypes.CDLL | None = None):

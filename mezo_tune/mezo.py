@@ -421,6 +421,21 @@ def _is_plain_embedding(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Embedding and module.max_norm is None
 
 
+class _FormPlan:
+    """One family's (or one module's) perturbed copies on the C kernels' hot path, made at its first call and kept
+    (Mezo._plan_for): its tensors are formed into buffers of their own, shared with the families of the same shapes one
+    at a time (shared[0]: in use), by item arrays kept by the key table slots of the step and of the pending update
+    (Mezo._planned_call), so that a family's call is a lookup and one C call a storage dtype where _form_list made a
+    row of Python a tensor and an array a call, ~70 us a family inside a forward (120 families a step of SmolLM2;
+    README: stop 30). bufs None: the hot path does not take every tensor of it."""
+
+    def __init__(self, alone: list, shared: list | None, bufs: list | None):
+        self.alone, self.shared, self.bufs = alone, shared, bufs
+        self.names = [name for _, _, name, _ in alone]
+        self.ptrs = [p.data_ptr() for *_, p in alone]  # where the tensors were: the arrays name them
+        self.calls: dict[tuple, tuple[list, list]] = {}
+
+
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -442,7 +457,7 @@ class _Pending:
 # of 9, the engines A/B in one process as `docs/bench_step_parts.py DTYPE N blocks Z` runs them; README "Half
 # precision").
 BLOCKED_LINEAR_ELEMENTS = 1 << 23
-_KEY_TABLE = ("key table",)  # where Mezo._key_addresses keeps a step's table among its keys (names are strings)
+_KEY_TABLE = ("key table",)  # where Mezo._key_slot keeps a step's key table slot among its keys (names are strings)
 
 
 class Mezo:
@@ -452,6 +467,7 @@ class Mezo:
     SMALL_TENSOR, EARLY_ELEMENTS = 1 << 16, 1 << 22  # see _hooked_by
     ALONE = True  # see perturbed's swapping_alone
     FAMILIES = True  # see _hooked_by: the modules that alone own their tensors swapped by their parent's call
+    PLANS = True  # see _plan_for: a family's hot-path call made once and kept
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
@@ -517,11 +533,16 @@ class Mezo:
 
             self._offloaded = offloaded_owners(model, trainable.names, trainable.params)
         self._scratch: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        # the buffers of the kept hot-path calls (_plan_for), by their tensors' shapes: ([in use], buffers)
+        self._plan_buffers: dict[tuple, tuple[list, list[torch.Tensor]]] = {}
         # defer_updates: leave each step's update pending, to be fused into the next perturbed forward (see
         # apply_update); the caller then calls flush() before reading the weights itself (train does)
         self.defer_updates = False
         self._pending: _Pending | None = None
         self._keys: dict[int, dict] = {}  # the two latest steps' keys, _step_key's and _key_tensor's (see there)
+        # the C kernels' key tables, two slots made once (_key_slot), and each slot's name -> row address
+        self._key_slots: list[torch.Tensor] = []
+        self._slot_addresses: list[dict[str, int]] = []
         # inside `perturbed`: id(module) -> (its touched (name, parameter) pairs, their names, where it alone owns
         # them a (its parameter dict, key there, name, parameter) each, else None: _hooked_by)
         self._hooked: dict[int, tuple[list, list, list | None]] = {}
@@ -562,14 +583,26 @@ class Mezo:
 
     def _key_addresses(self, step: int) -> dict[str, int]:
         """name -> the address of (k0, k1, 0), the key of z_step for that trainable tensor from element 0, in the step's
-        key table: one int64 tensor of every trainable tensor's row, made at the step's first call (one tensor a step
-        where _key_tensor makes one a name), kept with the step's keys (_step_keys) for the C kernels' hot path."""
+        key table, for the C kernels' hot path: a row of every trainable tensor, written at the step's first call into
+        the one of two int64 tables (slots, made once) that the other step kept (_step_keys) does not hold. A slot's
+        addresses never change, so that item arrays naming them can be kept (_FormPlan)."""
+        return self._slot_addresses[self._key_slot(step)]
+
+    def _key_slot(self, step: int) -> int:
+        """The key table slot holding step `step`'s keys (_key_addresses), written there at the step's first call."""
         keys = self._step_keys(step)
-        table = keys.get(_KEY_TABLE)
-        if table is None:
-            rows, addresses = _key_rows([(*self._step_key(step, n), 0) for n in self._names])
-            table = keys[_KEY_TABLE] = (rows, dict(zip(self._names, addresses)))
-        return table[1]
+        slot = keys.get(_KEY_TABLE)
+        if slot is None:
+            if not self._key_slots:
+                for _ in range(2):
+                    table, addresses = _key_rows([(0, 0, 0)] * len(self._names))
+                    self._key_slots.append(table)
+                    self._slot_addresses.append(dict(zip(self._names, addresses)))
+            taken = {kept[_KEY_TABLE] for s, kept in self._keys.items() if s != step and _KEY_TABLE in kept}
+            slot = keys[_KEY_TABLE] = 1 if 0 in taken else 0
+            self._key_slots[slot].copy_(torch.tensor([(*self._step_key(step, n), 0) for n in self._names],
+                                                     dtype=torch.int64).view(-1, 3))
+        return slot
 
     def _chunk_keys(self, step: int, name: str, numel: int, device, stream: int = zrng.Z_STREAM, offset: int = 0):
         """(a, b, key) per chunk of `numel` elements whose first one is the tensor's element `offset` (a shard's)."""
@@ -616,10 +649,12 @@ class Mezo:
                 o, x = (flat_out, flat_w) if b - a == n else (flat_out[a:b], flat_w[a:b])
                 kernel(o, x, self._key_tensor(step, name, offset + a, w.device), eps_on(w.device), self.distribution)
 
-        def form_all(items):
+        def form_all(items, plan=None):
             """buf = θ ± εz for the whole of tensor `name`, its pending update applied first, for each (buf, w, name)
-            item (w: the tensor's stored values): by the C kernels' hot path (_form_list), else here."""
-            for buf, w, name in self._form_list(c_kernels, items, step, sign) if c_kernels is not None else items:
+            item (w: the tensor's stored values): by the C kernels' hot path (_form_list; plan: its kept call for
+            these items), else here."""
+            for buf, w, name in (self._form_list(c_kernels, items, step, sign, plan) if c_kernels is not None
+                                 else items):
                 w = w.detach()
                 if not self._update_perturb(buf, w, name, step, eps_on(w.device)):
                     perturb(buf, w, name)
@@ -714,25 +749,30 @@ class Mezo:
             here."""
 
             def run(*args, **kwargs):
+                plan = self._plan_for(plans, alone) if c_kernels is not None else None
                 try:
                     items = []
-                    for params, key, name, p in alone:
+                    for i, (params, key, name, p) in enumerate(alone):
                         # in the dict before it is formed: released below if forming raises
-                        buf = params[key] = self._acquire(p.shape, p.dtype, p.device)
+                        buf = params[key] = (self._acquire(p.shape, p.dtype, p.device) if plan is None
+                                             else plan.bufs[i])
                         items.append((buf, p, name))
-                    form_all(items)
+                    form_all(items, plan)
                     return forward(*args, **kwargs)
                 finally:
                     for params, key, _, p in alone:
                         if params[key] is not p:
-                            self._release(params[key])
+                            if plan is None:
+                                self._release(params[key])
                             params[key] = p
+                    if plan is not None:
+                        plan.shared[0] = False  # the buffers are free again
 
             return run
 
         overridden, loading, early_names = [], [], frozenset()
         try:
-            hooked, (early, early_ids), families = self._hooked_by(touched)
+            hooked, (early, early_ids), families, plans = self._hooked_by(touched)
             self._hooked = hooked
             # A module's own forward: a lookup of perturbed rows (plain embeddings), a perturbed matmul in row blocks
             # (large linears), and around it (or the class forward) the swap of the module's other touched tensors.
@@ -747,10 +787,9 @@ class Mezo:
             early_names = frozenset(name for name, _ in early)
             by_hooks = set()
             in_family = set()
-            for parent, members in families if self.ALONE and self.FAMILIES else ():
+            for parent, members, alone in families if self.ALONE and self.FAMILIES else ():
                 forward = functools.partial(type(parent).forward, parent)
-                object.__setattr__(parent, "forward", swapping_alone(forward, [x for m in members
-                                                                              for x in hooked[id(m)][2]]))
+                object.__setattr__(parent, "forward", swapping_alone(forward, alone))
                 overridden.append(parent)
                 in_family.update(id(m) for m in members)
             for module, _ in self._owners:
@@ -797,12 +836,13 @@ class Mezo:
             self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
 
     def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list, list | None]],
-                                                      tuple[list, set[int]], list]:
+                                                      tuple[list, set[int]], list, dict]:
         """(id(module) -> (its touched (name, parameter) pairs, their names, and if it alone owns them a (its
         parameter dict, the tensor's key there, name, parameter) each, else None) for the modules owning a touched
         tensor; the early swaps: the touched pairs `perturbed` swaps in for the whole forward, and their modules' ids;
-        the families: (parent, its children) pairs), kept for the latest few sets (dense directions touch the same set
-        every record, layerwise a new one).
+        the families: (parent, its children, their `alone` entries in one list) triples; the _FormPlan made for each
+        such list, by its id (_plan_for)), kept for the latest few sets (dense directions touch the same set every
+        record, layerwise a new one).
 
         A family is the children of one module that alone own their touched tensors and would each be swapped around
         their own calls (a decoder layer's attention projections, its MLP's three linears): with FAMILIES (and ALONE)
@@ -854,12 +894,13 @@ class Mezo:
                 if (entry is not None and entry[2] is not None and parent is not None and id(module) not in early_ids
                         and id(module) not in own_forward and "forward" not in module.__dict__):
                     members[id(parent)].append((parent, module))
-            families = [(pairs[0][0], [m for _, m in pairs]) for pid, pairs in members.items()
+            families = [(pairs[0][0], [m for _, m in pairs], [x for _, m in pairs for x in hooked[id(m)][2]])
+                        for pid, pairs in members.items()
                         if len(pairs) > 1 and pid not in hooked and pid not in own_forward
                         and "forward" not in pairs[0][0].__dict__]
             if len(self._hooked_cache) >= 4:
                 del self._hooked_cache[next(iter(self._hooked_cache))]
-            cached = self._hooked_cache[touched] = (hooked, (early, early_ids), families)
+            cached = self._hooked_cache[touched] = (hooked, (early, early_ids), families, {})
         return cached
 
     def _block_rows(self, w: torch.Tensor) -> int:
@@ -898,6 +939,31 @@ class Mezo:
 
     def release_scratch(self) -> None:
         self._scratch.clear()
+        self._plan_buffers.clear()
+        for entry in self._hooked_cache.values():
+            entry[3].clear()  # the plans (they hold their buffers)
+
+    def _plan_for(self, plans: dict, alone: list) -> "_FormPlan | None":
+        """The kept hot-path call for a family's (or a module's) `alone` entries (swapping_alone), made at its first
+        call (again where a tensor's storage moved); None where the C kernels' hot path would not take every tensor of
+        it (their storage, layout, formed z), or its buffers are in use (a family called inside another of the same
+        shapes): the caller's own path. Marks the buffers in use (the caller frees them)."""
+        if not self.PLANS:
+            return None
+        plan = plans.get(id(alone))
+        if plan is None or plan.ptrs != [p.data_ptr() for *_, p in alone]:  # (a tensor's storage moved: made again)
+            if not all(self._c_takes(p.detach(), name, static=True) for _, _, name, p in alone):
+                plans[id(alone)] = plan = _FormPlan(alone, None, None)
+            else:
+                shapes = tuple((tuple(p.shape), p.dtype) for *_, p in alone)
+                shared = self._plan_buffers.get(shapes)
+                if shared is None:
+                    shared = self._plan_buffers[shapes] = ([False], [torch.empty(s, dtype=d) for s, d in shapes])
+                plans[id(alone)] = plan = _FormPlan(alone, *shared)
+        if plan.bufs is None or plan.shared[0]:
+            return None
+        plan.shared[0] = True
+        return plan
 
     def loss_pair(self, step: int, loss_fn, reduce=None) -> tuple[float, float]:
         """(L+, L-) for step `step`: loss_fn() evaluated at θ + εz and at θ - εz.
@@ -961,14 +1027,25 @@ class Mezo:
         self._updated_to(name, offset + w.numel(), w.numel() if numel is None else numel)
         return True
 
-    def _form_list(self, lib, items: list, step: int, sign: int) -> list:
+    def _form_list(self, lib, items: list, step: int, sign: int, plan: "_FormPlan | None" = None) -> list:
         """out = θ ± εz_step for each (out, w, name) item, the whole of tensor `name` (w: its values, out a scratch
         buffer of its shape and dtype), its pending update applied first in the same pass, by the C kernels (lib): what
         `perturbed` does for most tensors of most forwards (a contiguous CPU tensor of a C storage dtype, z from the
         dense kernels, an update pending whole or not at all), one call a storage dtype (cpu_kernels.form_list: a
         module's, a family's or the early swaps' tensors at once), with the keys' addresses and plain floats; the same
         kernels and arguments as the general path (zrng.update_perturb, then the perturbation kernel's C twin).
-        Returns the items it does not take, for that path."""
+        Returns the items it does not take, for that path. plan: the kept call for exactly these items, with its
+        buffers as the outs (_plan_for), used where it still holds (a caller may pass part of them)."""
+        if plan is not None and len(items) == len(plan.names):
+            kept = self._planned_call(plan, step)
+            if kept is not None:
+                calls, updated = kept
+                eps, dist = sign * self.eps, zrng.distribution_code(self.distribution)
+                for kind, array, c in calls:
+                    cpu_kernels.form_list(lib, array, eps, c, kind, dist)
+                if updated:
+                    self._updated(updated)
+                return []
         pending, by_kind, rest, updated = self._pending, {}, [], []
         keys = self._key_addresses(step)
         left = pending.names if pending is not None else ()
@@ -991,13 +1068,37 @@ class Mezo:
             self._updated(updated)
         return rest
 
-    def _c_takes(self, w: torch.Tensor, name: str) -> bool:
+    def _c_takes(self, w: torch.Tensor, name: str, static: bool = False) -> bool:
         """Whether the C kernels' hot path (_form_list, _block_former) forms tensor `name`'s perturbed copy from w (its
         stored values): a contiguous CPU tensor of a C storage dtype, z from the dense kernels, its pending update (if
-        any) not applied in part."""
+        any) not applied in part (static: the tensor's part alone)."""
         pending = self._pending
         return (w.dtype in cpu_kernels.KINDS and w.is_cpu and w.is_contiguous() and not self.directions.forms(w)
-                and not (pending is not None and name in pending.names and pending.done.get(name, 0)))
+                and (static or not (pending is not None and name in pending.names and pending.done.get(name, 0))))
+
+    def _planned_call(self, plan: "_FormPlan", step: int) -> tuple[list, list] | None:
+        """The C calls of plan for step `step` and the pending update: ([(kind, item array, c)], the names it updates),
+        made at the first call of each (key slot, update slot, tensors with an update pending) and kept; None where a
+        tensor's pending update is applied in part."""
+        pending = self._pending
+        left = pending.names if pending is not None else ()
+        fused = tuple(name in left for name in plan.names)
+        if any(fused) and pending.done and any(name in pending.done for name in plan.names):
+            return None
+        kslot = self._key_slot(step)
+        uslot = self._key_slot(pending.step) if any(fused) else None
+        kept = plan.calls.get((kslot, uslot, fused))
+        if kept is None:
+            keys, ukeys = self._slot_addresses[kslot], self._slot_addresses[uslot] if uslot is not None else None
+            by_kind = {}
+            for (*_, name, p), buf, f in zip(plan.alone, plan.bufs, fused):
+                by_kind.setdefault(cpu_kernels.KINDS[p.dtype], []).extend(
+                    (buf.data_ptr(), p.data_ptr(), p.numel(), keys[name], ukeys[name] if f else 0))
+            kept = plan.calls[(kslot, uslot, fused)] = (
+                [(kind, cpu_kernels.form_items(rows), any(rows[4::5])) for kind, rows in by_kind.items()],
+                [name for name, f in zip(plan.names, fused) if f])
+        calls, updated = kept
+        return [(kind, array, pending.c if uses_c else 0.0) for kind, array, uses_c in calls], updated
 
     def _block_former(self, lib, w: torch.Tensor, name: str, step: int, sign: int, rows: int):
         """For a perturbed forward's blocked linear (weight w, blocks of `rows` output rows): form(part, w_block, i)

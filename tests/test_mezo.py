@@ -77,7 +77,7 @@ def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype
     else:  # those of modules whose tensors are all small (a linear's bias goes with its weight)
         assert all(p.numel() <= small for _, p in early) and bool(early) == bool(small)
     if small == 0:  # e.g. each attention's projections: one family
-        assert all(len(members) > 1 for _, members in engine._hooked_by(frozenset(ts.names))[2])
+        assert all(len(members) > 1 for _, members, _ in engine._hooked_by(frozenset(ts.names))[2])
         assert len(engine._hooked_by(frozenset(ts.names))[2]) >= 4
     ids = batch()
     before = snapshot(model)
@@ -382,6 +382,56 @@ def test_blocked_linears_on_the_hot_path_are_the_general_path(dtype, tie, monkey
         assert torch.equal(l0, l1)
     assert_bit_equal(snapshot(hot.model), snapshot(general.model))
     assert calls.count(True) >= 3 * -(-320 // 7) and calls.count(False) > 0  # fused in each step's first forward
+
+
+class _Pair(torch.nn.Module):
+    """Two linears, a family; with `inner`, a second family of the same shapes called between them."""
+
+    def __init__(self, dtype, inner=None):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 32, dtype=dtype), torch.nn.Linear(32, 32, dtype=dtype)
+        self.inner = inner
+
+    def forward(self, x):
+        x = torch.tanh(self.a(x))
+        return self.b(torch.tanh(x if self.inner is None else self.inner(x)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kept_family_calls_are_the_calls_made_each_time(dtype):
+    """A family's hot-path call made once and kept (Mezo._plan_for: buffers of its own, item arrays by key table
+    slot) gives the bits of the call made afresh each time: the same records and weights over steps with an update
+    left pending, for a decoder's families and for a family called inside another of its shapes (whose buffers are
+    then in use: it takes the pool's); a tensor whose storage moved gets a new plan, and the same bits."""
+    def engines(build):
+        out = []
+        for plans in (True, False):
+            torch.manual_seed(0)
+            model = build()
+            e = mezo.Mezo(model, mezo.trainable_set(model), seed=3, eps=1e-2, distribution="rademacher32",
+                          use_compile=True)
+            e.defer_updates, e.PLANS = True, plans
+            e.SMALL_TENSOR = 64  # the linears swapped around their families' calls, not for the whole forward
+            out.append(e)
+        return out
+
+    x = torch.randn(4, 32).to(dtype)
+    for build, loss_of in ((lambda: build_model("llama", dtype), lambda e, t: lm_loss(e.model, batch(t))),
+                           (lambda: _Pair(dtype, _Pair(dtype)), lambda e, t: e.model(x * (t + 1)).float().pow(2).mean())):
+        kept, fresh = engines(build)
+        for t in range(4):
+            if t == 2:  # a tensor's storage moves between steps
+                for e in (kept, fresh):
+                    w = next(p for n, p in e.model.named_parameters() if n.endswith("weight") and p.dim() == 2
+                             and "embed" not in n and "lm_head" not in n)
+                    w.data = w.data.clone()
+            records = [e.step(t, 1e-2, lambda e=e: loss_of(e, t)) for e in (kept, fresh)]
+            assert repr(records[0]) == repr(records[1]) and not records[0][0]["skipped"]
+        plans = [p for entry in kept._hooked_cache.values() for p in entry[3].values() if p.bufs is not None]
+        assert plans and all(len(p.calls) <= 4 for p in plans)  # (key slot, update slot): made once each
+        assert not any(entry[3] for entry in fresh._hooked_cache.values())
+        kept.flush(), fresh.flush()
+        assert_bit_equal(snapshot(kept.model), snapshot(fresh.model))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
