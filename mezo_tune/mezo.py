@@ -432,6 +432,7 @@ class _FormPlan:
     def __init__(self, alone: list, shared: list | None, bufs: list | None):
         self.alone, self.shared, self.bufs = alone, shared, bufs
         self.names = [name for _, _, name, _ in alone]
+        self.items = None if bufs is None else [(buf, p, name) for buf, (_, _, name, p) in zip(bufs, alone)]
         self.ptrs = [p.data_ptr() for *_, p in alone]  # where the tensors were: the arrays name them
         self.calls: dict[tuple, tuple[list, list]] = {}
 
@@ -600,7 +601,9 @@ class Mezo:
                     self._slot_addresses.append(dict(zip(self._names, addresses)))
             taken = {kept[_KEY_TABLE] for s, kept in self._keys.items() if s != step and _KEY_TABLE in kept}
             slot = keys[_KEY_TABLE] = 1 if 0 in taken else 0
-            self._key_slots[slot].copy_(torch.tensor([(*self._step_key(step, n), 0) for n in self._names],
+            missing = [n for n in self._names if n not in keys]
+            keys.update(zip(missing, zrng.stream_keys(self.seed, step, missing)))
+            self._key_slots[slot].copy_(torch.tensor([(*keys[n], 0) for n in self._names],
                                                      dtype=torch.int64).view(-1, 3))
         return slot
 
@@ -751,13 +754,17 @@ class Mezo:
             def run(*args, **kwargs):
                 plan = self._plan_for(plans, alone) if c_kernels is not None else None
                 try:
-                    items = []
-                    for i, (params, key, name, p) in enumerate(alone):
-                        # in the dict before it is formed: released below if forming raises
-                        buf = params[key] = (self._acquire(p.shape, p.dtype, p.device) if plan is None
-                                             else plan.bufs[i])
-                        items.append((buf, p, name))
-                    form_all(items, plan)
+                    if plan is not None:
+                        for (params, key, _, _), buf in zip(alone, plan.bufs):
+                            params[key] = buf
+                        form_all(plan.items, plan)
+                    else:
+                        items = []
+                        for params, key, name, p in alone:
+                            # in the dict before it is formed: released below if forming raises
+                            buf = params[key] = self._acquire(p.shape, p.dtype, p.device)
+                            items.append((buf, p, name))
+                        form_all(items)
                     return forward(*args, **kwargs)
                 finally:
                     for params, key, _, p in alone:
@@ -770,9 +777,9 @@ class Mezo:
 
             return run
 
-        overridden, loading, early_names = [], [], frozenset()
+        overridden, loading, early_names, early_plan = [], [], frozenset(), None
         try:
-            hooked, (early, early_ids), families, plans = self._hooked_by(touched)
+            hooked, (early, early_ids, early_alone), families, plans = self._hooked_by(touched)
             self._hooked = hooked
             # A module's own forward: a lookup of perturbed rows (plain embeddings), a perturbed matmul in row blocks
             # (large linears), and around it (or the class forward) the swap of the module's other touched tensors.
@@ -783,7 +790,15 @@ class Mezo:
             forwards = {id(m): functools.partial(fn, m) for fns, fn in ((self._embeddings, embedding_forward),
                                                                         (self._large_linears, linear_forward))
                         for m in fns if is_touched(m.weight)}
-            swap_in(early)  # the small tensors, for the whole forward (_hooked_by)
+            # the small tensors, for the whole forward (_hooked_by): in their modules' parameter dicts by one kept
+            # call where those modules alone own them (as swapping_alone does), else as the Parameters' .data
+            early_plan = self._plan_for(plans, early_alone) if early_alone and c_kernels is not None else None
+            if early_plan is not None:
+                for (params, key, _, _), buf in zip(early_alone, early_plan.bufs):
+                    params[key] = buf
+                form_all(early_plan.items, early_plan)
+            else:
+                swap_in(early)
             early_names = frozenset(name for name, _ in early)
             by_hooks = set()
             in_family = set()
@@ -833,13 +848,18 @@ class Mezo:
             for entry in list(swapped.values()):  # a forward that raised leaves nothing perturbed behind
                 self._restore(entry)
             swapped.clear()
+            if early_plan is not None:
+                for params, key, _, p in early_alone:
+                    params[key] = p
+                early_plan.shared[0] = False
             self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
 
     def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list, list | None]],
                                                       tuple[list, set[int]], list, dict]:
         """(id(module) -> (its touched (name, parameter) pairs, their names, and if it alone owns them a (its
         parameter dict, the tensor's key there, name, parameter) each, else None) for the modules owning a touched
-        tensor; the early swaps: the touched pairs `perturbed` swaps in for the whole forward, and their modules' ids;
+        tensor; the early swaps: the touched pairs `perturbed` swaps in for the whole forward, their modules' ids, and
+        their `alone` entries in one list where each of those modules has them (else None);
         the families: (parent, its children, their `alone` entries in one list) triples; the _FormPlan made for each
         such list, by its id (_plan_for)), kept for the latest few sets (dense directions touch the same set every
         record, layerwise a new one).
@@ -898,9 +918,12 @@ class Mezo:
                         for pid, pairs in members.items()
                         if len(pairs) > 1 and pid not in hooked and pid not in own_forward
                         and "forward" not in pairs[0][0].__dict__]
+            # the early swaps' `alone` entries in one list, where every one of their modules alone owns its tensors
+            alone = [hooked[id(module)][2] for module, _ in self._owners if id(module) in early_ids]
+            early_alone = [x for entry in alone for x in entry] if all(e is not None for e in alone) else None
             if len(self._hooked_cache) >= 4:
                 del self._hooked_cache[next(iter(self._hooked_cache))]
-            cached = self._hooked_cache[touched] = (hooked, (early, early_ids), families, {})
+            cached = self._hooked_cache[touched] = (hooked, (early, early_ids, early_alone), families, {})
         return cached
 
     def _block_rows(self, w: torch.Tensor) -> int:

@@ -54,11 +54,20 @@ CHUNK = 1 << 22  # elements per kernel call: bounds temporaries in eager mode, n
 
 def stream_key(seed: int, step: int, name: str, stream: int = Z_STREAM) -> tuple[int, int]:
     """The 64-bit key (k0, k1) of one tensor at one step: depends on nothing but these arguments."""
+    return stream_keys(seed, step, [name], stream)[0]
+
+
+def stream_keys(seed: int, step: int, names, stream: int = Z_STREAM) -> list[tuple[int, int]]:
+    """stream_key of each name, the material's common part made once (a step's first perturbed forward asks for every
+    trainable tensor's)."""
     if not (0 <= seed < 2**64 and 0 <= step < 2**64):
         raise ValueError(f"seed and step must be in [0, 2**64): got seed={seed}, step={step}")
-    material = b"mezo-tune/z/v1" + struct.pack("<QQQ", seed, step, stream) + name.encode("utf-8")
-    key = int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "little")
-    return key & _M32, key >> 32
+    head = b"mezo-tune/z/v1" + struct.pack("<QQQ", seed, step, stream)
+    keys = []
+    for name in names:
+        key = int.from_bytes(hashlib.blake2b(head + name.encode("utf-8"), digest_size=8).digest(), "little")
+        keys.append((key & _M32, key >> 32))
+    return keys
 
 
 def version_for(distribution: str) -> int:
