@@ -748,8 +748,8 @@ class Mezo:
             parameters' places in each module's own parameter dict (alone: (that dict, the tensor's key there, its
             name, the parameter) per tensor) for the call, which its forward reads them from (module.weight), instead
             of becoming the Parameters' .data (whose getter makes a tensor and whose setter checks and copies
-            metadata, twice a tensor) with the context's bookkeeping. A call that raises puts the parameters back
-            here."""
+            metadata, twice a tensor) with the context's bookkeeping; formed by a call kept for them (_plan_for) into
+            buffers of its own, else into the pool's. A call that raises puts the parameters back here."""
 
             def run(*args, **kwargs):
                 plan = self._plan_for(plans, alone) if c_kernels is not None else None
@@ -1375,7 +1375,7 @@ class Mezo:
 def _key_rows(rows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:
     """(k0, k1, offset) key rows in one int64 tensor, and each row's address, for the C kernels' hot path (the
     tensor must be kept alive as long as the addresses are used)."""
-    table = torch.tensor(rows, dtype=torch.int64)
+    table = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
     stride = table.stride(0) * table.element_size()
     return table, [table.data_ptr() + stride * i for i in range(len(rows))]
 
