@@ -430,7 +430,10 @@ def test_kept_family_calls_are_the_calls_made_each_time(dtype):
             assert repr(records[0]) == repr(records[1]) and not records[0][0]["skipped"]
         plans = [p for entry in kept._hooked_cache.values() for p in entry[3].values() if p.bufs is not None]
         assert plans and all(len(p.calls) <= 4 for p in plans)  # (key slot, update slot): made once each
+        assert all(p.ptrs == [q.data_ptr() for *_, q in p.alone] for p in plans)  # made again where storage moved
         assert not any(entry[3] for entry in fresh._hooked_cache.values())
+        inner = kept._scratch[(dtype, torch.device("cpu"), (32, 32))]
+        assert bool(inner) == isinstance(kept.model, _Pair)  # the inner family: the pool's buffers
         kept.flush(), fresh.flush()
         assert_bit_equal(snapshot(kept.model), snapshot(fresh.model))
 
