@@ -436,6 +436,17 @@ class _FormPlan:
         self.ptrs = [p.data_ptr() for *_, p in alone]  # where the tensors were: the arrays name them
         self.calls: dict[tuple, tuple[list, list]] = {}
 
+    def put_in(self) -> None:
+        """The buffers in the parameters' places, in their modules' parameter dicts (formed after: Mezo._form_list)."""
+        for (params, key, _, _), buf in zip(self.alone, self.bufs):
+            params[key] = buf
+
+    def take_out(self) -> None:
+        """The parameters back in their places; the buffers free for the next family of these shapes."""
+        for params, key, _, p in self.alone:
+            params[key] = p
+        self.shared[0] = False
+
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
 
@@ -755,8 +766,7 @@ class Mezo:
                 plan = self._plan_for(plans, alone) if c_kernels is not None else None
                 try:
                     if plan is not None:
-                        for (params, key, _, _), buf in zip(alone, plan.bufs):
-                            params[key] = buf
+                        plan.put_in()
                         form_all(plan.items, plan)
                     else:
                         items = []
@@ -767,13 +777,13 @@ class Mezo:
                         form_all(items)
                     return forward(*args, **kwargs)
                 finally:
-                    for params, key, _, p in alone:
-                        if params[key] is not p:
-                            if plan is None:
-                                self._release(params[key])
-                            params[key] = p
                     if plan is not None:
-                        plan.shared[0] = False  # the buffers are free again
+                        plan.take_out()
+                    else:
+                        for params, key, _, p in alone:
+                            if params[key] is not p:
+                                self._release(params[key])
+                                params[key] = p
 
             return run
 
@@ -794,8 +804,7 @@ class Mezo:
             # call where those modules alone own them (as swapping_alone does), else as the Parameters' .data
             early_plan = self._plan_for(plans, early_alone) if early_alone and c_kernels is not None else None
             if early_plan is not None:
-                for (params, key, _, _), buf in zip(early_alone, early_plan.bufs):
-                    params[key] = buf
+                early_plan.put_in()
                 form_all(early_plan.items, early_plan)
             else:
                 swap_in(early)
@@ -849,9 +858,7 @@ class Mezo:
                 self._restore(entry)
             swapped.clear()
             if early_plan is not None:
-                for params, key, _, p in early_alone:
-                    params[key] = p
-                early_plan.shared[0] = False
+                early_plan.take_out()
             self.flush()  # what this forward did not perturb whole (modules it did not run, a forward that raised)
 
     def _hooked_by(self, touched: frozenset) -> tuple[dict[int, tuple[list, list, list | None]],
@@ -1082,8 +1089,7 @@ class Mezo:
             if name in left:
                 ukey = ukeys[name]
                 updated.append(name)
-            by_kind.setdefault(cpu_kernels.KINDS[w.dtype], []).extend(
-                (out.data_ptr(), w.data_ptr(), w.numel(), keys[name], ukey))
+            _add_item(by_kind, out, w, keys[name], ukey)
         for kind, rows in by_kind.items():
             cpu_kernels.form_list(lib, rows, sign * self.eps, pending.c if updated else 0.0, kind,
                                   zrng.distribution_code(self.distribution))
@@ -1115,8 +1121,7 @@ class Mezo:
             keys, ukeys = self._slot_addresses[kslot], self._slot_addresses[uslot] if uslot is not None else None
             by_kind = {}
             for (*_, name, p), buf, f in zip(plan.alone, plan.bufs, fused):
-                by_kind.setdefault(cpu_kernels.KINDS[p.dtype], []).extend(
-                    (buf.data_ptr(), p.data_ptr(), p.numel(), keys[name], ukeys[name] if f else 0))
+                _add_item(by_kind, buf, p, keys[name], ukeys[name] if f else 0)
             kept = plan.calls[(kslot, uslot, fused)] = (
                 [(kind, cpu_kernels.form_items(rows), any(rows[4::5])) for kind, rows in by_kind.items()],
                 [name for name, f in zip(plan.names, fused) if f])
@@ -1370,6 +1375,12 @@ class Mezo:
         """The weights digest of the trainable tensors now (keyframes, the end block, checkpoints)."""
         self.flush()
         return weights_digest(self.trainable.params, self.digest_scheme)
+
+
+def _add_item(by_kind: dict, out: torch.Tensor, w: torch.Tensor, key: int, ukey: int) -> None:
+    """Tensor w's item for cpu_kernels.form_list (out: its perturbed copy's buffer; key, ukey: key row addresses, ukey 0
+    for no pending update), appended to its storage kind's list."""
+    by_kind.setdefault(cpu_kernels.KINDS[w.dtype], []).extend((out.data_ptr(), w.data_ptr(), w.numel(), key, ukey))
 
 
 def _key_rows(rows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:
