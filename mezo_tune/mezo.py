@@ -477,6 +477,7 @@ class Mezo:
 
     DEFERS = True  # whether an update may be left pending for the next perturbed forward (apply_update)
     SMALL_TENSOR, EARLY_ELEMENTS = 1 << 16, 1 << 22  # see _hooked_by
+    SMALL_MATMUL_TOKENS = 256  # see _block_rows
     ALONE = True  # see perturbed's swapping_alone
     FAMILIES = True  # see _hooked_by: the modules that alone own their tensors swapped by their parent's call
     PLANS = True  # see _plan_for: a family's hot-path call made once and kept
@@ -712,7 +713,7 @@ class Mezo:
             out_features, in_features = w.shape
             out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
             x2, o2 = x.reshape(-1, in_features), out.view(-1, out_features)
-            rows = self._block_rows(w)
+            rows = self._block_rows(w, x2.shape[0])
             block = self._acquire((min(rows, out_features), in_features), w.dtype, w.device)
             name, bias = self._name_of[id(w)], module.bias
             form = self._block_former(c_kernels, w, name, step, sign, rows) if c_kernels is not None else None
@@ -933,22 +934,29 @@ class Mezo:
             cached = self._hooked_cache[touched] = (hooked, (early, early_ids, early_alone), families, {})
         return cached
 
-    def _block_rows(self, w: torch.Tensor) -> int:
-        """Output rows of a large weight that `perturbed` forms and applies at a time (linear_forward).
+    def _block_rows(self, w: torch.Tensor, tokens: int | None = None) -> int:
+        """Output rows of a large weight that `perturbed` forms and applies at a time (linear_forward), for a matmul
+        over `tokens` input rows (None: many).
 
         linear_block_elements, when set, is the block's size in elements. By default, on CPU: the largest power of two
         of rows whose block takes at most 2 MiB, so that it is still in cache when the matmul reads it back; for
-        SmolLM2's LM head (576 wide) that is 512 rows in fp32 and 1024 in bf16 (1.2 MB each). Measured on the 2-core
-        EPYC, 2 threads, 512 tokens (medians of 7; an unblocked matmul: 230 ms fp32, 57 ms bf16): fp32 256 / 512 /
-        1024 rows 239 / 230 / 242 ms, bf16 256 / 512 / 1024 / 2048 rows 70 / 64 / 60 / 65 ms (with one thread, earlier,
-        a 1 MiB block was 10-20 ms faster than blocks of 4M elements; row counts that are not a power of two were
-        slower). On CUDA: zrng.CHUNK elements, fewer launches."""
+        SmolLM2's LM head (576 wide) that is 512 rows in fp32 and 1024 in bf16 (1.2 MB each). Measured on a 2-core
+        EPYC with AVX512-BF16, 2 threads, 512 tokens (medians of 7; an unblocked matmul: 230 ms fp32, 57 ms bf16): fp32
+        256 / 512 / 1024 rows 239 / 230 / 242 ms, bf16 256 / 512 / 1024 / 2048 rows 70 / 64 / 60 / 65 ms (with one
+        thread, earlier, a 1 MiB block was 10-20 ms faster than blocks of 4M elements; row counts that are not a power
+        of two were slower). Up to SMALL_MATMUL_TOKENS tokens the matmul reads a block about once, and a block's call
+        (~25 us of Python, a C call, a matmul's start) costs more than a block that has left L2: blocks up to 8 MiB.
+        The LM head on the 2-core Zen 3 (AVX2), a perturbed forward of it, medians of 13: bf16 at 8 tokens 1024 /
+        4096 rows 32.7 / 31.7 and 34.9 / 33.7 ms (plain head 26.2, 28.1), at 64 tokens 204 / 196, at 128 422 / 408,
+        at 256 846 / 837, at 512 1609 / 1629; fp32 at 8 tokens 512 / 2048 rows 17.5 / 15.6 ms, at 512 220 / 224.
+        On CUDA: zrng.CHUNK elements, fewer launches."""
         in_features = w.shape[1]
         if self.linear_block_elements is not None:
             return max(1, self.linear_block_elements // in_features)
         if w.is_cuda:
             return max(1, zrng.CHUNK // in_features)
-        fit = (2 << 20) // (w.element_size() * in_features)
+        block_bytes = (8 << 20) if tokens is not None and tokens <= self.SMALL_MATMUL_TOKENS else (2 << 20)
+        fit = block_bytes // (w.element_size() * in_features)
         return max(16, 1 << max(0, fit.bit_length() - 1))
 
     def _acquire(self, shape, dtype, device) -> torch.Tensor:

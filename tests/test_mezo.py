@@ -222,14 +222,20 @@ def test_scalars():
 
 
 def test_large_linear_block_rows():
-    """Blocks of a large Linear on CPU: a power of two of rows within 2 MiB (a block the matmul reads back from cache);
-    a block size in elements when linear_block_elements is set."""
+    """Blocks of a large Linear on CPU: a power of two of rows within 2 MiB (a block the matmul reads back from cache),
+    within 8 MiB for a matmul of up to SMALL_MATMUL_TOKENS tokens (which reads it about once); a block size in elements
+    when linear_block_elements is set."""
     model = build_model("llama")
     engine = mezo.Mezo(model, mezo.trainable_set(model), seed=0, eps=1e-3)
     rows = {(width, dtype): engine._block_rows(torch.empty(0, width, dtype=dtype))
             for width in (576, 4096, 100_000) for dtype in (torch.float32, torch.bfloat16)}
     assert rows == {(576, torch.float32): 512, (576, torch.bfloat16): 1024, (4096, torch.float32): 128,
                     (4096, torch.bfloat16): 256, (100_000, torch.float32): 16, (100_000, torch.bfloat16): 16}
+    assert rows == {key: engine._block_rows(torch.empty(0, key[0], dtype=key[1]), 257) for key in rows}
+    few = {(width, dtype): engine._block_rows(torch.empty(0, width, dtype=dtype), 256)
+           for width in (576, 4096) for dtype in (torch.float32, torch.bfloat16)}
+    assert few == {(576, torch.float32): 2048, (576, torch.bfloat16): 4096, (4096, torch.float32): 512,
+                   (4096, torch.bfloat16): 1024}
     engine.linear_block_elements = 576 * 7 + 5
     assert engine._block_rows(torch.empty(0, 576)) == 7
 
