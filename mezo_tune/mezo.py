@@ -478,6 +478,7 @@ class Mezo:
     DEFERS = True  # whether an update may be left pending for the next perturbed forward (apply_update)
     SMALL_TENSOR, EARLY_ELEMENTS = 1 << 16, 1 << 22  # see _hooked_by
     SMALL_MATMUL_TOKENS = 256  # see _block_rows
+    FAMILY_SHARE = 32  # see _hooked_by
     ALONE = True  # see perturbed's swapping_alone
     FAMILIES = True  # see _hooked_by: the modules that alone own their tensors swapped by their parent's call
     PLANS = True  # see _plan_for: a family's hot-path call made once and kept
@@ -914,18 +915,36 @@ class Mezo:
                     taken.update(n for n, _ in named)
                     early_ids.add(id(module))
                     total += size
-            # families: a parent's children that alone own their touched tensors and are swapped around their own
-            # calls, swapped instead around the parent's call (one swap of Python where there were several)
-            members = defaultdict(list)
+            # families: modules that alone own their touched tensors and would be swapped around their own calls,
+            # swapped instead around their parent's call (one swap of Python where there were several); the groups of
+            # a module's children (and its own) merged into one around its call where its groups hold at most
+            # 1 / FAMILY_SHARE of the trainable elements (a decoder layer: its attention's and its MLP's)
+            def container(m) -> bool:  # a module that runs its children: one whose call can take their swaps
+                return (m is not None and id(m) not in hooked and id(m) not in own_forward
+                        and "forward" not in m.__dict__ and type(m).forward is not torch.nn.Module.forward)
+
+            groups = defaultdict(list)  # by their parent: (parent, module) pairs
             for module, _ in self._owners:
                 entry, parent = hooked.get(id(module)), self._parent_of.get(id(module))
-                if (entry is not None and entry[2] is not None and parent is not None and id(module) not in early_ids
-                        and id(module) not in own_forward and "forward" not in module.__dict__):
-                    members[id(parent)].append((parent, module))
+                if (entry is not None and entry[2] is not None and id(module) not in early_ids
+                        and id(module) not in own_forward and "forward" not in module.__dict__ and container(parent)):
+                    groups[id(parent)].append((parent, module))
+            size = {pid: sum(p.numel() for _, m in pairs for _, p in hooked[id(m)][0]) for pid, pairs in groups.items()}
+            count, under = Counter(dict.fromkeys(groups, 1)), Counter(size)  # groups, elements merged around each call
+            for pid, pairs in groups.items():
+                up = self._parent_of.get(pid)
+                if container(up):
+                    count[id(up)] += 1
+                    under[id(up)] += size[pid]
+            cap = self.trainable.numel // self.FAMILY_SHARE
+            merging = {uid for uid, n in count.items() if n > 1 and under[uid] <= cap}
+            members = defaultdict(list)
+            for pid, pairs in groups.items():
+                up = self._parent_of.get(pid)
+                root = up if pid not in merging and up is not None and id(up) in merging else pairs[0][0]
+                members[id(root)] += [(root, m) for _, m in pairs]
             families = [(pairs[0][0], [m for _, m in pairs], [x for _, m in pairs for x in hooked[id(m)][2]])
-                        for pid, pairs in members.items()
-                        if len(pairs) > 1 and pid not in hooked and pid not in own_forward
-                        and "forward" not in pairs[0][0].__dict__]
+                        for pairs in members.values() if len(pairs) > 1]
             # the early swaps' `alone` entries in one list, where every one of their modules alone owns its tensors
             alone = [hooked[id(module)][2] for module, _ in self._owners if id(module) in early_ids]
             early_alone = [x for entry in alone for x in entry] if all(e is not None for e in alone) else None

@@ -55,22 +55,30 @@ def test_freeze_patterns():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("small, alone, families", [(None, True, True), (0, True, True), (64, True, True),
-                                                    (0, True, False), (0, False, False)],
+                                                    (0, True, False), (0, False, False), (0, True, "layers")],
                          ids=["small-default", "none-early", "norms-early", "none-early-no-families",
-                              "none-early-data-swaps"])
+                              "none-early-data-swaps", "none-early-layer-families"])
 def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype, small, alone, families):
     """The hooks compute exactly loss(θ ± εz), and no stored bit changes. (Every weight through the hooks: 16-bit
     linears go by row blocks by default, whose matmuls may round differently on another CPU; tested below.) Small
     tensors are swapped in for the whole forward (Mezo._hooked_by): all of this tiny model's but the embedding tables
     by default, none, or the norms and biases alone (the linears swapped around their calls). A module that alone
     owns its tensors takes their perturbed copies in its parameter dict (ALONE), else through the Parameters' data;
-    such modules with one parent are swapped around the parent's call (FAMILIES), or each around its own."""
+    such modules with one parent are swapped around the parent's call (FAMILIES), or around a decoder layer's where
+    its modules may hold the whole model (FAMILY_SHARE 1; by default a layer of SmolLM2's size), or each around its
+    own."""
     model = build_model(arch, dtype)
     ts = mezo.trainable_set(model)
     engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1 << 62)
-    engine.ALONE, engine.FAMILIES = alone, families
+    engine.ALONE, engine.FAMILIES = alone, bool(families)
     if small is not None:
         engine.SMALL_TENSOR = small
+    if families == "layers":
+        engine.FAMILY_SHARE = 1  # each layer's modules in one family (the items of a ModuleList), none inside it
+        roots = [parent for parent, _, _ in engine._hooked_by(frozenset(ts.names))[2]]
+        layers = [r for r in roots if isinstance(engine._parent_of[id(r)], torch.nn.ModuleList)]
+        assert len(layers) == 2 and not any(r is not layer and r in set(layer.modules()) for r in roots
+                                            for layer in layers)
     early = engine._hooked_by(frozenset(ts.names))[1][0]
     if small is None:
         assert len(early) == len(ts.names) - len(engine._embeddings)  # (tied: the LM head's weight is a table's)
@@ -78,7 +86,7 @@ def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype
         assert all(p.numel() <= small for _, p in early) and bool(early) == bool(small)
     if small == 0:  # e.g. each attention's projections: one family
         assert all(len(members) > 1 for _, members, _ in engine._hooked_by(frozenset(ts.names))[2])
-        assert len(engine._hooked_by(frozenset(ts.names))[2]) >= 4
+        assert len(engine._hooked_by(frozenset(ts.names))[2]) >= (2 if families == "layers" else 4)
     ids = batch()
     before = snapshot(model)
     for sign in (+1, -1):
@@ -442,6 +450,34 @@ def test_kept_family_calls_are_the_calls_made_each_time(dtype):
         assert bool(inner) == isinstance(kept.model, _Pair)  # the inner family: the pool's buffers
         kept.flush(), fresh.flush()
         assert_bit_equal(snapshot(kept.model), snapshot(fresh.model))
+
+
+class _Heads(torch.nn.Module):
+    """Two linears in a ModuleList, which never runs: the module's forward calls them."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)])
+
+    def forward(self, x):
+        return self.heads[1](torch.tanh(self.heads[0](x)))
+
+
+def test_a_container_that_never_runs_holds_no_family():
+    """Modules whose parent has no forward (a ModuleList's items) are swapped around their own calls, not their
+    parent's (which never comes: they would run unperturbed): the perturbed forward computes f(θ + εz)."""
+    torch.manual_seed(0)
+    model, x = _Heads(), torch.randn(4, 32)
+    ts = mezo.trainable_set(model)
+    engine = mezo.Mezo(model, ts, seed=3, eps=1e-2)
+    engine.SMALL_TENSOR = 0  # not swapped for the whole forward
+    assert engine._hooked_by(frozenset(ts.names))[2] == []
+    with torch.no_grad(), engine.perturbed(0, +1):
+        hooked = model(x)
+    perturbed = {name: (p + torch.tensor(1e-2) * zrng.z_for(3, 0, name, p.numel()).view(p.shape))
+                 for name, p in zip(ts.names, ts.params)}
+    with torch.no_grad():
+        assert_bit_equal({"out": hooked}, {"out": functional_call(model, perturbed, (x,))})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
