@@ -478,7 +478,6 @@ class Mezo:
     DEFERS = True  # whether an update may be left pending for the next perturbed forward (apply_update)
     SMALL_TENSOR, EARLY_ELEMENTS = 1 << 16, 1 << 22  # see _hooked_by
     SMALL_MATMUL_TOKENS = 256  # see _block_rows
-    FAMILY_SHARE = 32  # see _hooked_by
     ALONE = True  # see perturbed's swapping_alone
     FAMILIES = True  # see _hooked_by: the modules that alone own their tensors swapped by their parent's call
     PLANS = True  # see _plan_for: a family's hot-path call made once and kept
@@ -879,7 +878,12 @@ class Mezo:
         kernels (Mezo._form_list), which costs less Python than a swap each (30 layers at width 64, bf16, 2 threads,
         Zen 3: a step 23 -> 15 ms beyond its two forwards, with the one call for the early swaps). Their copies are
         alive together for the parent's call (SmolLM2: an MLP's three, 2.7M elements, where one at a time was 0.9M).
-        The parent must own no touched tensor itself, have no forward of its own, and a child only the one parent.
+        The parent must own no touched tensor itself, have no forward of its own but its class's (a ModuleList, which
+        never runs, holds no family: its items are swapped around their own calls), and a child only the one parent.
+        (Tried and left out, stop 31: a decoder layer's two families as one around the layer's call. 1 x 8 on the
+        2-core Zen 3, paired medians: bf16 with the kernels no-ops -1.9 ms a step, with them -0.8 ms (quartiles
+        -17..+10); fp32 +4.3 ms (-13..+30) -- probably its attention's copies, formed before the MLP's 10.6 MB, read
+        back from further away.)
 
         A module whose touched tensors are all small (at most SMALL_TENSOR elements: norms, biases, adapters) has
         them swapped in when the perturbed forward starts, with the other such modules', rather than around each of
@@ -915,34 +919,21 @@ class Mezo:
                     taken.update(n for n, _ in named)
                     early_ids.add(id(module))
                     total += size
-            # families: modules that alone own their touched tensors and would be swapped around their own calls,
-            # swapped instead around their parent's call (one swap of Python where there were several); the groups of
-            # a module's children (and its own) merged into one around its call where its groups hold at most
-            # 1 / FAMILY_SHARE of the trainable elements (a decoder layer: its attention's and its MLP's)
-            def container(m) -> bool:  # a module that runs its children: one whose call can take their swaps
+            # families: a parent's children that alone own their touched tensors and are swapped around their own
+            # calls, swapped instead around the parent's call (one swap of Python where there were several); a parent
+            # that runs them: it owns no touched tensor, has no forward of its own but its class's, which is not
+            # nn.Module's (a ModuleList never runs: its items would run unperturbed)
+            def runs_children(m) -> bool:
                 return (m is not None and id(m) not in hooked and id(m) not in own_forward
                         and "forward" not in m.__dict__ and type(m).forward is not torch.nn.Module.forward)
 
-            groups = defaultdict(list)  # by their parent: (parent, module) pairs
+            members = defaultdict(list)
             for module, _ in self._owners:
                 entry, parent = hooked.get(id(module)), self._parent_of.get(id(module))
                 if (entry is not None and entry[2] is not None and id(module) not in early_ids
-                        and id(module) not in own_forward and "forward" not in module.__dict__ and container(parent)):
-                    groups[id(parent)].append((parent, module))
-            size = {pid: sum(p.numel() for _, m in pairs for _, p in hooked[id(m)][0]) for pid, pairs in groups.items()}
-            count, under = Counter(dict.fromkeys(groups, 1)), Counter(size)  # groups, elements merged around each call
-            for pid, pairs in groups.items():
-                up = self._parent_of.get(pid)
-                if container(up):
-                    count[id(up)] += 1
-                    under[id(up)] += size[pid]
-            cap = self.trainable.numel // self.FAMILY_SHARE
-            merging = {uid for uid, n in count.items() if n > 1 and under[uid] <= cap}
-            members = defaultdict(list)
-            for pid, pairs in groups.items():
-                up = self._parent_of.get(pid)
-                root = up if pid not in merging and up is not None and id(up) in merging else pairs[0][0]
-                members[id(root)] += [(root, m) for _, m in pairs]
+                        and id(module) not in own_forward and "forward" not in module.__dict__
+                        and runs_children(parent)):
+                    members[id(parent)].append((parent, module))
             families = [(pairs[0][0], [m for _, m in pairs], [x for _, m in pairs for x in hooked[id(m)][2]])
                         for pairs in members.values() if len(pairs) > 1]
             # the early swaps' `alone` entries in one list, where every one of their modules alone owns its tensors
@@ -964,7 +955,8 @@ class Mezo:
         256 / 512 / 1024 rows 239 / 230 / 242 ms, bf16 256 / 512 / 1024 / 2048 rows 70 / 64 / 60 / 65 ms (with one
         thread, earlier, a 1 MiB block was 10-20 ms faster than blocks of 4M elements; row counts that are not a power
         of two were slower). Up to SMALL_MATMUL_TOKENS tokens the matmul reads a block about once, and a block's call
-        (~25 us of Python, a C call, a matmul's start) costs more than a block that has left L2: blocks up to 8 MiB.
+        (~25 us of Python, a C call, a matmul's start) costs more than a block that has left L2: blocks up to 4 MiB
+        (8 MiB: no faster, and the 1 x 8 live-tensor peak 1.031 -> 1.044 of a forward's).
         The LM head on the 2-core Zen 3 (AVX2), a perturbed forward of it, medians of 13: bf16 at 8 tokens 1024 /
         4096 rows 32.7 / 31.7 and 34.9 / 33.7 ms (plain head 26.2, 28.1), at 64 tokens 204 / 196, at 128 422 / 408,
         at 256 846 / 837, at 512 1609 / 1629; fp32 at 8 tokens 512 / 2048 rows 17.5 / 15.6 ms, at 512 220 / 224.
@@ -974,7 +966,7 @@ class Mezo:
             return max(1, self.linear_block_elements // in_features)
         if w.is_cuda:
             return max(1, zrng.CHUNK // in_features)
-        block_bytes = (8 << 20) if tokens is not None and tokens <= self.SMALL_MATMUL_TOKENS else (2 << 20)
+        block_bytes = (4 << 20) if tokens is not None and tokens <= self.SMALL_MATMUL_TOKENS else (2 << 20)
         fit = block_bytes // (w.element_size() * in_features)
         return max(16, 1 << max(0, fit.bit_length() - 1))
 

@@ -55,30 +55,22 @@ def test_freeze_patterns():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("small, alone, families", [(None, True, True), (0, True, True), (64, True, True),
-                                                    (0, True, False), (0, False, False), (0, True, "layers")],
+                                                    (0, True, False), (0, False, False)],
                          ids=["small-default", "none-early", "norms-early", "none-early-no-families",
-                              "none-early-data-swaps", "none-early-layer-families"])
+                              "none-early-data-swaps"])
 def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype, small, alone, families):
     """The hooks compute exactly loss(θ ± εz), and no stored bit changes. (Every weight through the hooks: 16-bit
     linears go by row blocks by default, whose matmuls may round differently on another CPU; tested below.) Small
     tensors are swapped in for the whole forward (Mezo._hooked_by): all of this tiny model's but the embedding tables
     by default, none, or the norms and biases alone (the linears swapped around their calls). A module that alone
     owns its tensors takes their perturbed copies in its parameter dict (ALONE), else through the Parameters' data;
-    such modules with one parent are swapped around the parent's call (FAMILIES), or around a decoder layer's where
-    its modules may hold the whole model (FAMILY_SHARE 1; by default a layer of SmolLM2's size), or each around its
-    own."""
+    such modules with one parent are swapped around the parent's call (FAMILIES), or each around its own."""
     model = build_model(arch, dtype)
     ts = mezo.trainable_set(model)
     engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1 << 62)
-    engine.ALONE, engine.FAMILIES = alone, bool(families)
+    engine.ALONE, engine.FAMILIES = alone, families
     if small is not None:
         engine.SMALL_TENSOR = small
-    if families == "layers":
-        engine.FAMILY_SHARE = 1  # each layer's modules in one family (the items of a ModuleList), none inside it
-        roots = [parent for parent, _, _ in engine._hooked_by(frozenset(ts.names))[2]]
-        layers = [r for r in roots if isinstance(engine._parent_of[id(r)], torch.nn.ModuleList)]
-        assert len(layers) == 2 and not any(r is not layer and r in set(layer.modules()) for r in roots
-                                            for layer in layers)
     early = engine._hooked_by(frozenset(ts.names))[1][0]
     if small is None:
         assert len(early) == len(ts.names) - len(engine._embeddings)  # (tied: the LM head's weight is a table's)
@@ -86,7 +78,7 @@ def test_perturbed_forward_equals_functional_call_and_leaves_weights(arch, dtype
         assert all(p.numel() <= small for _, p in early) and bool(early) == bool(small)
     if small == 0:  # e.g. each attention's projections: one family
         assert all(len(members) > 1 for _, members, _ in engine._hooked_by(frozenset(ts.names))[2])
-        assert len(engine._hooked_by(frozenset(ts.names))[2]) >= (2 if families == "layers" else 4)
+        assert len(engine._hooked_by(frozenset(ts.names))[2]) >= 4
     ids = batch()
     before = snapshot(model)
     for sign in (+1, -1):
@@ -231,7 +223,7 @@ def test_scalars():
 
 def test_large_linear_block_rows():
     """Blocks of a large Linear on CPU: a power of two of rows within 2 MiB (a block the matmul reads back from cache),
-    within 8 MiB for a matmul of up to SMALL_MATMUL_TOKENS tokens (which reads it about once); a block size in elements
+    within 4 MiB for a matmul of up to SMALL_MATMUL_TOKENS tokens (which reads it about once); a block size in elements
     when linear_block_elements is set."""
     model = build_model("llama")
     engine = mezo.Mezo(model, mezo.trainable_set(model), seed=0, eps=1e-3)
@@ -242,8 +234,8 @@ def test_large_linear_block_rows():
     assert rows == {key: engine._block_rows(torch.empty(0, key[0], dtype=key[1]), 257) for key in rows}
     few = {(width, dtype): engine._block_rows(torch.empty(0, width, dtype=dtype), 256)
            for width in (576, 4096) for dtype in (torch.float32, torch.bfloat16)}
-    assert few == {(576, torch.float32): 2048, (576, torch.bfloat16): 4096, (4096, torch.float32): 512,
-                   (4096, torch.bfloat16): 1024}
+    assert few == {(576, torch.float32): 1024, (576, torch.bfloat16): 2048, (4096, torch.float32): 256,
+                   (4096, torch.bfloat16): 512}
     engine.linear_block_elements = 576 * 7 + 5
     assert engine._block_rows(torch.empty(0, 576)) == 7
 
