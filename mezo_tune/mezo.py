@@ -477,7 +477,7 @@ class Mezo:
 
     DEFERS = True  # whether an update may be left pending for the next perturbed forward (apply_update)
     SMALL_TENSOR, EARLY_ELEMENTS = 1 << 16, 1 << 22  # see _hooked_by
-    SMALL_MATMUL_TOKENS = 256  # see _block_rows
+    SMALL_MATMUL_TOKENS = 64  # see _block_rows
     ALONE = True  # see perturbed's swapping_alone
     FAMILIES = True  # see _hooked_by: the modules that alone own their tensors swapped by their parent's call
     PLANS = True  # see _plan_for: a family's hot-path call made once and kept
@@ -956,10 +956,12 @@ class Mezo:
         thread, earlier, a 1 MiB block was 10-20 ms faster than blocks of 4M elements; row counts that are not a power
         of two were slower). Up to SMALL_MATMUL_TOKENS tokens the matmul reads a block about once, and a block's call
         (~25 us of Python, a C call, a matmul's start) costs more than a block that has left L2: blocks up to 4 MiB
-        (8 MiB: no faster, and the 1 x 8 live-tensor peak 1.031 -> 1.044 of a forward's).
-        The LM head on the 2-core Zen 3 (AVX2), a perturbed forward of it, medians of 13: bf16 at 8 tokens 1024 /
-        4096 rows 32.7 / 31.7 and 34.9 / 33.7 ms (plain head 26.2, 28.1), at 64 tokens 204 / 196, at 128 422 / 408,
-        at 256 846 / 837, at 512 1609 / 1629; fp32 at 8 tokens 512 / 2048 rows 17.5 / 15.6 ms, at 512 220 / 224.
+        (8 MiB: no faster, and the 1 x 8 live-tensor peak 1.031 -> 1.044 of a forward's); from 128 tokens on, 4 MiB
+        blocks gained little or lost (below).
+        SmolLM2's LM head on the 2-core Zen 3 (AVX2), a perturbed forward of it, medians of 13: bf16 at 8 tokens
+        1024 / 2048 / 4096 rows 32.7 / 32.2 / 31.7 and 34.9 / 33.6 / 33.7 ms (plain head 26.2, 28.1), at 64 tokens
+        204 / 199 / 196, at 128 422 / 419 / 408, at 256 846 / 867 / 837, at 512 1609 / 1626 / 1629; fp32 at 8 tokens
+        512 / 1024 / 2048 rows 17.5 / 16.1 / 15.6 ms, at 512 220 / 223 / 224.
         On CUDA: zrng.CHUNK elements, fewer launches."""
         in_features = w.shape[1]
         if self.linear_block_elements is not None:

@@ -231,8 +231,8 @@ def test_large_linear_block_rows():
             for width in (576, 4096, 100_000) for dtype in (torch.float32, torch.bfloat16)}
     assert rows == {(576, torch.float32): 512, (576, torch.bfloat16): 1024, (4096, torch.float32): 128,
                     (4096, torch.bfloat16): 256, (100_000, torch.float32): 16, (100_000, torch.bfloat16): 16}
-    assert rows == {key: engine._block_rows(torch.empty(0, key[0], dtype=key[1]), 257) for key in rows}
-    few = {(width, dtype): engine._block_rows(torch.empty(0, width, dtype=dtype), 256)
+    assert rows == {key: engine._block_rows(torch.empty(0, key[0], dtype=key[1]), 65) for key in rows}
+    few = {(width, dtype): engine._block_rows(torch.empty(0, width, dtype=dtype), 64)
            for width in (576, 4096) for dtype in (torch.float32, torch.bfloat16)}
     assert few == {(576, torch.float32): 1024, (576, torch.bfloat16): 2048, (4096, torch.float32): 256,
                    (4096, torch.bfloat16): 512}
