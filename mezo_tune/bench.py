@@ -130,8 +130,9 @@ def parse_shape(spec: str) -> tuple[int, int]:
 
 
 def random_llama(spec: str, dtype: str, device: str):
-    """A Llama-shaped model with random weights from "config:HIDDENxLAYERS": heads of 64, 4 query heads per
-    key/value head, MLP 8/3 wide (a multiple of 64), a 32000-token vocabulary, untied embeddings."""
+    """A Llama-shaped model with random weights from "config:HIDDENxLAYERS": heads of 64, about 4 query heads per
+    key/value head (the fewest key/value heads that divide the heads and are at least a quarter of them), MLP 8/3
+    wide (a multiple of 64), a 32000-token vocabulary, untied embeddings."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -139,8 +140,9 @@ def random_llama(spec: str, dtype: str, device: str):
 
     hidden, layers = parse_shape(spec)
     heads = hidden // 64
+    kv_heads = next(d for d in range(1, heads + 1) if heads % d == 0 and 4 * d >= heads)  # 576: 9 heads, 3 (SmolLM2)
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 4), intermediate_size=-(-8 * hidden // 3 // 64) * 64,
+                         num_key_value_heads=kv_heads, intermediate_size=-(-8 * hidden // 3 // 64) * 64,
                          vocab_size=32000, max_position_embeddings=8192, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=models.torch_dtype(dtype))

@@ -241,10 +241,11 @@ def compiled(fn):
 
 
 def _triton_twin(fn):
-    """fn's twin in mezo_tune.triton_kernels, or None when Triton is not installed (imported on first CUDA use)."""
+    """fn's twin in mezo_tune.triton_kernels, or None when Triton is not installed (imported on first CUDA use) or fn
+    has none (update_rows_kernel: an embedding's looked-up rows, a few thousand elements; torch runs it)."""
     from mezo_tune import triton_kernels
 
-    return getattr(triton_kernels, fn.__name__) if triton_kernels.available() else None
+    return getattr(triton_kernels, fn.__name__, None) if triton_kernels.available() else None
 
 
 def _cpu_twin(fn, fallback):
