@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_cli import cli
 
 from mezo_tune.bench import format_bench, format_sweep, parse_shape, plot_sweep, random_llama, tensor_peak_bytes
@@ -21,6 +22,12 @@ def test_random_llama_shape():
     assert c.intermediate_size == 192 and c.vocab_size == 32000 and not c.tie_word_embeddings
     again = random_llama("config:64x2", "float32", "cpu")
     assert all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))  # seeded: the same weights
+    # key/value heads that divide the heads, about a quarter of them: SmolLM2's 576 wide takes 9 and 3 (and runs)
+    shapes = {h: random_llama(f"config:{h}x1", "float32", "cpu").config for h in (576, 512, 768)}
+    assert {h: (c.num_attention_heads, c.num_key_value_heads) for h, c in shapes.items()} == {
+        576: (9, 3), 512: (8, 2), 768: (12, 3)}
+    wide = random_llama("config:576x1", "float32", "cpu")
+    assert wide(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 4, 32000)
 
 
 @pytest.mark.parametrize("bad", ["64", "64x", "60x2", "64x0", "axb"])
