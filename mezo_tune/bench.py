@@ -131,8 +131,8 @@ def parse_shape(spec: str) -> tuple[int, int]:
 
 def random_llama(spec: str, dtype: str, device: str):
     """A Llama-shaped model with random weights from "config:HIDDENxLAYERS": heads of 64, about 4 query heads per
-    key/value head (the fewest key/value heads that divide the heads and are at least a quarter of them), MLP 8/3
-    wide (a multiple of 64), a 32000-token vocabulary, untied embeddings."""
+    key/value head (a quarter of the heads, rounded down, or the next count up that divides them), MLP 8/3 wide (a
+    multiple of 64), a 32000-token vocabulary, untied embeddings."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -140,7 +140,7 @@ def random_llama(spec: str, dtype: str, device: str):
 
     hidden, layers = parse_shape(spec)
     heads = hidden // 64
-    kv_heads = next(d for d in range(1, heads + 1) if heads % d == 0 and 4 * d >= heads)  # 576: 9 heads, 3 (SmolLM2)
+    kv_heads = next(d for d in range(max(1, heads // 4), heads + 1) if heads % d == 0)  # 576: 9 heads, 3 (SmolLM2)
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, intermediate_size=-(-8 * hidden // 3 // 64) * 64,
                          vocab_size=32000, max_position_embeddings=8192, tie_word_embeddings=False)

@@ -23,9 +23,9 @@ def test_random_llama_shape():
     again = random_llama("config:64x2", "float32", "cpu")
     assert all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))  # seeded: the same weights
     # key/value heads that divide the heads, about a quarter of them: SmolLM2's 576 wide takes 9 and 3 (and runs)
-    shapes = {h: random_llama(f"config:{h}x1", "float32", "cpu").config for h in (576, 512, 768)}
+    shapes = {h: random_llama(f"config:{h}x1", "float32", "cpu").config for h in (320, 576, 640, 768)}
     assert {h: (c.num_attention_heads, c.num_key_value_heads) for h, c in shapes.items()} == {
-        576: (9, 3), 512: (8, 2), 768: (12, 3)}
+        320: (5, 1), 576: (9, 3), 640: (10, 2), 768: (12, 3)}
     wide = random_llama("config:576x1", "float32", "cpu")
     assert wide(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 4, 32000)
 
