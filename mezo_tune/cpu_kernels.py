@@ -23,7 +23,9 @@ What keeps the bits equal to eager torch:
     other neighbour by stepping the rounded pattern, exactly as zrng.update_kernel_stochastic does.
 tests/test_cpu_kernels.py checks every twin bit-equal to eager torch on many sizes and offsets, on special values
 (infinities, NaN, subnormals, exact rounding ties) and in every dtype pair, and that those cases catch a build with FP
-contraction or a conversion that rounds half away from zero.
+contraction or a conversion that rounds half away from zero. NaN patterns are those of torch's vector loops: eager torch
+widens an fp16 NaN in a loop's scalar tail to 0x7FFFFFFF, so its own pattern depends on the thread count
+(tests/kernel_cases.eager).
 Covered: contiguous fp32 / fp16 / bf16 weights and outputs (z_kernel: fp32 and fp64 outputs), every distribution,
 nearest and stochastic rounding; also one Adam step (`adam`, the twin of mezo.adam_update with z generated inline,
 fp32 only). Anything else (other dtypes, strided tensors) goes to the torch kernel the dispatcher would otherwise run.

@@ -40,10 +40,33 @@ def test_c_kernels_bit_equal_eager(lib):
     assert run_cases("cpu", _twins(), SHAPES + LARGE) == []
 
 
-def test_c_kernels_bit_equal_eager_on_special_values(lib):
+@pytest.mark.parametrize("threads", [None, 16])
+def test_c_kernels_bit_equal_eager_on_special_values(lib, threads):
     """Infinities, NaN, fp32 / fp16 / bf16 subnormals, fp16's overflow threshold and exact rounding ties, in every
-    storage dtype and every perturbed-copy dtype pair, with scales that leave the ties exact."""
-    assert run_cases("cpu", _twins(), SHAPES + LARGE[:1], specials=True) == []
+    storage dtype and every perturbed-copy dtype pair, with scales that leave the ties exact; on torch's thread count
+    and on 16 threads (where plain eager torch wrote other fp16 NaN patterns in its loops' tails: kernel_cases.eager)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        assert run_cases("cpu", _twins(), SHAPES + LARGE[:1], specials=True) == []
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_eager_torch_writes_fp16_nans_by_position_and_the_reference_does_not(lib):
+    """Why kernel_cases.eager exists: torch's fp16 -> fp32 conversion keeps a NaN's payload in its vector loop and
+    writes 0x7FFFFFFF in the scalar tail; the reference gives the vector loop's pattern at every position."""
+    from kernel_cases import eager
+
+    w = torch.full((19,), 0x7E01, dtype=torch.int16).view(torch.float16)  # 16 in the vector loop, 3 in the tail
+    plain, ref = torch.empty(19), torch.empty(19)
+    key, eps = zrng.key_tensor(1, 2, 0), torch.tensor(0.0, dtype=torch.float64)
+    zrng.perturb_kernel(plain, w, key, eps, "gaussian")
+    eager(zrng.perturb_kernel, ref, w, key, eps, "gaussian")
+    assert set(plain.view(torch.int32)[:16].tolist()) == {0x7FC02000}  # the tail: 0x7FFFFFFF in torch 2.13
+    assert set(ref.view(torch.int32).tolist()) == {0x7FC02000}
+    cpu_kernels.twin(zrng.perturb_kernel, None)(plain, w, key, eps, "gaussian")  # the C twin: the same as ref
+    assert torch.equal(plain.view(torch.int32), ref.view(torch.int32))
 
 
 def _mutant(tmp_path, monkeypatch, flags=None, **replace):
@@ -173,7 +196,7 @@ def test_update_list_is_update_per_tensor(lib, dtype):
     """One update_list call over tensors of kernel_cases' shapes and LARGE's (several blocks and threads, an offset
     crossing 2**32 mid-block) gives the bits of the eager update kernel run on each tensor alone; with special values,
     every distribution, an fp32-exact c (rademacher32's fp32 path) and one that is not."""
-    from kernel_cases import F32_1E3, _weights
+    from kernel_cases import F32_1E3, _weights, eager
 
     shapes = SHAPES + LARGE
     for dist in ("gaussian", "rademacher", "rademacher32"):
@@ -182,7 +205,7 @@ def test_update_list_is_update_per_tensor(lib, dtype):
             ws = [_weights(n, dtype, "cpu", i, specials=True) for i, (n, _) in enumerate(shapes)]
             expected = [w.clone() for w in ws]
             for w, key in zip(expected, keys):
-                zrng.update_kernel(w, zrng.key_tensor(*key), torch.tensor(c, dtype=torch.float64), dist)
+                eager(zrng.update_kernel, w, zrng.key_tensor(*key), torch.tensor(c, dtype=torch.float64), dist)
             assert cpu_kernels.update_list(ws, torch.tensor(keys, dtype=torch.int64), c, dist)
             for i, (w, e) in enumerate(zip(ws, expected)):
                 assert torch.equal(w.view(torch.uint8), e.view(torch.uint8)), (dist, c, shapes[i])
@@ -204,7 +227,7 @@ def test_update_perturb_is_the_update_then_the_perturbation(lib, dtype):
     """update_perturb (the pending update fused into the next perturbation, Mezo.apply_update) leaves w and out with
     the bits of the eager update kernel followed by the eager perturbation kernel: kernel_cases' shapes and LARGE's,
     special values, every distribution, an fp32-exact c and one that is not, both signs of eps."""
-    from kernel_cases import F32_1E3, _weights
+    from kernel_cases import F32_1E3, _weights, eager
 
     for dist in ("gaussian", "rademacher", "rademacher32"):
         for c, eps in ((F32_1E3, 1e-3), (1e-3, -1e-2)):
@@ -213,8 +236,8 @@ def test_update_perturb_is_the_update_then_the_perturbation(lib, dtype):
                     *zrng.stream_key(5, 9, "w"), offset)
                 w = _weights(n, dtype, "cpu", i, specials=True)
                 expected_w, expected_out = w.clone(), torch.empty_like(w)
-                zrng.update_kernel(expected_w, ukey, torch.tensor(c, dtype=torch.float64), dist)
-                zrng.perturb_kernel(expected_out, expected_w, key, torch.tensor(eps, dtype=torch.float64), dist)
+                eager(zrng.update_kernel, expected_w, ukey, torch.tensor(c, dtype=torch.float64), dist)
+                eager(zrng.perturb_kernel, expected_out, expected_w, key, torch.tensor(eps, dtype=torch.float64), dist)
                 out = torch.empty_like(w)
                 assert cpu_kernels.update_perturb(out, w, key, eps, ukey, c, dist)
                 assert torch.equal(w.view(torch.uint8), expected_w.view(torch.uint8)), (dist, c, n)
