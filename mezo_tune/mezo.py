@@ -481,6 +481,13 @@ class Mezo:
     ALONE = True  # see perturbed's swapping_alone
     FAMILIES = True  # see _hooked_by: the modules that alone own their tensors swapped by their parent's call
     PLANS = True  # see _plan_for: a family's hot-path call made once and kept
+    # A blocked linear's blocks (linear_forward in perturbed) are formed in turn into this many buffers on CPU, where
+    # its matmuls take more than SMALL_MATMUL_TOKENS tokens: a block buffer that the previous block's matmul has just
+    # read (on both cores) was sometimes slow to write again. SmolLM2's bf16 LM head at 8 x 64 on a 2-core Zen 4,
+    # its 48 blocks' kernels in a perturbed forward: 2.8-4.2 ms in most processes, 13-16.5 ms in some (the same
+    # calls back to back: 2.8 ms); in such a process 13.1 -> 8.3 ms with 3 buffers, and in a loop of kernel + matmul
+    # 16.1 -> 10.7 (2 buffers) -> 7.8 ms (3), no change where it was fast. Costs two blocks (2 x 1.2 MB) of scratch.
+    BLOCK_BUFFERS = 3
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
@@ -714,7 +721,10 @@ class Mezo:
             out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
             x2, o2 = x.reshape(-1, in_features), out.view(-1, out_features)
             rows = self._block_rows(w, x2.shape[0])
-            block = self._acquire((min(rows, out_features), in_features), w.dtype, w.device)
+            # blocks formed in turn into BLOCK_BUFFERS buffers on CPU where a block's matmul is long (see there)
+            count = min(-(-out_features // rows), self.BLOCK_BUFFERS if w.device.type == "cpu"
+                        and x2.shape[0] > self.SMALL_MATMUL_TOKENS else 1)
+            blocks = [self._acquire((min(rows, out_features), in_features), w.dtype, w.device) for _ in range(count)]
             name, bias = self._name_of[id(w)], module.bias
             form = self._block_former(c_kernels, w, name, step, sign, rows) if c_kernels is not None else None
             try:
@@ -722,7 +732,7 @@ class Mezo:
                 with torch.no_grad():
                     for i, a in enumerate(range(0, out_features, rows)):
                         b = min(a + rows, out_features)
-                        part = block[: b - a]
+                        part = blocks[i % count][: b - a]
                         # the C kernels' hot path (its pending update fused), else the general one: the update
                         # fused block by block (a flush first, where the kernels do not take them)
                         if form is None or not form(part, w[a:b], i):
@@ -736,7 +746,8 @@ class Mezo:
                         else:
                             torch.addmm(bias[a:b], x2, part.t(), out=o2[:, a:b])
             finally:
-                self._release(block)
+                for block in blocks:
+                    self._release(block)
             return out
 
         def swapping(module, forward):

@@ -262,6 +262,22 @@ def test_large_linear_in_row_blocks_equals_whole_perturbed_weight(tie):
     assert max(b.numel() for pool in engine._scratch.values() for b in pool) < model.lm_head.weight.numel()
 
 
+def test_blocks_formed_in_turn_into_several_buffers():
+    """On CPU, for a matmul of more than SMALL_MATMUL_TOKENS tokens, a blocked linear's blocks go in turn into
+    BLOCK_BUFFERS buffers: the same loss, bit for bit, as with one buffer, and that many block buffers kept."""
+    model = build_model("llama", tie=True)
+    ts = mezo.trainable_set(model)
+    losses = []
+    for buffers in (1, 3):
+        engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, large_linear=1)
+        engine.linear_block_elements = 32 * 7
+        engine.BLOCK_BUFFERS, engine.SMALL_MATMUL_TOKENS = buffers, 0
+        with torch.no_grad(), engine.perturbed(3, +1):
+            losses.append(lm_loss(model, batch()))
+        assert len(engine._scratch[(torch.float32, torch.device("cpu"), (7, 32))]) == buffers
+    assert torch.equal(losses[0], losses[1])
+
+
 @pytest.mark.parametrize("use_compile", (False, True))
 def test_a_linear_with_a_bias_in_row_blocks(use_compile):
     """A blocked linear with a bias: each block's columns get x·(W + εz_W)ᵀ + (b + εz_b), the bias perturbed by the
