@@ -715,7 +715,7 @@ class Mezo:
 
         def linear_forward(module, x):
             # A large weight (an LM head) is perturbed and applied one block of output rows at a time, so its
-            # perturbed copy never exists whole: the scratch is one block.
+            # perturbed copy never exists whole: the scratch is one block (or BLOCK_BUFFERS blocks).
             w = module.weight
             out_features, in_features = w.shape
             out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
