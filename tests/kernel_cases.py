@@ -1,6 +1,7 @@
 """The cases every twin of zrng's kernels must pass bit for bit: the Triton kernels (tests/test_triton.py) and the
 C kernels for CPU (tests/test_cpu_kernels.py)."""
 
+import contextlib
 import inspect
 
 import torch
@@ -59,6 +60,17 @@ def _add_specials(w: torch.Tensor, g: torch.Generator) -> None:
         w[start::37] = ties(dtype, len(w[start::37]), g, scale)
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count (which the C kernels take too) set to n for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def eager(fn, *args) -> None:
     """zrng's kernel fn, run eagerly as the reference the twins are held to, with every element in torch's vector loops.
 
@@ -72,18 +84,15 @@ def eager(fn, *args) -> None:
     padded = list(args)
     spans = [i for i, name in enumerate(names[:len(args)]) if name in ("out", "w", "index")]
     if args[spans[0]].is_cuda:
-        return fn(*args)
+        fn(*args)
+        return
     n = args[spans[0]].numel()
     m = -(-n // 256) * 256
     for i in spans:
         padded[i] = torch.zeros(m, dtype=args[i].dtype)
         padded[i][:n] = args[i]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         fn(*padded)
-    finally:
-        torch.set_num_threads(before)
     for i in spans:
         if names[i] in ("out", "w"):  # written: the perturbed copy, or the weights updated in place
             args[i].copy_(padded[i][:n])

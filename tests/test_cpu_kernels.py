@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from kernel_cases import SHAPES, run_cases
+from kernel_cases import SHAPES, num_threads, run_cases
 
 from mezo_tune import cpu_kernels, zrng
 
@@ -45,12 +45,8 @@ def test_c_kernels_bit_equal_eager_on_special_values(lib, threads):
     """Infinities, NaN, fp32 / fp16 / bf16 subnormals, fp16's overflow threshold and exact rounding ties, in every
     storage dtype and every perturbed-copy dtype pair, with scales that leave the ties exact; on torch's thread count
     and on 16 threads (where plain eager torch wrote other fp16 NaN patterns in its loops' tails: kernel_cases.eager)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    with num_threads(threads or torch.get_num_threads()):
         assert run_cases("cpu", _twins(), SHAPES + LARGE[:1], specials=True) == []
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_eager_torch_writes_fp16_nans_by_position_and_the_reference_does_not(lib):
@@ -119,9 +115,7 @@ def test_cases_catch_a_different_rounding(lib, tmp_path, monkeypatch, what, old,
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_c_kernels_bit_equal_eager_on_any_thread_count(lib, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         n, offset = LARGE[0]
         key = zrng.key_tensor(*zrng.stream_key(3, 5, "t"), offset)
         c = torch.tensor(-1.5e-3, dtype=torch.float64)
@@ -129,8 +123,6 @@ def test_c_kernels_bit_equal_eager_on_any_thread_count(lib, threads):
         zrng.update_kernel(ws[0], key, c, "gaussian")
         cpu_kernels.twin(zrng.update_kernel, None)(ws[1], key, c, "gaussian")
         assert torch.equal(ws[0], ws[1])
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif("-mavx512bf16" not in cpu_kernels.compile_flags(), reason="needs a CPU with AVX512-BF16")
@@ -257,10 +249,8 @@ def test_form_list_is_each_tensors_perturbation(lib, dtype):
     from kernel_cases import F32_1E3, _weights
 
     shapes = SHAPES + LARGE
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with num_threads(threads):
             for dist in ("gaussian", "rademacher", "rademacher32"):
                 code = zrng.distribution_code(dist)
                 for c, eps in ((F32_1E3, 1e-3), (1e-3, -1e-2)):
@@ -280,8 +270,6 @@ def test_form_list_is_each_tensors_perturbation(lib, dtype):
                     for i in range(len(shapes)):
                         assert torch.equal(ws[i].view(torch.uint8), expected_w[i].view(torch.uint8)), (dist, c, i)
                         assert torch.equal(outs[i].view(torch.uint8), expected[i].view(torch.uint8)), (dist, c, i)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_update_perturb_hands_back_what_it_does_not_cover(lib):
