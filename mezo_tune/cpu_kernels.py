@@ -281,36 +281,41 @@ GROUP_FUNCTIONS(f16)
 INLINE __m512 widen_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-/* 32 fp32 lanes rounded to bf16 and stored, NaN lanes as 0xFFFF; none of them may be subnormal */
-INLINE void store_normal_bf16(uint16_t *out, __m512 lo, __m512 hi) {
+/* 32 fp32 lanes rounded to bf16 and stored, NaN lanes as 0xFFFF; none of them may be subnormal. stream: with a
+   streaming store where out is 64-byte aligned (a perturbed copy, see STREAMING below) */
+INLINE void store_normal_bf16(uint16_t *out, __m512 lo, __m512 hi, int stream) {
     __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  /* lo's lanes first */
     __mmask32 nan = _mm512_kunpackw(_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q), _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q));
-    _mm512_storeu_si512(out, _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(-1)));
+    r = _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(-1));
+    if (stream && ((uintptr_t)out & 63) == 0)
+        _mm512_stream_si512((__m512i *)out, r);
+    else
+        _mm512_storeu_si512(out, r);
 }
-INLINE int store_group_bf16(uint16_t *out, __m512 lo, __m512 hi) {
+INLINE int store_group_bf16(uint16_t *out, __m512 lo, __m512 hi, int stream) {
     if (_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20))  /* 0x20: the subnormal class */
         return 0;
-    store_normal_bf16(out, lo, hi);
+    store_normal_bf16(out, lo, hi, stream);
     return 1;
 }
 /* checked: whether a sum may be subnormal (perturb_bf16_signs: not where the scale is at least TINY) */
-INLINE int store_bf16(uint16_t *out, __m512 lo, __m512 hi, int checked) {
-    if (checked) return store_group_bf16(out, lo, hi);
-    store_normal_bf16(out, lo, hi);
+INLINE int store_bf16(uint16_t *out, __m512 lo, __m512 hi, int checked, int stream) {
+    if (checked) return store_group_bf16(out, lo, hi, stream);
+    store_normal_bf16(out, lo, hi, stream);
     return 1;
 }
-INLINE int perturb_group_bf16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps, int checked) {
+INLINE int perturb_group_bf16(uint16_t *out, const uint16_t *w, uint32_t hw, float eps, int checked, int stream) {
     __builtin_prefetch(w + AHEAD);
     return store_bf16(out, _mm512_add_ps(widen_bf16(w), flip16(eps, hw)),
-                      _mm512_add_ps(widen_bf16(w + 16), flip16(eps, hw >> 16)), checked);
+                      _mm512_add_ps(widen_bf16(w + 16), flip16(eps, hw >> 16)), checked, stream);
 }
 INLINE int update_group_bf16(uint16_t *w, uint32_t hw, float c, int checked) {
     __builtin_prefetch(w + AHEAD, 1);
     return store_bf16(w, _mm512_sub_ps(widen_bf16(w), flip16(c, hw)),
-                      _mm512_sub_ps(widen_bf16(w + 16), flip16(c, hw >> 16)), checked);
+                      _mm512_sub_ps(widen_bf16(w + 16), flip16(c, hw >> 16)), checked, 0);
 }
 #define BF16_PERTURB_GROUP(...) \
-    if (!perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps, 1)) { GROUP_LOOP(__VA_ARGS__) }
+    if (!perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps, 1, 0)) { GROUP_LOOP(__VA_ARGS__) }
 #define BF16_UPDATE_GROUP(...) if (!update_group_bf16((uint16_t *)w + gs, hw, cf, 1)) { GROUP_LOOP(__VA_ARGS__) }
 #define HAVE_BF16_GROUPS 1
 #elif defined(__AVX2__)
@@ -447,25 +452,44 @@ INLINE int sign_groups(int64_t b, int64_t e, uint64_t offset, int64_t *cut) {
         int64_t gs = cut[0] + 32 * (int64_t)g;                                                    \
         if (!GROUP(gs, H[g], checked)) GENERIC(gs, gs + 32);                                      \
     }
-static void perturb_bf16_signs(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
-                               uint32_t k1, float eps) {
-#define GROUP(gs, hw, checked) perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps, checked)
+INLINE void perturb_bf16_signs_(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
+                                uint32_t k1, float eps, int stream) {
+#define GROUP(gs, hw, checked) \
+    perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, hw, eps, checked, stream)
 #define GENERIC(a, z) perturb_222(out, w, a, z, offset, k0, k1, eps)
     SIGN_GROUPS_LOOP(GROUP, GENERIC, eps)
 #undef GROUP
 #undef GENERIC
 }
+static void perturb_bf16_signs(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
+                               uint32_t k1, float eps) {
+    perturb_bf16_signs_(out, w, b, e, offset, k0, k1, eps, 0);
+}
+/* STREAMING: a perturbed copy that a long matmul reads next (Mezo.STREAM_TOKENS) is written with streaming stores:
+   its buffer, left by the previous matmul that read it, is by then mostly out of the caches, and a plain store first
+   reads each line back from memory (and writes it back later): three passes of memory traffic for the copy instead
+   of one. The matmul reads the copy from memory, behind its arithmetic. The same values (only the store differs);
+   the fence makes them visible before the call returns. A bf16 perturbed forward of SmolLM2 at 8 x 64 on a 2-core
+   Zen 4 with AVX512-BF16: the kernels inside it 24 -> 17 ms; a step -35 ms (README: stop 33). For a short matmul
+   (a few tokens) the copy is read straight back from the caches: a plain store (1 x 8: +21 ms a step streamed). */
+static void perturb_bf16_signs_nt(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
+                                  uint32_t k1, float eps) {
+    perturb_bf16_signs_(out, w, b, e, offset, k0, k1, eps, 1);
+    _mm_sfence();
+}
 #endif
-/* the perturbation kernel of (w kind, out kind, distribution) */
-static perturb_fn *perturb_for(int wkind, int okind, int dist) {
+/* the perturbation kernel of (w kind, out kind, distribution); stream: streaming stores where a kernel has them
+   (STREAMING above: bf16 with AVX512-BF16), plain stores elsewhere */
+static perturb_fn *perturb_for(int wkind, int okind, int dist, int stream) {
 #if defined(__AVX512BF16__)
-    if (wkind == 2 && okind == 2 && dist == 2) return perturb_bf16_signs;
+    if (wkind == 2 && okind == 2 && dist == 2) return stream ? perturb_bf16_signs_nt : perturb_bf16_signs;
 #endif
+    (void)stream;
     return PERTURBS[(wkind * 3 + okind) * 3 + dist];
 }
 void perturb(void *out, const void *w, int64_t n, const int64_t *key, double eps, int wkind, int okind, int dist,
-             int threads) {
-    perturb_fn *f = perturb_for(wkind, okind, dist);
+             int threads, int stream) {
+    perturb_fn *f = perturb_for(wkind, okind, dist, stream);
     float eps32 = (float)eps;
     BLOCKS(f(out, w, b, e, key[2], key[0], key[1], eps32))
 }
@@ -567,8 +591,8 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
    pass went from 1.62 to 1.32 weight copies in bf16 and from 1.37 to 1.07 in fp16, against the update and the
    perturbation a block (16384 weights) apart. */
 #define FUSED_GROUPS(K, T)                                                                        \
-    static void update_perturb_groups_##K(void *out, void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
-                                          uint32_t k1, uint32_t u0, uint32_t u1, float eps, double c) { \
+    INLINE void update_perturb_groups_##K##_(void *out, void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
+                                             uint32_t k1, uint32_t u0, uint32_t u1, float eps, double c, int stream) { \
         float cf = (float)c;                                                                      \
         int64_t cut[2];                                                                           \
         int ng = sign_groups(b, e, offset, cut);                                                  \
@@ -594,23 +618,28 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
             FUSED_UPDATE_##T(gs, HU[g]);                                                          \
             FUSED_PERTURB_##T(gs, H[g]);                                                          \
         }                                                                                         \
+    }                                                                                             \
+    static void update_perturb_groups_##K(void *out, void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0, \
+                                          uint32_t k1, uint32_t u0, uint32_t u1, float eps, double c) { \
+        update_perturb_groups_##K##_(out, w, b, e, offset, k0, k1, u0, u1, eps, c, 0);           \
     }
 /* one group of the fused loop (gs: its first element, h: its hash) by the group functions; an AVX512-BF16 group whose
    sum would be subnormal stores nothing and goes to the per-element function for its 32 weights, as
-   update_bf16_signs and perturb_bf16_signs send it (the same bits as the two passes; that fused pass over SmolLM2's
+   update_bf16_signs and perturb_bf16_signs send it; `stream`: the perturbed copy's stores (STREAMING, AVX512-BF16) (the same bits as the two passes; that fused pass over SmolLM2's
    tensors on a 2-core Zen 4, one process, the two libraries alternating: 25.3 -> 21.9 ms, a copy 16.6 ms) */
 #define FUSED_UPDATE_f16(gs, h) update_group_f16((uint16_t *)w + gs, h, cf)
-#define FUSED_PERTURB_f16(gs, h) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps)
+#define FUSED_PERTURB_f16(gs, h) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps); (void)stream
 #if defined(__AVX512BF16__)
 #define FUSED_UPDATE_bf16(gs, h)                                                                  \
     if (!update_group_bf16((uint16_t *)w + gs, h, cf, !(fabsf(cf) >= TINY)))                      \
         update_signs_f32_2(w, gs, gs + 32, offset, u0, u1, c)
 #define FUSED_PERTURB_bf16(gs, h)                                                                 \
-    if (!perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps, !(fabsf(eps) >= TINY))) \
+    if (!perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps, !(fabsf(eps) >= TINY), stream)) \
         perturb_222(out, w, gs, gs + 32, offset, k0, k1, eps)
 #else
 #define FUSED_UPDATE_bf16(gs, h) update_group_bf16((uint16_t *)w + gs, h, cf)
-#define FUSED_PERTURB_bf16(gs, h) perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps)
+#define FUSED_PERTURB_bf16(gs, h) \
+    perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps); (void)stream
 #endif
 /* which storage kinds have them */
 #define HAVE_FUSED_F16 HAVE_F16_GROUPS
@@ -620,6 +649,14 @@ FUSED_GROUPS(1, f16)
 #endif
 #if HAVE_FUSED_BF16
 FUSED_GROUPS(2, bf16)
+#endif
+#if defined(__AVX512BF16__)
+/* update_perturb_groups_2 with the perturbed copy streamed (STREAMING) */
+static void update_perturb_groups_nt_2(void *out, void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
+                                       uint32_t k1, uint32_t u0, uint32_t u1, float eps, double c) {
+    update_perturb_groups_2_(out, w, b, e, offset, k0, k1, u0, u1, eps, c, 1);
+    _mm_sfence();
+}
 #endif
 /* How one tensor's perturbed copy is formed, picked once per tensor: `perturb` by (key, eps) or, with an update
    pending (ukey non-null), `update` of w by (ukey, c) then `perturb` of the updated w, one block after the other (the
@@ -633,8 +670,9 @@ typedef struct {
     float eps32;
     double c, cs;
 } former;
-static former former_for(double eps, const int64_t *key, const int64_t *ukey, double c, int kind, int dist) {
-    former f = {perturb_for(kind, kind, dist), NULL, NULL, (float)eps, c, cscale(c, dist)};
+static former former_for(double eps, const int64_t *key, const int64_t *ukey, double c, int kind, int dist,
+                         int stream) {
+    former f = {perturb_for(kind, kind, dist, stream), NULL, NULL, (float)eps, c, cscale(c, dist)};
     if (ukey == NULL) return f;
     f.u = update_for(c, kind, dist);
     if (dist == 2 && (double)(float)c == c && key[2] == ukey[2]) {
@@ -643,6 +681,9 @@ static former former_for(double eps, const int64_t *key, const int64_t *ukey, do
 #endif
 #if HAVE_FUSED_BF16
         if (kind == 2) f.f = update_perturb_groups_2;
+#endif
+#if defined(__AVX512BF16__)
+        if (kind == 2 && stream) f.f = update_perturb_groups_nt_2;
 #endif
     }
     return f;
@@ -659,8 +700,8 @@ INLINE void form_block(const former *f, void *out, void *w, int64_t b, int64_t e
 /* `update` of w by (ukey, c), then `perturb` of the updated w into out by (key, eps) (Mezo.perturbed, for an update
    left pending by the previous step) */
 void update_perturb(void *out, void *w, int64_t n, const int64_t *key, double eps, const int64_t *ukey, double c,
-                    int kind, int dist, int threads) {
-    former f = former_for(eps, key, ukey, c, kind, dist);
+                    int kind, int dist, int threads, int stream) {
+    former f = former_for(eps, key, ukey, c, kind, dist, stream);
     BLOCKS(form_block(&f, out, w, b, e, key, ukey))
 }
 /* The perturbed copies of `count` tensors of one kind in one call, tensor t described by items[t] (out, w: n
@@ -674,13 +715,14 @@ typedef struct {
     int64_t n;
     const int64_t *key, *ukey;
 } form_item;
-void form_list(const form_item *items, int64_t count, double eps, double c, int kind, int dist, int threads) {
+void form_list(const form_item *items, int64_t count, double eps, double c, int kind, int dist, int threads,
+               int stream) {
     int64_t total = 0;
     for (int64_t t = 0; t < count; t++) total += items[t].n;
     if (total < PARALLEL_FROM || threads <= 1) {
         for (int64_t t = 0; t < count; t++) {
             const form_item *it = items + t;
-            former f = former_for(eps, it->key, it->ukey, c, kind, dist);
+            former f = former_for(eps, it->key, it->ukey, c, kind, dist, stream);
             const int64_t n = it->n;
             EACH_BLOCK(form_block(&f, it->out, it->w, b, e, it->key, it->ukey))
         }
@@ -689,7 +731,7 @@ void form_list(const form_item *items, int64_t count, double eps, double c, int 
     _Pragma("omp parallel num_threads(threads)")
     for (int64_t t = 0; t < count; t++) {
         const form_item *it = items + t;
-        former f = former_for(eps, it->key, it->ukey, c, kind, dist);
+        former f = former_for(eps, it->key, it->ukey, c, kind, dist, stream);
         const int64_t n = it->n;
         _Pragma("omp for schedule(static) nowait")
         EACH_BLOCK(form_block(&f, it->out, it->w, b, e, it->key, it->ukey))
@@ -803,13 +845,13 @@ _P, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_d
 _SIGNATURES = {
     "z_f32": [_P, _I64, _P, _INT, _INT],
     "z_f64": [_P, _I64, _P, _INT, _INT],
-    "perturb": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
+    "perturb": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT, _INT],
     "perturb_rows": [_P, _P, _P, _I64, _P, _DBL, _INT, _INT, _INT, _INT],
     "update": [_P, _I64, _P, _DBL, _INT, _INT, _INT],
     "update_rows": [_P, _P, _I64, _P, _DBL, _INT, _INT, _INT],
     "update_list": [_P, _P, _P, _I64, _DBL, _INT, _INT, _INT],
-    "update_perturb": [_P, _P, _I64, _P, _DBL, _P, _DBL, _INT, _INT, _INT],
-    "form_list": [_P, _I64, _DBL, _DBL, _INT, _INT, _INT],
+    "update_perturb": [_P, _P, _I64, _P, _DBL, _P, _DBL, _INT, _INT, _INT, _INT],
+    "form_list": [_P, _I64, _DBL, _DBL, _INT, _INT, _INT, _INT],
     "update_stochastic": [_P, _I64, _P, _P, _DBL, _INT, _INT, _INT],
     "adam_f32": [_P, _P, _P, _I64, _P, _P, _INT, _INT],
 }
@@ -938,38 +980,40 @@ def update_perturb(out: torch.Tensor, w: torch.Tensor, key: torch.Tensor, eps: f
     if lib is None or not (_on_cpu(out, w) and out.dtype == w.dtype and _key_ok(key, ukey)):
         return False
     lib.update_perturb(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), ukey.data_ptr(), float(c),
-                       KINDS[w.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
+                       KINDS[w.dtype], zrng.distribution_code(distribution), torch.get_num_threads(), 0)
     return True
 
 
 def perturb_whole(lib: ctypes.CDLL, out: torch.Tensor, w: torch.Tensor, key: int, eps: float, distribution: int,
-                  ukey: int | None = None, c: float = 0.0) -> bool:
+                  ukey: int | None = None, c: float = 0.0, stream: bool = False) -> bool:
     """`perturb` of a whole tensor (out = R(w + eps·z)), and with ukey `update_perturb` (w ← R(w - c·z_u) first, in
     the same pass), as the hot path of a perturbed forward calls them (form_list: several tensors at once): the keys
     are addresses of int64 (k0, k1, offset) rows that outlive the call, eps and c plain floats and the distribution
     its code, where the twins take tensors and names, whose checks and conversions cost more than a small tensor's
-    pass (docs/bench_passes.py times the kernels with it; the tests hold form_list to it). False, doing nothing,
-    where the C kernels do not cover out and w."""
+    pass (docs/bench_passes.py times the kernels with it; the tests hold form_list to it). stream: out written with
+    streaming stores where the kernel has them (the C source's STREAMING: for a copy a long matmul reads next; the
+    same bits). False, doing nothing, where the C kernels do not cover out and w."""
     if not (_on_cpu(out, w) and out.dtype == w.dtype):
         return False
     kind = KINDS[w.dtype]
     if ukey is None:
         lib.perturb(out.data_ptr(), w.data_ptr(), w.numel(), key, eps, kind, kind, distribution,
-                    torch.get_num_threads())
+                    torch.get_num_threads(), int(stream))
     else:
         lib.update_perturb(out.data_ptr(), w.data_ptr(), w.numel(), key, eps, ukey, c, kind, distribution,
-                           torch.get_num_threads())
+                           torch.get_num_threads(), int(stream))
     return True
 
 
-def form_list(lib: ctypes.CDLL, items, eps: float, c: float, kind: int, distribution: int) -> None:
+def form_list(lib: ctypes.CDLL, items, eps: float, c: float, kind: int, distribution: int,
+              stream: bool = False) -> None:
     """`perturb_whole` of several tensors of one storage kind in one call. items: five ints a tensor, (out, w, n, key,
     ukey): out's and w's data addresses (contiguous CPU tensors, out and w of n elements and one kind), the address of
     its key's (k0, k1, offset) row and that of its pending update's (0: none; c: that update's scale); a list, or the
     array form_items made of one (kept by the caller). For the hot path of a perturbed forward (Mezo._form_list): the
-    caller has checked the tensors."""
+    caller has checked the tensors. stream: as perturb_whole's."""
     array = items if isinstance(items, ctypes.Array) else form_items(items)
-    lib.form_list(array, len(items) // 5, eps, c, kind, distribution, torch.get_num_threads())
+    lib.form_list(array, len(items) // 5, eps, c, kind, distribution, torch.get_num_threads(), int(stream))
 
 
 def form_items(items: list[int]) -> ctypes.Array:
@@ -997,7 +1041,7 @@ def _perturb(lib, fallback, out, w, key, eps, distribution):
     if not _on_cpu(out, w) or not _key_ok(key):
         return fallback(out, w, key, eps, distribution)
     lib.perturb(out.data_ptr(), w.data_ptr(), w.numel(), key.data_ptr(), float(eps), KINDS[w.dtype],
-                KINDS[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads())
+                KINDS[out.dtype], zrng.distribution_code(distribution), torch.get_num_threads(), 0)
 
 
 def _perturb_rows(lib, fallback, out, w, index, key, eps, distribution):

@@ -488,6 +488,14 @@ class Mezo:
     # calls back to back: 2.8 ms); in such a process 13.1 -> 8.3 ms with 3 buffers, and in a loop of kernel + matmul
     # 16.1 -> 10.7 (2 buffers) -> 7.8 ms (3), no change where it was fast. Costs two blocks (2 x 1.2 MB) of scratch.
     BLOCK_BUFFERS = 3
+    # From this many tokens in a module's input (rows of its first floating tensor argument, _tokens) the perturbed
+    # copies formed for its call (a family's, a module's, a blocked linear's blocks) are written with streaming stores
+    # where the C kernels have them (bf16 with AVX512-BF16: cpu_kernels' STREAMING): the matmuls that read them are
+    # long enough to hide reading them from memory, and their buffers, evicted since their last use, cost no reading
+    # back before the write. SmolLM2 bf16 on a 2-core Zen 4 (AVX512-BF16), steps of the two libraries alternating in
+    # one process, paired medians: 8 x 64 -35 ms (quartiles -48..-21), 2 x 32 -32; 1 x 8, 1 x 16, 1 x 32 +21 / +22 /
+    # +22 ms (a short matmul reads the copy straight from the caches); 1 x 48 +5 (README: stop 33).
+    STREAM_TOKENS = 64
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
                  distribution: str = "gaussian", rounding: str = "nearest", use_compile: bool = False,
@@ -671,11 +679,11 @@ class Mezo:
                 o, x = (flat_out, flat_w) if b - a == n else (flat_out[a:b], flat_w[a:b])
                 kernel(o, x, self._key_tensor(step, name, offset + a, w.device), eps_on(w.device), self.distribution)
 
-        def form_all(items, plan=None):
+        def form_all(items, plan=None, stream=False):
             """buf = θ ± εz for the whole of tensor `name`, its pending update applied first, for each (buf, w, name)
             item (w: the tensor's stored values): by the C kernels' hot path (_form_list; plan: its kept call for
-            these items), else here."""
-            for buf, w, name in (self._form_list(c_kernels, items, step, sign, plan) if c_kernels is not None
+            these items; stream: see STREAM_TOKENS), else here."""
+            for buf, w, name in (self._form_list(c_kernels, items, step, sign, plan, stream) if c_kernels is not None
                                  else items):
                 w = w.detach()
                 if not self._update_perturb(buf, w, name, step, eps_on(w.device)):
@@ -726,7 +734,9 @@ class Mezo:
                         and x2.shape[0] > self.SMALL_MATMUL_TOKENS else 1)
             blocks = [self._acquire((min(rows, out_features), in_features), w.dtype, w.device) for _ in range(count)]
             name, bias = self._name_of[id(w)], module.bias
-            form = self._block_former(c_kernels, w, name, step, sign, rows) if c_kernels is not None else None
+            stream = x2.shape[0] >= self.STREAM_TOKENS
+            form = (self._block_former(c_kernels, w, name, step, sign, rows, stream) if c_kernels is not None
+                    else None)
             try:
                 # out= takes no autograd, which a perturbed forward never needs
                 with torch.no_grad():
@@ -776,17 +786,18 @@ class Mezo:
 
             def run(*args, **kwargs):
                 plan = self._plan_for(plans, alone) if c_kernels is not None else None
+                stream = c_kernels is not None and _tokens(args, kwargs) >= self.STREAM_TOKENS
                 try:
                     if plan is not None:
                         plan.put_in()
-                        form_all(plan.items, plan)
+                        form_all(plan.items, plan, stream)
                     else:
                         items = []
                         for params, key, name, p in alone:
                             # in the dict before it is formed: released below if forming raises
                             buf = params[key] = self._acquire(p.shape, p.dtype, p.device)
                             items.append((buf, p, name))
-                        form_all(items)
+                        form_all(items, stream=stream)
                     return forward(*args, **kwargs)
                 finally:
                     if plan is not None:
@@ -1089,7 +1100,8 @@ class Mezo:
         self._updated_to(name, offset + w.numel(), w.numel() if numel is None else numel)
         return True
 
-    def _form_list(self, lib, items: list, step: int, sign: int, plan: "_FormPlan | None" = None) -> list:
+    def _form_list(self, lib, items: list, step: int, sign: int, plan: "_FormPlan | None" = None,
+                   stream: bool = False) -> list:
         """out = θ ± εz_step for each (out, w, name) item, the whole of tensor `name` (w: its values, out a scratch
         buffer of its shape and dtype), its pending update applied first in the same pass, by the C kernels (lib): what
         `perturbed` does for most tensors of most forwards (a contiguous CPU tensor of a C storage dtype, z from the
@@ -1097,14 +1109,15 @@ class Mezo:
         module's, a family's or the early swaps' tensors at once), with the keys' addresses and plain floats; the same
         kernels and arguments as the general path (zrng.update_perturb, then the perturbation kernel's C twin).
         Returns the items it does not take, for that path. plan: the kept call for exactly these items, with its
-        buffers as the outs (_plan_for), used where it still holds (a caller may pass part of them)."""
+        buffers as the outs (_plan_for), used where it still holds (a caller may pass part of them). stream: the
+        copies written with streaming stores (STREAM_TOKENS)."""
         if plan is not None and len(items) == len(plan.names):
             kept = self._planned_call(plan, step)
             if kept is not None:
                 calls, updated = kept
                 eps, dist = sign * self.eps, zrng.distribution_code(self.distribution)
                 for kind, array, c in calls:
-                    cpu_kernels.form_list(lib, array, eps, c, kind, dist)
+                    cpu_kernels.form_list(lib, array, eps, c, kind, dist, stream)
                 if updated:
                     self._updated(updated)
                 return []
@@ -1124,7 +1137,7 @@ class Mezo:
             _add_item(by_kind, out, w, keys[name], ukey)
         for kind, rows in by_kind.items():
             cpu_kernels.form_list(lib, rows, sign * self.eps, pending.c if updated else 0.0, kind,
-                                  zrng.distribution_code(self.distribution))
+                                  zrng.distribution_code(self.distribution), stream)
         if updated:
             self._updated(updated)
         return rest
@@ -1160,14 +1173,15 @@ class Mezo:
         calls, updated = kept
         return [(kind, array, pending.c if uses_c else 0.0) for kind, array, uses_c in calls], updated
 
-    def _block_former(self, lib, w: torch.Tensor, name: str, step: int, sign: int, rows: int):
+    def _block_former(self, lib, w: torch.Tensor, name: str, step: int, sign: int, rows: int, stream: bool = False):
         """For a perturbed forward's blocked linear (weight w, blocks of `rows` output rows): form(part, w_block, i)
         forming part = θ ± εz_step for block i (w_block: its rows of w), the pending update fused in order, by the C
         kernels directly, one call a block with the keys' addresses made once a step. The general path's checks and
         conversions cost ~110 us of Python a block inside a forward: SmolLM2's bf16 LM head at 1 x 8 tokens, 48 blocks,
         the kernels made no-ops, took 36.5 ms on it against 30.2 for the plain head, and 25.3 against 23.7 on this one
         (2-vCPU Zen 3). form returns False, doing nothing, where the kernels do not take the block. None where
-        _form_list would not take w: the caller's general path."""
+        _form_list would not take w: the caller's general path. stream: the blocks written with streaming stores
+        (STREAM_TOKENS)."""
         if not self._c_takes(w, name):
             return None
         pending = self._pending
@@ -1178,8 +1192,8 @@ class Mezo:
 
         def form(part, w_block, i) -> bool:
             if ukeys is None or self._pending is not pending or name not in pending.names:
-                return cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist)
-            if not cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist, ukeys[i], pending.c):
+                return cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist, stream=stream)
+            if not cpu_kernels.perturb_whole(lib, part, w_block, keys[i], eps, dist, ukeys[i], pending.c, stream):
                 return False
             self._updated_to(name, min((i + 1) * rows, w.shape[0]) * w.shape[1], w.numel())
             return True
@@ -1413,6 +1427,16 @@ def _add_item(by_kind: dict, out: torch.Tensor, w: torch.Tensor, key: int, ukey:
     """Tensor w's item for cpu_kernels.form_list (out: its perturbed copy's buffer; key, ukey: key row addresses, ukey 0
     for no pending update), appended to its storage kind's list."""
     by_kind.setdefault(cpu_kernels.KINDS[w.dtype], []).extend((out.data_ptr(), w.data_ptr(), w.numel(), key, ukey))
+
+
+def _tokens(args: tuple, kwargs: dict) -> int:
+    """The rows of a call's first floating tensor argument of two or more dimensions (its elements over its last
+    dimension): the tokens a module's matmuls take (a decoder layer's attention or MLP: its hidden states); 0 if it
+    has none."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.is_floating_point():
+            return a.numel() // max(1, a.shape[-1])
+    return 0
 
 
 def _key_rows(rows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:

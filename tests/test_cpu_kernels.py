@@ -245,10 +245,13 @@ def test_form_list_is_each_tensors_perturbation(lib, dtype):
     """form_list (a module's or a family's perturbed copies in one call, Mezo._form_list) gives each tensor the bits of
     perturb_whole alone: the perturbation, or the update then the perturbation where it has a pending update; tensors
     of kernel_cases' shapes and LARGE's, special values, every distribution, an fp32-exact c and one that is not, both
-    signs of eps, one thread and two."""
+    signs of eps, one thread and two; with plain stores and streamed (the C source's STREAMING), outs aligned and
+    not."""
     from kernel_cases import F32_1E3, _weights
 
-    shapes = SHAPES + LARGE
+    # and two whose groups of 32 start on 64-byte boundaries, as a whole tensor's and an LM head block's do (offsets that
+    # are multiples of 32): where the streamed stores happen
+    shapes = SHAPES + LARGE + [(100_003, 0), (40_000, 2**32 - 4096)]
     for threads in (1, 2):
         with num_threads(threads):
             for dist in ("gaussian", "rademacher", "rademacher32"):
@@ -262,14 +265,27 @@ def test_form_list_is_each_tensors_perturbation(lib, dtype):
                     for w, out, key, ukey in zip(expected_w, expected, keys, ukeys):
                         assert cpu_kernels.perturb_whole(lib, out, w, key.data_ptr(), eps, code,
                                                          None if ukey is None else ukey.data_ptr(), c)
-                    outs = [torch.empty_like(w) for w in ws]
-                    items = [x for o, w, k, u in zip(outs, ws, keys, ukeys)
-                             for x in (o.data_ptr(), w.data_ptr(), w.numel(), k.data_ptr(),
-                                       0 if u is None else u.data_ptr())]
-                    cpu_kernels.form_list(lib, items, eps, c, cpu_kernels.KINDS[dtype], code)
-                    for i in range(len(shapes)):
-                        assert torch.equal(ws[i].view(torch.uint8), expected_w[i].view(torch.uint8)), (dist, c, i)
-                        assert torch.equal(outs[i].view(torch.uint8), expected[i].view(torch.uint8)), (dist, c, i)
+                    for stream in (False, True):
+                        # streamed: every other out one element off a 64-byte boundary (plain stores there)
+                        outs = [torch.empty(w.numel() + 1, dtype=dtype)[i % 2:][: w.numel()] if stream
+                                else torch.empty_like(w) for i, w in enumerate(ws)]
+                        ws_now = [w.clone() for w in ws]
+                        items = [x for o, w, k, u in zip(outs, ws_now, keys, ukeys)
+                                 for x in (o.data_ptr(), w.data_ptr(), w.numel(), k.data_ptr(),
+                                           0 if u is None else u.data_ptr())]
+                        cpu_kernels.form_list(lib, items, eps, c, cpu_kernels.KINDS[dtype], code, stream)
+                        for i in range(len(shapes)):
+                            assert torch.equal(ws_now[i].view(torch.uint8), expected_w[i].view(torch.uint8)), (
+                                dist, c, i, stream)
+                            assert torch.equal(outs[i].view(torch.uint8), expected[i].view(torch.uint8)), (
+                                dist, c, i, stream)
+                            if stream:  # perturb_whole streamed (a blocked linear's blocks) too
+                                w, out = ws[i].clone(), torch.empty_like(outs[i])
+                                assert cpu_kernels.perturb_whole(lib, out, w, keys[i].data_ptr(), eps, code,
+                                                                 None if ukeys[i] is None else ukeys[i].data_ptr(),
+                                                                 c, stream=True)
+                                assert torch.equal(w.view(torch.uint8), expected_w[i].view(torch.uint8))
+                                assert torch.equal(out.view(torch.uint8), expected[i].view(torch.uint8))
 
 
 def test_update_perturb_hands_back_what_it_does_not_cover(lib):

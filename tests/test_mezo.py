@@ -278,6 +278,49 @@ def test_blocks_formed_in_turn_into_several_buffers():
     assert torch.equal(losses[0], losses[1])
 
 
+def test_perturbed_copies_streamed_from_stream_tokens_give_the_same_bits(monkeypatch):
+    """From STREAM_TOKENS tokens in a module's input, its perturbed copies (a family's, a blocked linear's blocks) are
+    formed with streaming stores (cpu_kernels' STREAMING; bf16 with AVX512-BF16, plain stores elsewhere): the same
+    losses and the same updated weights, bit for bit, as with plain stores, with an update pending (the fused pass) and
+    without; the flag goes to the C calls from that many tokens on and not below (36 tokens: streamed at a threshold
+    of 36, not at 37)."""
+    if cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    calls = []
+    real_list, real_whole = cpu_kernels.form_list, cpu_kernels.perturb_whole
+
+    def form_list(lib, items, eps, c, kind, distribution, stream=False):
+        calls.append(("list", bool(stream)))
+        return real_list(lib, items, eps, c, kind, distribution, stream)
+
+    def perturb_whole(lib, out, w, key, eps, distribution, ukey=None, c=0.0, stream=False):
+        calls.append(("block", bool(stream)))
+        return real_whole(lib, out, w, key, eps, distribution, ukey, c, stream)
+
+    monkeypatch.setattr(cpu_kernels, "form_list", form_list)
+    monkeypatch.setattr(cpu_kernels, "perturb_whole", perturb_whole)
+    ids = batch()  # 3 x 12 = 36 tokens
+    results = {}
+    for threshold in (36, 37):
+        model = build_model("llama", torch.bfloat16, tie=True)
+        ts = mezo.trainable_set(model)
+        engine = mezo.Mezo(model, ts, seed=7, eps=1e-2, distribution="rademacher32", use_compile=True,
+                           large_linear=320 * 32)
+        engine.STREAM_TOKENS, engine.defer_updates = threshold, True
+        engine.SMALL_TENSOR = 0  # no early swaps: the decoder layers' linears go as families (_hooked_by)
+        assert engine._large_linears, "the tied head goes by blocks"
+        calls.clear()
+        losses = [engine.step(s, 1e-2, lambda: lm_loss(model, ids)) for s in range(3)]
+        engine.flush()
+        results[threshold] = (losses, snapshot(model))
+        # from the threshold on: the families' calls and the head's blocks streamed (the norms, alone in their own
+        # modules' calls, are too); below it: none
+        assert {stream for kind, stream in calls if kind == "block"} == {threshold <= 36}, (threshold, calls)
+        assert {stream for kind, stream in calls if kind == "list"} == {threshold <= 36}, (threshold, calls)
+    assert results[36][0] == results[37][0]
+    assert_bit_equal(results[36][1], results[37][1])
+
+
 @pytest.mark.parametrize("use_compile", (False, True))
 def test_a_linear_with_a_bias_in_row_blocks(use_compile):
     """A blocked linear with a bias: each block's columns get x·(W + εz_W)ᵀ + (b + εz_b), the bias perturbed by the
