@@ -469,9 +469,11 @@ static void perturb_bf16_signs(void *out, const void *w, int64_t b, int64_t e, u
    its buffer, left by the previous matmul that read it, is by then mostly out of the caches, and a plain store first
    reads each line back from memory (and writes it back later): three passes of memory traffic for the copy instead
    of one. The matmul reads the copy from memory, behind its arithmetic. The same values (only the store differs);
-   the fence makes them visible before the call returns. A bf16 perturbed forward of SmolLM2 at 8 x 64 on a 2-core
-   Zen 4 with AVX512-BF16: the kernels inside it 24 -> 17 ms; a step -35 ms (README: stop 33). For a short matmul
-   (a few tokens) the copy is read straight back from the caches: a plain store (1 x 8: +21 ms a step streamed). */
+   the fence makes them visible before the call returns. SmolLM2 in bf16 at 8 x 64 on a 2-core Zen 4 with
+   AVX512-BF16: the kernels inside a perturbed forward (no update pending) 21.1 -> 13.9 ms, a step -35 ms (README:
+   stop 33). For a short matmul (a few tokens) the copy is read straight back from the caches: plain stores there
+   (1 x 8: +21 ms a step streamed). Not for fp32 (tried: a step -1.5 ms, quartiles -20..+12) nor the update's own
+   writes of w (slower: the next group's perturbation reads them back). */
 static void perturb_bf16_signs_nt(void *out, const void *w, int64_t b, int64_t e, uint64_t offset, uint32_t k0,
                                   uint32_t k1, float eps) {
     perturb_bf16_signs_(out, w, b, e, offset, k0, k1, eps, 1);

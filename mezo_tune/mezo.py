@@ -492,9 +492,10 @@ class Mezo:
     # copies formed for its call (a family's, a module's, a blocked linear's blocks) are written with streaming stores
     # where the C kernels have them (bf16 with AVX512-BF16: cpu_kernels' STREAMING): the matmuls that read them are
     # long enough to hide reading them from memory, and their buffers, evicted since their last use, cost no reading
-    # back before the write. SmolLM2 bf16 on a 2-core Zen 4 (AVX512-BF16), steps of the two libraries alternating in
-    # one process, paired medians: 8 x 64 -35 ms (quartiles -48..-21), 2 x 32 -32; 1 x 8, 1 x 16, 1 x 32 +21 / +22 /
-    # +22 ms (a short matmul reads the copy straight from the caches); 1 x 48 +5 (README: stop 33).
+    # back before the write. SmolLM2 bf16 on a 2-core Zen 4 (AVX512-BF16), steps streamed and not alternating in one
+    # process, paired medians: 8 x 64 -35 ms (quartiles -48..-21; again, this threshold against none: -36, -75..-8),
+    # 2 x 32 -32, 4 x 64 -6 / +6 (two runs); 1 x 8, 1 x 16, 1 x 32 +21 / +22 / +22 ms (a short matmul reads the copy
+    # straight back from the caches); 1 x 48 +5 (README: stop 33).
     STREAM_TOKENS = 64
 
     def __init__(self, model: torch.nn.Module, trainable: TrainableSet, *, seed: int, eps: float,
