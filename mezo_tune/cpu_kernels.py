@@ -627,8 +627,10 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
     }
 /* one group of the fused loop (gs: its first element, h: its hash) by the group functions; an AVX512-BF16 group whose
    sum would be subnormal stores nothing and goes to the per-element function for its 32 weights, as
-   update_bf16_signs and perturb_bf16_signs send it; `stream`: the perturbed copy's stores (STREAMING, AVX512-BF16) (the same bits as the two passes; that fused pass over SmolLM2's
-   tensors on a 2-core Zen 4, one process, the two libraries alternating: 25.3 -> 21.9 ms, a copy 16.6 ms) */
+   update_bf16_signs and perturb_bf16_signs send it (the same bits as the two passes; that fused pass over SmolLM2's
+   tensors on a 2-core Zen 4, one process, the two libraries alternating: 25.3 -> 21.9 ms, a copy 16.6 ms). `stream`
+   (the loop's argument): whether the perturbed copy is streamed (STREAMING: the AVX512-BF16 groups; ignored by the
+   others) */
 #define FUSED_UPDATE_f16(gs, h) update_group_f16((uint16_t *)w + gs, h, cf)
 #define FUSED_PERTURB_f16(gs, h) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps); (void)stream
 #if defined(__AVX512BF16__)

@@ -249,8 +249,8 @@ def test_form_list_is_each_tensors_perturbation(lib, dtype):
     not."""
     from kernel_cases import F32_1E3, _weights
 
-    # and two whose groups of 32 start on 64-byte boundaries, as a whole tensor's and an LM head block's do (offsets that
-    # are multiples of 32): where the streamed stores happen
+    # and two whose groups of 32 start on 64-byte boundaries, as a whole tensor's and an LM head block's do (offsets
+    # that are multiples of 32): where the streamed stores happen
     shapes = SHAPES + LARGE + [(100_003, 0), (40_000, 2**32 - 4096)]
     for threads in (1, 2):
         with num_threads(threads):
