@@ -632,7 +632,7 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
    (the loop's argument): whether the perturbed copy is streamed (STREAMING: the AVX512-BF16 groups; ignored by the
    others) */
 #define FUSED_UPDATE_f16(gs, h) update_group_f16((uint16_t *)w + gs, h, cf)
-#define FUSED_PERTURB_f16(gs, h) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps); (void)stream
+#define FUSED_PERTURB_f16(gs, h) perturb_group_f16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps)
 #if defined(__AVX512BF16__)
 #define FUSED_UPDATE_bf16(gs, h)                                                                  \
     if (!update_group_bf16((uint16_t *)w + gs, h, cf, !(fabsf(cf) >= TINY)))                      \
@@ -642,8 +642,7 @@ void update_list(void *const *ws, const int64_t *ns, const int64_t *keys, int64_
         perturb_222(out, w, gs, gs + 32, offset, k0, k1, eps)
 #else
 #define FUSED_UPDATE_bf16(gs, h) update_group_bf16((uint16_t *)w + gs, h, cf)
-#define FUSED_PERTURB_bf16(gs, h) \
-    perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps); (void)stream
+#define FUSED_PERTURB_bf16(gs, h) perturb_group_bf16((uint16_t *)out + gs, (const uint16_t *)w + gs, h, eps)
 #endif
 /* which storage kinds have them */
 #define HAVE_FUSED_F16 HAVE_F16_GROUPS

@@ -310,9 +310,9 @@ def test_perturbed_copies_streamed_from_stream_tokens_give_the_same_bits(monkeyp
         engine.SMALL_TENSOR = 0  # no early swaps: the decoder layers' linears go as families (_hooked_by)
         assert engine._large_linears, "the tied head goes by blocks"
         calls.clear()
-        losses = [engine.step(s, 1e-2, lambda: lm_loss(model, ids)) for s in range(3)]
+        records = [engine.step(s, 1e-2, lambda: lm_loss(model, ids)) for s in range(3)]
         engine.flush()
-        results[threshold] = (losses, snapshot(model))
+        results[threshold] = (records, snapshot(model))
         # from the threshold on: the families' calls and the head's blocks streamed (the norms, alone in their own
         # modules' calls, are too); below it: none
         assert {stream for kind, stream in calls if kind == "block"} == {threshold <= 36}, (threshold, calls)
